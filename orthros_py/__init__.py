@@ -1,0 +1,3 @@
+"""orthros: checkpoint, restore and live-migrate real Linux process trees with CRIU."""
+
+__version__ = "0.1.0"

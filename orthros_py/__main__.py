@@ -1,0 +1,3 @@
+from orthros_py.cli import main
+
+main()

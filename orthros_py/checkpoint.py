@@ -1,0 +1,201 @@
+"""Local checkpoint and restore of a process tree: validation, CRIU RPC, statistics.
+
+Needs root. This is the layer the CLI and the policies call; it never prints. A failed dump
+leaves the tree running as it was (CRIU resumes it), and every error says what and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from orthros_py.criu.request import DumpOptions, RestoreOptions, dump_request, restore_request
+from orthros_py.criu.session import CriuSession, NotifyHook
+from orthros_py.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from orthros_py.errors import BadImageError, NotRootError, OrthrosError
+from orthros_py.proc.tree import ProcessRef, TreeSnapshot, snapshot
+
+# How long a restore waits for a dumped tree's old PIDs to be reaped (PID 1 here took ~1.2 s).
+PID_FREE_TIMEOUT = 5.0
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NotRootError(f"{what} needs root: CRIU must ptrace, freeze and restore processes",
+                           hint="run it with sudo")
+
+
+@dataclass
+class DumpResult:
+    pid: int
+    images_dir: Path
+    live: TreeSnapshot
+    elapsed_ms: float
+    stats: DumpStats | None
+    leave_running: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "images_dir": str(self.images_dir),
+            "leave_running": self.leave_running,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "processes": [dataclasses.asdict(p) for p in self.live.processes],
+            "tcp": [{"local": list(c.local), "remote": list(c.remote), "pid": c.pid}
+                    for c in self.live.tcp],
+            "unix": [dataclasses.asdict(u) for u in self.live.unix],
+            "stats": self.stats.to_dict() if self.stats else None,
+            **self.extra,
+        }
+
+
+@dataclass
+class RestoreResult:
+    pid: int
+    images_dir: Path
+    elapsed_ms: float
+    stats: RestoreStats | None
+    pids: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "images_dir": str(self.images_dir),
+            "pids": self.pids,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "stats": self.stats.to_dict() if self.stats else None,
+            **self.extra,
+        }
+
+
+def prepare_images_dir(path: Path) -> Path:
+    """Create the directory for a new checkpoint; refuse one that already holds a checkpoint."""
+    path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise BadImageError(f"{path} exists and is not a directory")
+    if (path / "inventory.img").exists():
+        raise BadImageError(f"{path} already holds a checkpoint",
+                            hint="choose an empty directory or remove the old images")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadImageError(f"cannot create image directory {path}: {err.strerror}") from err
+    if not os.access(path, os.W_OK):
+        raise BadImageError(f"image directory {path} is not writable")
+    return path
+
+
+def dump_tree(
+    pid: int,
+    images_dir: Path,
+    opts: DumpOptions,
+    *,
+    session: CriuSession | None = None,
+    on_notify: NotifyHook | None = None,
+) -> DumpResult:
+    """Checkpoint the tree rooted at ``pid`` into ``images_dir`` (created if missing)."""
+    require_root("dump")
+    ref = ProcessRef.of(pid)
+    session = session or CriuSession()
+    images_dir = prepare_images_dir(images_dir)
+    live = snapshot(ref)
+    opts = dataclasses.replace(opts, pid=pid)
+    start = time.perf_counter()
+    try:
+        session.call(dump_request(opts, -1), images_dir=images_dir, on_notify=on_notify, pid=pid)
+    except OrthrosError as err:
+        err.pid = err.pid or pid
+        raise
+    elapsed = (time.perf_counter() - start) * 1000
+    return DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
+                      opts.leave_running)
+
+
+def image_pids(images_dir: Path) -> list[int]:
+    """The PIDs recorded in a checkpoint's process tree; BadImageError if it cannot be read."""
+    from pycriu import images as pimages
+
+    images_dir = images_dir.resolve()
+    if not images_dir.is_dir():
+        raise BadImageError(f"image directory {images_dir} does not exist")
+    for name in ("inventory.img", "pstree.img"):
+        if not (images_dir / name).exists():
+            raise BadImageError(f"{images_dir} holds no checkpoint: {name} is missing")
+    try:
+        with (images_dir / "inventory.img").open("rb") as f:
+            pimages.load(f)
+        with (images_dir / "pstree.img").open("rb") as f:
+            tree = pimages.load(f)
+    except Exception as err:  # pycriu raises bare exceptions of several kinds on bad data
+        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {err}") from err
+    pids: list[int] = []
+    for entry in tree.get("entries", []):
+        pids.append(int(entry["pid"]))
+        pids.extend(int(t) for t in entry.get("threads", []) if int(t) != int(entry["pid"]))
+    if not pids:
+        raise BadImageError(f"the checkpoint in {images_dir} has an empty process tree")
+    return pids
+
+
+def wait_pids_free(pids: list[int], timeout: float = PID_FREE_TIMEOUT) -> None:
+    """Wait until the checkpoint's PIDs are free: a just-dumped tree lingers as zombies until its
+    reaper collects them. A PID held by a live, unrelated process is an error at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy: list[tuple[int, str, str]] = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                busy.append((pid, p.name(), p.status()))
+            except psutil.NoSuchProcess:
+                continue
+        live = [b for b in busy if b[2] != psutil.STATUS_ZOMBIE]
+        if live:
+            pid, name, _ = live[0]
+            raise OrthrosError(
+                f"pid {pid} of the checkpoint is in use by another process ({name})",
+                pid=pid, stage="restore",
+                hint="stop that process, or restore where the checkpoint's PIDs are free")
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            pid = busy[0][0]
+            raise OrthrosError(f"pid {pid} of the checkpoint is still a zombie after "
+                               f"{timeout:g} s", pid=pid, stage="restore")
+        time.sleep(0.02)
+
+
+def restore_tree(
+    images_dir: Path,
+    opts: RestoreOptions,
+    *,
+    session: CriuSession | None = None,
+    on_notify: NotifyHook | None = None,
+) -> RestoreResult:
+    """Restore the checkpoint in ``images_dir``; the new root is orthros's child (rst_sibling)."""
+    require_root("restore")
+    images_dir = images_dir.resolve()
+    pids = image_pids(images_dir)
+    session = session or CriuSession()
+    wait_pids_free(pids)
+    start = time.perf_counter()
+    resp = session.call(restore_request(opts, -1), images_dir=images_dir, on_notify=on_notify)
+    elapsed = (time.perf_counter() - start) * 1000
+    return RestoreResult(int(resp.restore.pid), images_dir, elapsed,
+                         read_restore_stats(images_dir), pids)
+
+
+def wait_exit(pid: int) -> int:
+    """Wait for a restored root (our child) to exit; return its exit status as a shell would."""
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

@@ -1,0 +1,1 @@
+"""CRIU: request builders, the RPC session over ``criu swrk``, image reading and statistics."""

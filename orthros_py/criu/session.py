@@ -1,0 +1,163 @@
+"""One CRIU RPC session: ``criu swrk`` on a SOCK_SEQPACKET socketpair, pycriu's protobuf messages.
+
+Needs root (CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE and friends) for dump and restore. The session
+answers CRIU's notifications (``notify_scripts``) through a callback, which is how orthros takes
+and releases its own network lock at the moment CRIU would have taken its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pycriu import rpc_pb2 as rpc
+
+from orthros_py.criu.binary import CriuBinary, find_criu
+from orthros_py.errors import CriuError, OperationTimeout, OrthrosError
+
+# Called with (script name, pid) for each CRIU notification; raising refuses it, which aborts CRIU.
+NotifyHook = Callable[[str, int], None]
+
+_REQ_NAMES = {rpc.DUMP: "dump", rpc.RESTORE: "restore", rpc.CHECK: "check",
+              rpc.FEATURE_CHECK: "feature check", rpc.PRE_DUMP: "pre-dump"}
+_MAX_MSG = 1 << 20
+
+
+# Error lines that say nothing about why a request failed.
+_NOISE = (
+    # CRIU tries to raise its own RLIMIT_NOFILE; without CAP_SYS_RESOURCE that fails harmlessly.
+    "Can't setup RLIMIT_NOFILE for self",
+    "Dumping FAILED",
+    "Restoring FAILED",
+    "Pre-dumping FAILED",
+)
+_PREFIX = re.compile(r"^\s*(?:\(?[\d.]+\)?\s*)?(?:\d+: )?(?:pie: \d+: )?(?:Error|Warn) \([^)]*\):\s*")
+
+
+def log_tail(path: Path, lines: int = 8) -> list[str]:
+    """The last lines of a CRIU log, errors first: what a user needs to see of a refusal."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    errors = [ln for ln in text if "Error (" in ln]
+    tail = errors[-lines:] if errors else text[-lines:]
+    return [ln.rstrip() for ln in tail]
+
+
+def main_reason(tail: list[str]) -> str:
+    """The first error line of a CRIU log (the cause; later ones are its echoes), unadorned."""
+    for line in tail:
+        if "Error (" in line and not any(n in line for n in _NOISE):
+            return _PREFIX.sub("", line.strip()).rstrip(".")
+    return ""
+
+
+class CriuSession:
+    """Runs one request through a fresh ``criu swrk`` and returns its final response."""
+
+    def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0) -> None:
+        self.binary = binary or find_criu()
+        self.timeout = timeout
+
+    def call(
+        self,
+        req: Any,
+        *,
+        images_dir: Path | None = None,
+        on_notify: NotifyHook | None = None,
+        pid: int | None = None,
+    ) -> Any:
+        what = _REQ_NAMES.get(req.type, "request")
+        dir_fd = -1
+        if images_dir is not None:
+            dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+            req.opts.images_dir_fd = dir_fd
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stderr = tempfile.TemporaryFile()
+        try:
+            fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else [])
+            proc = subprocess.Popen(
+                [self.binary.path, "swrk", str(theirs.fileno())],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+            theirs.close()
+            try:
+                resp = self._converse(ours, req, on_notify, what, pid)
+            finally:
+                ours.close()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            ours.close()
+            theirs.close()
+            if dir_fd >= 0:
+                os.close(dir_fd)
+            stderr.close()
+        if not resp.success:
+            raise self._error(req, resp, what, images_dir, pid)
+        return resp
+
+    def _converse(
+        self, sk: socket.socket, req: Any, on_notify: NotifyHook | None, what: str,
+        pid: int | None,
+    ) -> Any:
+        sk.settimeout(self.timeout)
+        sk.send(req.SerializeToString())
+        hook_error: BaseException | None = None
+        while True:
+            try:
+                buf = sk.recv(_MAX_MSG)
+            except TimeoutError as err:
+                raise OperationTimeout(
+                    f"CRIU did not finish the {what} within {self.timeout:g} s", pid=pid,
+                    stage=what) from err
+            if not buf:
+                raise CriuError(f"CRIU exited in the middle of the {what}", pid=pid, stage=what)
+            resp = rpc.criu_resp()
+            resp.ParseFromString(buf)
+            if resp.type != rpc.NOTIFY:
+                if hook_error is not None and not resp.success:
+                    # CRIU failed because our hook refused: the hook's reason is the real one.
+                    raise hook_error
+                return resp
+            ok = True
+            if on_notify is not None and hook_error is None:
+                try:
+                    on_notify(resp.notify.script, resp.notify.pid)
+                except Exception as err:  # refused notification: CRIU aborts and rolls back
+                    hook_error, ok = err, False
+            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+
+    def _error(
+        self, req: Any, resp: Any, what: str, images_dir: Path | None, pid: int | None
+    ) -> OrthrosError:
+        errno = resp.cr_errno if resp.HasField("cr_errno") else None
+        log_path = images_dir / req.opts.log_file if images_dir and req.opts.log_file else None
+        tail = log_tail(log_path) if log_path else []
+        reason = main_reason(tail)
+        if not reason and resp.HasField("cr_errmsg"):
+            reason = main_reason([resp.cr_errmsg]) or resp.cr_errmsg.strip()
+        if not reason and errno:
+            with contextlib.suppress(ValueError):
+                reason = os.strerror(errno)
+        target = f" of pid {pid}" if pid else ""
+        msg = f"CRIU refused the {what}{target}: {reason or 'no reason given'}"
+        return CriuError(
+            msg, errno=errno, log_tail=tail, log_path=str(log_path) if log_path else None,
+            pid=pid, stage=what,
+            hint=f"see {log_path}" if log_path else None,
+        )

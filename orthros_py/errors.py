@@ -1,0 +1,173 @@
+"""The orthros exception tree.
+
+Every error carries what is known of where it happened (host, pid, stage) and renders itself as
+one plain sentence. ``ExitStatus`` is the single table of exit codes; the CLI is the only place
+where an error becomes a message and a status. ``to_dict``/``from_dict`` let an error cross the
+agent RPC with its type and context intact.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar
+
+
+class ExitStatus(enum.IntEnum):
+    """Exit codes of the ``orthros`` command (documented in README.md)."""
+
+    OK = 0
+    ERROR = 1  # an unexpected failure: a bug, reported with --traceback
+    USAGE = 2  # bad command line (click's own code)
+    NOT_ROOT = 3
+    MISSING_FEATURE = 4  # CRIU/BPF/kernel feature missing or too old
+    NO_SUCH_PROCESS = 5  # wrong PID, PID 1, kernel thread
+    BAD_IMAGE = 6  # image directory missing, empty or corrupt
+    CRIU_FAILED = 7  # CRIU refused a dump/restore
+    NETLOCK_FAILED = 8
+    TIMEOUT = 9
+    INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+class OrthrosError(Exception):
+    """Base of all errors orthros raises on purpose."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.ERROR
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        host: str | None = None,
+        pid: int | None = None,
+        stage: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.host = host
+        self.pid = pid
+        self.stage = stage
+        self.hint = hint
+
+    def __str__(self) -> str:
+        where = []
+        if self.host:
+            where.append(f"on {self.host}")
+        if self.stage:
+            where.append(f"during {self.stage}")
+        prefix = f"[{' '.join(where)}] " if where else ""
+        text = f"{prefix}{self.msg}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "msg": self.msg,
+            "host": self.host,
+            "pid": self.pid,
+            "stage": self.stage,
+            "hint": self.hint,
+            "exit_status": int(self.exit_status),
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> OrthrosError:
+        """Rebuild an error sent over the agent RPC; unknown types become OrthrosError."""
+        cls = _REGISTRY.get(str(data.get("type")), OrthrosError)
+        err = cls.__new__(cls)
+        OrthrosError.__init__(
+            err,
+            str(data.get("msg", "unknown error")),
+            host=data.get("host"),
+            pid=data.get("pid"),
+            stage=data.get("stage"),
+            hint=data.get("hint"),
+        )
+        return err
+
+
+class NotRootError(OrthrosError):
+    exit_status = ExitStatus.NOT_ROOT
+
+
+class MissingFeatureError(OrthrosError):
+    """A kernel feature, binary or library this operation needs is absent."""
+
+    exit_status = ExitStatus.MISSING_FEATURE
+
+
+class NoSuchProcessError(OrthrosError):
+    exit_status = ExitStatus.NO_SUCH_PROCESS
+
+
+class BadImageError(OrthrosError):
+    exit_status = ExitStatus.BAD_IMAGE
+
+
+class CriuError(OrthrosError):
+    """CRIU refused a request: keeps CRIU's errno and the tail of its log."""
+
+    exit_status = ExitStatus.CRIU_FAILED
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        errno: int | None = None,
+        log_tail: list[str] | None = None,
+        log_path: str | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(msg, **context)
+        self.errno = errno
+        self.log_tail = log_tail or []
+        self.log_path = log_path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.update(errno=self.errno, log_tail=self.log_tail, log_path=self.log_path)
+        return data
+
+
+class NetlockError(OrthrosError):
+    exit_status = ExitStatus.NETLOCK_FAILED
+
+
+class CommandError(OrthrosError):
+    """An external program (run through ``orthros_py.run``) failed or timed out."""
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        argv: list[str],
+        returncode: int | None,
+        stderr: str = "",
+        **context: Any,
+    ) -> None:
+        super().__init__(msg, **context)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class OperationTimeout(OrthrosError):
+    exit_status = ExitStatus.TIMEOUT
+
+
+_REGISTRY: dict[str, type[OrthrosError]] = {
+    cls.__name__: cls
+    for cls in (
+        OrthrosError,
+        NotRootError,
+        MissingFeatureError,
+        NoSuchProcessError,
+        BadImageError,
+        CriuError,
+        NetlockError,
+        CommandError,
+        OperationTimeout,
+    )
+}

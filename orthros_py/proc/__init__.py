@@ -1,0 +1,1 @@
+"""Processes and process trees, read through psutil and /proc."""

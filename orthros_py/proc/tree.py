@@ -1,0 +1,158 @@
+"""Process references and tree snapshots, through psutil (reads /proc; root sees every process).
+
+A process is identified by pid *and* creation time, so that a pid reused between looking and
+acting is noticed instead of dumping a stranger.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from orthros_py.errors import NoSuchProcessError
+
+NAMESPACES = ("pid", "uts", "ipc", "mnt", "net", "user", "cgroup", "time")
+KTHREADD_PID = 2
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        """A reference to a live, checkpointable process, or NoSuchProcessError saying why not."""
+        if pid <= 0:
+            raise NoSuchProcessError(f"{pid} is not a process id", pid=pid)
+        if pid == 1:
+            raise NoSuchProcessError(
+                "pid 1 is this host's init: it cannot be checkpointed from inside its own "
+                "namespace", pid=pid)
+        if pid == os.getpid():
+            raise NoSuchProcessError("orthros cannot checkpoint itself", pid=pid)
+        try:
+            proc = psutil.Process(pid)
+            ppid = proc.ppid()
+            create_time = proc.create_time()
+            exe_missing = not proc.cmdline()
+        except psutil.NoSuchProcess as err:
+            raise NoSuchProcessError(f"no process with pid {pid} exists", pid=pid) from err
+        except psutil.ZombieProcess as err:
+            raise NoSuchProcessError(f"process {pid} is a zombie", pid=pid) from err
+        if pid == KTHREADD_PID or (ppid == KTHREADD_PID and exe_missing):
+            raise NoSuchProcessError(
+                f"pid {pid} ({proc.name()}) is a kernel thread, not a user process", pid=pid)
+        return cls(pid, create_time)
+
+    def alive(self) -> bool:
+        try:
+            return psutil.Process(self.pid).create_time() == self.create_time
+        except psutil.NoSuchProcess:
+            return False
+
+
+@dataclass
+class ProcessInfo:
+    pid: int
+    ppid: int
+    name: str
+    cmdline: list[str]
+    # Namespace ids ("net" -> inode number), from /proc/PID/ns.
+    namespaces: dict[str, int] = field(default_factory=dict)
+    # cgroup membership: hierarchy (controllers, or "" for the v2 hierarchy) -> path.
+    cgroups: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TcpConn:
+    """An established TCP connection, seen from the process that owns it."""
+
+    family: int
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    status: str
+    pid: int
+
+    def __str__(self) -> str:
+        def ep(a: tuple[str, int]) -> str:
+            return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+        return f"{ep(self.local)} -> {ep(self.remote)}"
+
+
+@dataclass(frozen=True)
+class UnixConn:
+    type: str  # "stream", "dgram" or "seqpacket"
+    path: str
+    pid: int
+
+
+@dataclass
+class TreeSnapshot:
+    root: int
+    processes: list[ProcessInfo]
+    tcp: list[TcpConn]
+    unix: list[UnixConn]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+
+def read_namespaces(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for ns in NAMESPACES:
+        try:
+            out[ns] = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+        except OSError:
+            continue
+    return out
+
+
+def read_cgroups(pid: int) -> dict[str, str]:
+    """/proc/PID/cgroup as {controllers: path}; the v2 hierarchy's key is ""."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out[parts[1]] = parts[2]
+    return out
+
+
+_SOCK_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
+               socket.SOCK_SEQPACKET: "seqpacket"}
+
+
+def snapshot(ref: ProcessRef) -> TreeSnapshot:
+    """What the live tree rooted at ``ref`` holds, as psutil sees it (host's network namespace)."""
+    try:
+        root = psutil.Process(ref.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess as err:
+        raise NoSuchProcessError(f"process {ref.pid} exited", pid=ref.pid) from err
+    infos: list[ProcessInfo] = []
+    tcp: list[TcpConn] = []
+    unix: list[UnixConn] = []
+    for p in procs:
+        try:
+            with p.oneshot():
+                infos.append(ProcessInfo(p.pid, p.ppid(), p.name(), p.cmdline(),
+                                         read_namespaces(p.pid), read_cgroups(p.pid)))
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_ESTABLISHED and c.raddr:
+                    tcp.append(TcpConn(int(c.family), (c.laddr.ip, c.laddr.port),
+                                       (c.raddr.ip, c.raddr.port), c.status, p.pid))
+            for c in p.net_connections(kind="unix"):
+                unix.append(UnixConn(_SOCK_TYPES.get(c.type, str(c.type)),
+                                     str(c.laddr or ""), p.pid))
+        except psutil.NoSuchProcess:
+            continue  # a child that exited while we looked is not part of the tree any more
+    return TreeSnapshot(ref.pid, infos, tcp, unix)
