@@ -119,23 +119,35 @@ def dump_tree(
                       opts.leave_running)
 
 
-def image_pids(images_dir: Path) -> list[int]:
-    """The PIDs recorded in a checkpoint's process tree; BadImageError if it cannot be read."""
+def _load_image(images_dir: Path, name: str) -> dict[str, Any]:
+    """One image of a checkpoint through pycriu; BadImageError naming the file if unreadable."""
     from pycriu import images as pimages
 
+    try:
+        with (images_dir / name).open("rb") as f:
+            img: dict[str, Any] = pimages.load(f)
+    except pimages.MagicException as err:
+        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {name} is not a CRIU "
+                            f"image (unknown magic {err.magic & 0xFFFFFFFF:#010x})") from err
+    except Exception as err:  # pycriu raises bare exceptions of several kinds on bad data
+        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {name} cannot be "
+                            f"read ({err or type(err).__name__})") from err
+    return img
+
+
+def image_pids(images_dir: Path) -> list[int]:
+    """The PIDs recorded in a checkpoint's process tree; BadImageError if it cannot be read.
+
+    They are the PIDs in the tree's own PID namespace: host PIDs unless the root was the init of
+    a PID namespace of its own (see ``image_has_own_pidns``)."""
     images_dir = images_dir.resolve()
     if not images_dir.is_dir():
         raise BadImageError(f"image directory {images_dir} does not exist")
     for name in ("inventory.img", "pstree.img"):
         if not (images_dir / name).exists():
             raise BadImageError(f"{images_dir} holds no checkpoint: {name} is missing")
-    try:
-        with (images_dir / "inventory.img").open("rb") as f:
-            pimages.load(f)
-        with (images_dir / "pstree.img").open("rb") as f:
-            tree = pimages.load(f)
-    except Exception as err:  # pycriu raises bare exceptions of several kinds on bad data
-        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {err}") from err
+    _load_image(images_dir, "inventory.img")
+    tree = _load_image(images_dir, "pstree.img")
     pids: list[int] = []
     for entry in tree.get("entries", []):
         pids.append(int(entry["pid"]))
@@ -143,6 +155,40 @@ def image_pids(images_dir: Path) -> list[int]:
     if not pids:
         raise BadImageError(f"the checkpoint in {images_dir} has an empty process tree")
     return pids
+
+
+def _task_ids(images_dir: Path, root_pid: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the dumper's namespace ids, the root task's namespace ids), or None on old images."""
+    inventory = _load_image(images_dir, "inventory.img")["entries"][0]
+    ids_name = f"ids-{root_pid}.img"
+    if "root_ids" not in inventory or not (images_dir / ids_name).exists():
+        return None
+    return inventory["root_ids"], _load_image(images_dir, ids_name)["entries"][0]
+
+
+def image_has_own_pidns(images_dir: Path, root_pid: int) -> bool:
+    """Whether the checkpoint's root was the init of a PID namespace other than the dumper's:
+    CRIU then restores the tree into a new PID namespace, where its PIDs are free by nature."""
+    ids = _task_ids(images_dir, root_pid)
+    return ids is not None and int(ids[0]["pid_ns_id"]) != int(ids[1]["pid_ns_id"])
+
+
+def image_root_mount(images_dir: Path, root_pid: int) -> dict[str, Any] | None:
+    """The root mount ("/") of the checkpoint's mount namespace if the tree had one of its own
+    (CRIU then rebuilds that namespace), or None if it shared the dumper's."""
+    ids = _task_ids(images_dir, root_pid)
+    if ids is None or int(ids[0]["mnt_ns_id"]) == int(ids[1]["mnt_ns_id"]):
+        return None
+    mounts = _load_image(images_dir, f"mountpoints-{ids[1]['mnt_ns_id']}.img")
+    return next((m for m in mounts.get("entries", []) if m.get("mountpoint") == "/"), None)
+
+
+def is_host_root(mount: dict[str, Any]) -> bool:
+    """Whether a dumped root mount is this host's root filesystem (CRIU keeps the kernel's
+    device encoding, major << 20 | minor)."""
+    dev = os.stat("/").st_dev
+    return (int(mount.get("root_dev", -1)) == (os.major(dev) << 20 | os.minor(dev))
+            and mount.get("root") == "/")
 
 
 def wait_pids_free(pids: list[int], timeout: float = PID_FREE_TIMEOUT) -> None:
@@ -185,12 +231,48 @@ def restore_tree(
     images_dir = images_dir.resolve()
     pids = image_pids(images_dir)
     session = session or CriuSession()
-    wait_pids_free(pids)
+    if opts.root is None:
+        # A tree with its own mount namespace needs a root filesystem for it: without one
+        # CRIU 4.2.1 crashes ("mnt: BUG at criu/mount.c:48"). The host's own is the right one
+        # when the namespace was a copy of the host's (unshare --mount).
+        root_mount = image_root_mount(images_dir, pids[0])
+        if root_mount is not None:
+            if not is_host_root(root_mount):
+                raise OrthrosError(
+                    f"the checkpoint in {images_dir} has its own mount namespace, whose root "
+                    f"filesystem ({root_mount.get('source', '?')}) is not this host's /",
+                    stage="restore", hint="give its root filesystem with --root DIR")
+            opts = dataclasses.replace(opts, root="/")
+    own_pidns = image_has_own_pidns(images_dir, pids[0])
+    if not own_pidns:
+        wait_pids_free(pids)
     start = time.perf_counter()
     resp = session.call(restore_request(opts, -1), images_dir=images_dir, on_notify=on_notify)
     elapsed = (time.perf_counter() - start) * 1000
-    return RestoreResult(int(resp.restore.pid), images_dir, elapsed,
-                         read_restore_stats(images_dir), pids)
+    root = int(resp.restore.pid)
+    if own_pidns:
+        # The image holds the namespace's own PIDs (1, 2, ...): report the host's, which are
+        # the ones a caller can signal.
+        pids = host_pids(root)
+    return RestoreResult(root, images_dir, elapsed, read_restore_stats(images_dir), pids)
+
+
+def host_pids(root: int) -> list[int]:
+    """The host PIDs of a live tree's processes and threads, root first."""
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [root]
+    pids: list[int] = []
+    for p in procs:
+        try:
+            tids = [t.id for t in p.threads()]
+        except psutil.NoSuchProcess:
+            continue
+        pids.append(p.pid)
+        pids.extend(t for t in tids if t != p.pid)
+    return pids
 
 
 def wait_exit(pid: int) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -22,10 +25,8 @@ def kill_tree(pid: int, timeout: float = 5.0) -> None:
     except psutil.NoSuchProcess:
         procs = []
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=timeout)
     reap(pid)
 
@@ -33,10 +34,8 @@ def kill_tree(pid: int, timeout: float = 5.0) -> None:
 def reap(pid: int) -> None:
     """Collect the exit status of ``pid`` if it is our child (restored trees are, via
     rst_sibling), so that its PID is free again for the next restore."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
@@ -83,3 +82,30 @@ def run_orthros(*args: str, timeout: float = 120.0) -> subprocess.CompletedProce
                           stdin=subprocess.DEVNULL)
 
 
+def orthros_json(*args: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``orthros ARGS --json``, insist that it succeeded, and return what it printed."""
+    res = run_orthros(*args, "--json", timeout=timeout)
+    assert res.returncode == 0, (
+        f"orthros {' '.join(args)} exited with {res.returncode}: {res.stderr.strip()}")
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
+
+
+def dump_cli(pid: int, images_dir: Path, *opts: str) -> dict[str, Any]:
+    """``orthros dump PID -D DIR --json`` through the real command."""
+    return orthros_json("dump", str(pid), "-D", str(images_dir), *opts)
+
+
+def restore_cli(spawner: Spawner, images_dir: Path, *opts: str) -> dict[str, Any]:
+    """``orthros restore -D DIR --detach --json``; the restored root is handed to ``spawner`` so
+    that the test kills it whatever happens next (detached, it is PID 1's child by now)."""
+    data = orthros_json("restore", "-D", str(images_dir), "--detach", *opts)
+    spawner.track(int(data["pid"]))
+    return data
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []

@@ -27,19 +27,24 @@ def cli(ctx: click.Context, show_traceback: bool) -> None:
     env.traceback = show_traceback
 
 
-def _register() -> None:
-    # Imported here so that each command module stays import-light (bcc is loaded lazily).
-    from orthros_py.cli import check, checkpoint, inspect
+# Command modules, each exporting COMMANDS. Imported here so that each stays import-light
+# (bcc and pycriu are loaded lazily, so `orthros --help` works on a host without them).
+_MODULES = ("check", "checkpoint", "inspect", "netlock", "bench", "agent", "lab", "hosts",
+            "migrate")
 
-    for mod in (check, checkpoint, inspect):
+
+def _register() -> None:
+    import importlib
+
+    for name in _MODULES:
+        try:
+            mod = importlib.import_module(f"orthros_py.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"orthros_py.cli.{name}":
+                continue  # that command has not been built yet
+            raise
         for command in mod.COMMANDS:
             cli.add_command(command)
-    try:
-        from orthros_py.cli import netlock
-    except ImportError:  # pragma: no cover - the netlock commands arrive with their backend
-        return
-    for command in netlock.COMMANDS:
-        cli.add_command(command)
 
 
 _register()

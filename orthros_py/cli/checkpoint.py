@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.table import Table
@@ -13,9 +15,10 @@ from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, Re
 
 CG_MODES = [m.value for m in CgroupMode]
 LOCKS = [m.value for m in CriuNetworkLock]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def common_options(f):  # type: ignore[no-untyped-def]
+def common_options(f: F) -> F:
     for opt in reversed([
         click.option("--tcp-established", is_flag=True,
                      help="Checkpoint/restore established TCP connections."),
@@ -65,16 +68,19 @@ def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_establis
               help="Directory holding the checkpoint.")
 @click.option("-d", "--detach", is_flag=True,
               help="Leave the restored tree running and return at once.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False),
+              help="Root filesystem for a tree with its own mount namespace "
+                   "(default: this host's /, when the tree's namespace was a copy of it).")
 @common_options
 @click.pass_obj
-def restore(env: Env, images_dir: Path, detach: bool, tcp_established: bool, ext_unix_sk: bool,
-            shell_job: bool, manage_cgroups: str, network_lock: str, log_level: int,
-            as_json: bool) -> None:
+def restore(env: Env, images_dir: Path, detach: bool, root: str | None, tcp_established: bool,
+            ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str,
+            log_level: int, as_json: bool) -> None:
     """Restore a checkpointed process tree."""
     opts = RestoreOptions(
         tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
         manage_cgroups=CgroupMode(manage_cgroups), network_lock=CriuNetworkLock(network_lock),
-        log_level=log_level,
+        log_level=log_level, root=root,
     )
     with env.console.status(f"restoring from {images_dir}"):
         result = restore_tree(images_dir, opts)
@@ -106,7 +112,7 @@ def render_dump(env: Env, r: DumpResult) -> None:
     env.console.print(
         f"[green]dumped[/] pid {r.pid} into {r.images_dir}: {len(live.processes)} processes, "
         f"{len(live.tcp)} TCP connections, {len(live.unix)} UNIX sockets"
-        + (" (left running)" if r.leave_running else ""))
+        + (" (left running)" if r.leave_running else ""), soft_wrap=True)
     procs = Table(title="processes", title_justify="left")
     for col in ("pid", "ppid", "command"):
         procs.add_column(col)
@@ -124,8 +130,9 @@ def render_dump(env: Env, r: DumpResult) -> None:
 
 
 def render_restore(env: Env, r: RestoreResult) -> None:
+    # soft_wrap: a log read later must not find the path broken over two lines.
     env.console.print(f"[green]restored[/] {len(r.pids)} tasks from {r.images_dir}; "
-                      f"root pid [bold]{r.pid}[/]")
+                      f"root pid [bold]{r.pid}[/]", soft_wrap=True)
     rows = [("orthros wall time", f"{r.elapsed_ms:.1f} ms")]
     if r.stats:
         rows += [("forking", f"{r.stats.forking_ms:.2f} ms"),

@@ -87,6 +87,8 @@ class RestoreOptions(CommonOptions):
     tcp_close: bool = False
     # Restore cgroups under this root instead of the dumped paths: {controller or "": path}.
     cgroup_roots: dict[str, str] = field(default_factory=dict)
+    # Root filesystem for a tree that has its own mount namespace (CRIU's --root).
+    root: str | None = None
 
 
 def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file: str) -> None:
@@ -130,6 +132,8 @@ def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:
     req.opts.leave_stopped = o.leave_stopped
     req.opts.lazy_pages = o.lazy_pages
     req.opts.tcp_close = o.tcp_close
+    if o.root:
+        req.opts.root = o.root
     for ctrl, path in sorted(o.cgroup_roots.items()):
         root = req.opts.cg_root.add()
         root.path = path

@@ -38,7 +38,8 @@ _NOISE = (
     "Restoring FAILED",
     "Pre-dumping FAILED",
 )
-_PREFIX = re.compile(r"^\s*(?:\(?[\d.]+\)?\s*)?(?:\d+: )?(?:pie: \d+: )?(?:Error|Warn) \([^)]*\):\s*")
+_PREFIX = re.compile(
+    r"^\s*(?:\(?[\d.]+\)?\s*)?(?:\d+: )?(?:pie: \d+: )?(?:Error|Warn) \([^)]*\):\s*")
 
 
 def log_tail(path: Path, lines: int = 8) -> list[str]:
@@ -81,7 +82,7 @@ class CriuSession:
             dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
             req.opts.images_dir_fd = dir_fd
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        stderr = tempfile.TemporaryFile()
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
         try:
             fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else [])
             proc = subprocess.Popen(

@@ -1,0 +1,453 @@
+"""The typed client of the agent RPC: one method per operation of ``ops``.
+
+Interface: a TCP connection per call to an agent (made by ``socket.create_connection``, or by a
+``connector`` handed in, e.g. one that opens the socket inside a lab host's network namespace);
+no privileges beyond reading the cluster key. Every response is verified (MAC, and that it
+answers this very request) before it is believed.
+
+Errors: an error raised by the operation on the agent comes back as the same OrthrosError
+subclass with its context, ``host`` set to the agent's name. Failing to connect raises
+AgentUnreachable; no answer in time raises OperationTimeout; a refusal (wrong key, replay,
+version) raises AgentRefused, all with ``host`` set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orthros_py.agent.auth import load_key
+from orthros_py.agent.errors import AGENT_ERRORS, AgentError, AgentUnreachable
+from orthros_py.agent.protocol import (
+    DEFAULT_PORT,
+    EMPTY_SHA256,
+    PayloadReader,
+    Response,
+    SourceFile,
+    build_request,
+    decode_header,
+    encode_request,
+    file_digest,
+    format_endpoint,
+    open_response,
+    options_to_args,
+    read_frame,
+    send_payload,
+    validate_name,
+)
+from orthros_py.criu.request import DumpOptions, RestoreOptions
+from orthros_py.errors import OperationTimeout, OrthrosError
+
+if TYPE_CHECKING:
+    from orthros_py.netlock.base import Conn
+
+# (address, timeout) -> a connected stream socket.
+Connector = Callable[[tuple[str, int], float], socket.socket]
+
+CALL_TIMEOUT = 30.0
+CRIU_TIMEOUT = 600.0  # dump and restore: as long as CriuSession waits for CRIU
+TRANSFER_TIMEOUT = 600.0  # per file; a socket timeout, so it bounds stalls, not file size
+CONNECT_TIMEOUT = 5.0
+_BASE_ERROR_KEYS = frozenset({"type", "msg", "host", "pid", "stage", "hint", "exit_status"})
+# Extra context some errors carry (CriuError, ProtocolError); restored onto the rebuilt error.
+_EXTRA_ERROR_KEYS = frozenset({"errno", "log_tail", "log_path", "code"})
+
+
+def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
+    return socket.create_connection(address, timeout=timeout)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PingInfo:
+    name: str
+    version: str
+    protocol: int
+    time: float  # the agent's clock when it answered
+    hostname: str
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PingInfo:
+        return cls(str(d["name"]), str(d["version"]), int(d["protocol"]), float(d["time"]),
+                   str(d["hostname"]))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    image: str
+    filename: str
+    size: int
+    sha256: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FileInfo:
+        return cls(str(d["image"]), str(d["filename"]), int(d["size"]),
+                   str(d["sha256"]) if d.get("sha256") else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "filename": self.filename, "size": self.size,
+                "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    files: tuple[FileInfo, ...]
+    checkpoint: bool  # holds inventory.img: a complete checkpoint, unless a transfer is missing
+    bytes: int
+    busy: str | None
+    links: tuple[tuple[str, str], ...] = ()  # symlinks (CRIU's "parent"), not transferred
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImageInfo:
+        return cls(str(d["name"]), tuple(FileInfo.from_dict(f) for f in d["files"]),
+                   bool(d["checkpoint"]), int(d["bytes"]),
+                   str(d["busy"]) if d.get("busy") else None,
+                   tuple((str(x["name"]), str(x["target"])) for x in d.get("links", [])))
+
+    @property
+    def filenames(self) -> list[str]:
+        return [f.filename for f in self.files]
+
+
+@dataclass(frozen=True)
+class RemoteDump:
+    image: str
+    pid: int
+    elapsed_ms: float
+    leave_running: bool
+    pids: tuple[int, ...]
+    stats: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False)  # everything DumpResult.to_dict says
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RemoteDump:
+        return cls(str(d["image"]), int(d["pid"]), float(d["elapsed_ms"]),
+                   bool(d["leave_running"]), tuple(int(p["pid"]) for p in d["processes"]),
+                   d.get("stats"), dict(d))
+
+
+@dataclass(frozen=True)
+class RemoteRestore:
+    image: str
+    pid: int  # the restored root, the agent's child
+    pids: tuple[int, ...]
+    elapsed_ms: float
+    stats: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RemoteRestore:
+        return cls(str(d["image"]), int(d["pid"]), tuple(int(p) for p in d["pids"]),
+                   float(d["elapsed_ms"]), d.get("stats"), dict(d))
+
+
+@dataclass(frozen=True)
+class PageServerInfo:
+    image: str
+    pid: int
+    port: int
+    address: str
+    running: bool
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PageServerInfo:
+        return cls(str(d["image"]), int(d["pid"]), int(d["port"]), str(d["address"]),
+                   bool(d["running"]))
+
+
+@dataclass(frozen=True)
+class KillResult:
+    pid: int
+    signal: str
+    signaled: tuple[int, ...]
+    exited: bool
+    exit_status: int | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KillResult:
+        return cls(int(d["pid"]), str(d["signal"]), tuple(int(p) for p in d["signaled"]),
+                   bool(d["exited"]),
+                   None if d.get("exit_status") is None else int(d["exit_status"]))
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+class AgentClient:
+    """Calls one agent. Cheap to make; holds no connection between calls (each call opens
+    its own), so one client may be used from several threads at once."""
+
+    def __init__(self, host: str, port: int = DEFAULT_PORT, key: bytes | Path = b"", *,
+                 name: str | None = None, timeout: float = CALL_TIMEOUT,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 connector: Connector | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.key = load_key(key) if isinstance(key, Path) else key
+        if not self.key:
+            raise ValueError("an agent client needs the cluster key")
+        self.endpoint = format_endpoint(host, port)
+        self.name = name or self.endpoint
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.connector = connector or tcp_connect
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.name} at {self.endpoint})"
+
+    # -- transport ------------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        try:
+            return self.connector((self.host, self.port), self.connect_timeout)
+        except ConnectionRefusedError:
+            reason = "connection refused"
+        except TimeoutError:
+            reason = f"no answer within {self.connect_timeout:g} s"
+        except socket.gaierror as err:
+            reason = f"cannot resolve {self.host}: {err.strerror}"
+        except OSError as err:
+            reason = (err.strerror or str(err)).lower()
+        raise AgentUnreachable(
+            f"agent on {self.name} at {self.endpoint} is not reachable: {reason}",
+            host=self.name, hint="is 'orthros agent' running there, and the address right?")
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None, *,
+             timeout: float | None = None, payload: SourceFile | None = None,
+             sink: Callable[[PayloadReader], None] | None = None) -> Response:
+        """Send one request (with a file as payload) and return its verified response; a
+        response payload goes to ``sink`` (or is read and dropped). Raises the agent's error."""
+        size, digest = file_digest(payload) if payload is not None else (0, EMPTY_SHA256)
+        req = build_request(op, args, payload_len=size, payload_sha256=digest)
+        frame = encode_request(self.key, req)
+        limit = self.timeout if timeout is None else timeout
+        sock = self._connect()
+        try:
+            with sock:
+                sock.settimeout(limit)
+                try:
+                    sock.sendall(frame)
+                    if payload is not None:
+                        send_payload(sock, payload, size)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the agent gave up on us: its refusal may still be there to read
+                raw = read_frame(sock)
+                if raw is None:
+                    raise AgentError(f"the agent on {self.name} at {self.endpoint} closed the "
+                                     f"connection without answering the {op} request",
+                                     host=self.name, stage=op)
+                resp = open_response(self.key, decode_header(raw), req)
+                if resp.ok and (resp.payload_len or sink is not None):
+                    reader = PayloadReader(sock, resp.payload_len, resp.payload_sha256)
+                    (sink or PayloadReader.discard)(reader)
+        except TimeoutError as err:
+            raise OperationTimeout(
+                f"the agent on {self.name} at {self.endpoint} did not answer the {op} request "
+                f"within {limit:g} s", host=self.name, stage=op) from err
+        except OrthrosError as err:
+            err.host = err.host or self.name
+            raise
+        except OSError as err:
+            raise AgentError(f"lost the connection to the agent on {self.name} at "
+                             f"{self.endpoint} during {op}: {err.strerror or err}",
+                             host=self.name, stage=op) from err
+        if not resp.ok:
+            raise self._remote_error(resp.error or {})
+        return resp
+
+    def _remote_error(self, data: Mapping[str, Any]) -> OrthrosError:
+        local = AGENT_ERRORS.get(str(data.get("type")))
+        if local is not None:
+            err: OrthrosError = local.__new__(local)
+            base = OrthrosError.from_dict({**data, "type": "OrthrosError"})
+            err.__dict__.update(base.__dict__)
+            err.args = base.args
+        else:
+            err = OrthrosError.from_dict(dict(data))
+        # from_dict restores the common context; put back the extras some errors carry.
+        for key in _EXTRA_ERROR_KEYS & (set(data) - _BASE_ERROR_KEYS):
+            setattr(err, key, data[key])
+        err.host = err.host or self.name
+        return err
+
+    def _result(self, op: str, args: Mapping[str, Any] | None = None, *,
+                timeout: float | None = None) -> dict[str, Any]:
+        resp = self.call(op, args, timeout=timeout)
+        return dict(resp.result or {})
+
+    # -- host -----------------------------------------------------------------------------
+
+    def ping(self) -> PingInfo:
+        return PingInfo.from_dict(self._result("ping"))
+
+    def status(self) -> dict[str, Any]:
+        """Identity, versions (orthros, CRIU), images, restored trees and page servers."""
+        return self._result("status")
+
+    def check(self, *, quick: bool = True, timeout: float = 120.0) -> dict[str, Any]:
+        """The host probes of ``orthros check``, run on the agent's host (Report.to_dict)."""
+        return self._result("check", {"quick": quick}, timeout=timeout)
+
+    # -- checkpoint and restore -----------------------------------------------------------
+
+    def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
+             timeout: float = CRIU_TIMEOUT) -> RemoteDump:
+        """Checkpoint the tree of ``pid`` on the agent's host into its image ``image``.
+        ``opts.pid`` is ignored; ``opts.notify`` cannot cross the RPC."""
+        opts = opts or DumpOptions()
+        if opts.notify:
+            raise ValueError("CRIU notifications cannot be answered over the agent RPC")
+        args = {"pid": pid, "image": validate_name(image),
+                "options": options_to_args(opts, exclude=("pid", "notify"))}
+        return RemoteDump.from_dict(self._result("dump", args, timeout=timeout))
+
+    def restore(self, image: str, opts: RestoreOptions | None = None, *,
+                timeout: float = CRIU_TIMEOUT) -> RemoteRestore:
+        """Restore image ``image`` on the agent's host. The root becomes the agent's child
+        (``opts.sibling`` is ignored), reaped by the agent when it exits."""
+        opts = opts or RestoreOptions()
+        if opts.notify:
+            raise ValueError("CRIU notifications cannot be answered over the agent RPC")
+        args = {"image": validate_name(image),
+                "options": options_to_args(opts, exclude=("notify", "sibling"))}
+        return RemoteRestore.from_dict(self._result("restore", args, timeout=timeout))
+
+    def page_server(self, image: str, *, address: str | None = None,
+                    port: int = 0, log_level: int = 2) -> PageServerInfo:
+        """Start a CRIU page server receiving a dump's memory into image ``image``; pass its
+        (address, port) as ``DumpOptions.page_server`` to the dumping host. Port 0: any."""
+        args: dict[str, Any] = {"image": validate_name(image), "port": port,
+                                "log_level": log_level}
+        if address is not None:
+            args["address"] = address
+        return PageServerInfo.from_dict(self._result("page_server", args))
+
+    def page_server_stop(self, image: str) -> dict[str, Any]:
+        return self._result("page_server_stop", {"image": validate_name(image)})
+
+    def kill(self, pid: int, *, signal: str = "KILL", wait: float = 5.0) -> KillResult:
+        """Signal a tree the agent restored (any other pid is refused)."""
+        return KillResult.from_dict(self._result(
+            "kill", {"pid": pid, "signal": signal, "wait": wait}, timeout=wait + CALL_TIMEOUT))
+
+    # -- image files ----------------------------------------------------------------------
+
+    def list_images(self, image: str | None = None, *, sha256: bool = False) -> list[ImageInfo]:
+        args: dict[str, Any] = {"sha256": sha256}
+        if image is not None:
+            args["image"] = validate_name(image)
+        data = self._result("list_images", args, timeout=TRANSFER_TIMEOUT if sha256 else None)
+        return [ImageInfo.from_dict(i) for i in data["images"]]
+
+    def remove_image(self, image: str) -> bool:
+        return bool(self._result("remove_image", {"image": validate_name(image)})["removed"])
+
+    def upload_file(self, image: str, local: Path, *, filename: str | None = None,
+                    overwrite: bool = False, timeout: float = TRANSFER_TIMEOUT) -> FileInfo:
+        """Copy a local file into image ``image`` on the agent (its ``recv_file``)."""
+        name = validate_name(filename or local.name, "file name")
+        with local.open("rb") as f:
+            resp = self.call("recv_file", {"image": validate_name(image), "filename": name,
+                                           "overwrite": overwrite}, timeout=timeout, payload=f)
+        return FileInfo.from_dict(resp.result or {})
+
+    def upload_dir(self, image: str, local_dir: Path, *, overwrite: bool = False,
+                   timeout: float = TRANSFER_TIMEOUT) -> list[FileInfo]:
+        """Copy every regular file of ``local_dir`` (a CRIU image directory) into ``image``."""
+        files = sorted(p for p in local_dir.iterdir()
+                       if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
+        return [self.upload_file(image, p, overwrite=overwrite, timeout=timeout) for p in files]
+
+    def download_file(self, image: str, filename: str, local: Path, *,
+                      timeout: float = TRANSFER_TIMEOUT) -> FileInfo:
+        """Copy file ``filename`` of image ``image`` on the agent to ``local`` (its
+        ``send_file``); ``local`` appears only once the whole file arrived and verified."""
+        tmp = local.with_name(f".{local.name}.part")
+
+        def save(reader: PayloadReader) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                reader.copy_to(f)
+
+        try:
+            resp = self.call("send_file", {"image": validate_name(image),
+                                           "filename": validate_name(filename, "file name")},
+                             timeout=timeout, sink=save)
+            os.replace(tmp, local)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return FileInfo.from_dict(resp.result or {})
+
+    def download_image(self, image: str, local_dir: Path, *,
+                       timeout: float = TRANSFER_TIMEOUT) -> list[FileInfo]:
+        """Copy every file of image ``image`` into ``local_dir`` (created if missing)."""
+        local_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (info,) = self.list_images(image)
+        return [self.download_file(image, f.filename, local_dir / f.filename, timeout=timeout)
+                for f in info.files]
+
+    def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
+                    dest_name: str | None = None, overwrite: bool = False,
+                    timeout: float = TRANSFER_TIMEOUT) -> list[FileInfo]:
+        """Have the agent send image ``image`` straight to the agent at ``host``:``port`` (as
+        that agent's host sees it), so the files never pass through this caller."""
+        args: dict[str, Any] = {"image": validate_name(image), "host": host, "port": port,
+                                "overwrite": overwrite, "timeout": timeout}
+        if dest_image is not None:
+            args["dest_image"] = validate_name(dest_image)
+        if dest_name is not None:
+            args["dest_name"] = dest_name
+        # The agent uploads file by file, each bounded by ``timeout``; allow for many files.
+        data = self._result("push_images", args, timeout=timeout * 4)
+        return [FileInfo.from_dict(f) for f in data["files"]]
+
+    # -- network locks and service addresses ----------------------------------------------
+
+    def netlock_prepare(self, backend: str = "xdp", *, timeout: float = 120.0) -> dict[str, Any]:
+        """Load a lock backend on the agent ahead of time (XDP: compiling takes ~10 s)."""
+        return self._result("netlock_prepare", {"backend": backend}, timeout=timeout)
+
+    def netlock_lock(self, backend: str, *, conns: Iterable[str | Conn] = (),
+                     pids: Iterable[int] = (), ifaces: Iterable[str] = (),
+                     netns: str | None = None, timeout: float = 120.0) -> list[str]:
+        """Lock connections on the agent's host (given, and/or those of ``pids``' tree, which
+        the agent finds itself); returns the connections locked, as ``SRC:PORT,DST:PORT``."""
+        data = self._result("netlock_lock", {
+            "backend": backend, "conns": [str(c) for c in conns], "pids": list(pids),
+            "ifaces": list(ifaces), "netns": netns}, timeout=timeout)
+        return [str(c) for c in data["locked"]]
+
+    def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
+                       netns: str | None = None) -> list[str]:
+        data = self._result("netlock_unlock", {"backend": backend,
+                                               "conns": [str(c) for c in conns],
+                                               "netns": netns})
+        return [str(c) for c in data["unlocked"]]
+
+    def netlock_status(self, backend: str, *, netns: str | None = None) -> dict[str, Any]:
+        return self._result("netlock_status", {"backend": backend, "netns": netns})
+
+    def addr_add(self, ifname: str, address: str, *, netns: str | None = None) -> bool:
+        """Put ``address`` on ``ifname`` on the agent's host; False if it was there already."""
+        return bool(self._result("addr_add", {"ifname": ifname, "address": address,
+                                              "netns": netns})["added"])
+
+    def addr_del(self, ifname: str, address: str, *, netns: str | None = None) -> bool:
+        """Take ``address`` off ``ifname``; False if it was not there."""
+        return bool(self._result("addr_del", {"ifname": ifname, "address": address,
+                                              "netns": netns})["removed"])
+
+    def garp(self, ifname: str, address: str, *, count: int = 1,
+             netns: str | None = None) -> int:
+        """Announce ``address`` from ``ifname`` with gratuitous ARP; frames sent."""
+        return int(self._result("garp", {"ifname": ifname, "address": address, "count": count,
+                                         "netns": netns})["sent"])

@@ -1,0 +1,845 @@
+"""The agent's fixed table of operations: what a host does for its part of a migration.
+
+Each operation is a function registered with ``@op``; its parameters, with their annotations and
+defaults, are the operation's arguments, and every request's ``args`` are checked against them
+before the function runs (``Op.bind``). Nothing else can be called: an op name that is not in
+``OPS`` is refused. To add an operation, write a function ``(call: Call, ...) -> dict | Reply``
+here and decorate it.
+
+Interfaces and privileges, per operation:
+
+- ``dump``, ``restore``, ``page_server``: CRIU through ``orthros_py.checkpoint`` and
+  ``orthros_py.criu.session`` (``criu swrk``): root.
+- ``kill``, ``page_server_stop``: kill(2), only on processes this agent restored or started
+  (checked by pid and start time): root, as the agent runs.
+- ``recv_file``, ``send_file``, ``list_images``, ``remove_image``, ``push_images``: files below
+  the images root (created mode 0700), and a TCP connection to another agent for ``push_images``.
+- ``check``: ``orthros_py.host.probe`` (see there); ``netlock_*``: ``orthros_py.netlock``;
+  ``addr_*``, ``garp``: ``orthros_py.net.addr``. These are imported when first called, so that an
+  agent whose orthros lacks one still serves everything else (MissingFeatureError says so).
+
+Restored trees: a restore uses CRIU's ``rst_sibling``, so the restored root becomes the agent's
+own child. The agent keeps it that way on purpose: a thread per restored tree waits for it
+(``os.waitpid``), so it never lingers as a zombie, its exit status is known (``status``), and
+``kill`` can tell that a pid is one the agent restored. It does not tie the tree's life to the
+agent's: if the agent stops or crashes, the kernel reparents the tree to init (or the nearest
+subreaper), which reaps it; the systemd unit uses ``KillMode=process`` so that stopping the
+agent does not kill the workloads it restored. The alternative, CRIU restoring the root as its
+own child and exiting, would leave it to init at once but lose the exit status and the proof
+of ownership that ``kill`` relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import os
+import platform
+import re
+import shutil
+import signal as signals
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar, get_type_hints
+
+import psutil
+
+from orthros_py import __version__
+from orthros_py.agent.errors import ProtocolError, Refusal
+from orthros_py.agent.protocol import (
+    EMPTY_SHA256,
+    PROTOCOL_VERSION,
+    PayloadReader,
+    Request,
+    SourceFile,
+    check_type,
+    file_digest,
+    options_from_args,
+    validate_name,
+)
+from orthros_py.checkpoint import dump_tree, restore_tree
+from orthros_py.criu.request import DumpOptions, RestoreOptions
+from orthros_py.criu.session import CriuSession
+from orthros_py.errors import (
+    BadImageError,
+    MissingFeatureError,
+    NoSuchProcessError,
+    OrthrosError,
+)
+
+log = logging.getLogger("orthros.agent")
+
+# Options a caller may not set remotely: the pid is an argument of its own; CRIU notifications
+# need a hook on this side, which the RPC has no way to name; the agent always restores as
+# CRIU's sibling (see the module docstring).
+DUMP_EXCLUDED = ("pid", "notify")
+RESTORE_EXCLUDED = ("notify", "sibling")
+PAGE_SERVER_LOG = "page-server.log"
+SIGNALS = {"TERM": signals.SIGTERM, "KILL": signals.SIGKILL, "INT": signals.SIGINT,
+           "HUP": signals.SIGHUP, "QUIT": signals.SIGQUIT, "USR1": signals.SIGUSR1,
+           "USR2": signals.SIGUSR2, "STOP": signals.SIGSTOP, "CONT": signals.SIGCONT}
+KEEP_EXITED = 256  # exited trees kept in the table (for ``status``) before the oldest go
+_PARENT_IMG = re.compile(r"\.\./(?P<name>[^/]+)")
+
+
+# --- the agent's state -------------------------------------------------------------------------
+
+
+@dataclass
+class RestoredTree:
+    """A tree this agent restored; its root is the agent's child until it exits."""
+
+    pid: int
+    create_time: float
+    image: str
+    pids: list[int]
+    restored_at: float
+    exit_status: int | None = None  # as os.waitstatus_to_exitcode: negative for a signal
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "image": self.image, "pids": self.pids,
+                "restored_at": self.restored_at, "running": not self.exited.is_set(),
+                "exit_status": self.exit_status}
+
+
+@dataclass
+class PageServer:
+    """A CRIU page server this agent started (forked by ``criu swrk``: not our child)."""
+
+    image: str
+    pid: int
+    create_time: float | None
+    port: int
+    address: str
+    started_at: float
+
+    def alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            return (proc.create_time() == self.create_time
+                    and proc.status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "pid": self.pid, "port": self.port, "address": self.address,
+                "started_at": self.started_at, "running": self.alive()}
+
+
+class Agent:
+    """What one agent holds: its name, key, images root, the trees it restored, the page
+    servers it started, and the network locks it keeps loaded. Shared by all connections."""
+
+    def __init__(self, name: str, images_root: Path, key: bytes, *,
+                 listen_host: str = "") -> None:
+        validate_name(name, "agent name")
+        self.name = name
+        self.key = key
+        try:
+            images_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadImageError(f"cannot create the images root {images_root}: "
+                                f"{err.strerror}") from err
+        self.images_root = images_root.resolve()
+        # Page servers listen where the agent listens unless told otherwise: CRIU's page server
+        # authenticates nobody, so it should not face more networks than the agent does.
+        self.listen_host = "" if listen_host in ("0.0.0.0", "::") else listen_host
+        self.started = time.time()
+        self.restored: dict[int, RestoredTree] = {}
+        self.page_servers: dict[str, PageServer] = {}
+        self.netlocks: dict[str, Any] = {}  # backend -> NetLock kept (XDP: the loaded program)
+        self.netlock_mutex = threading.Lock()  # serializes the netlock_* operations
+        self.mutex = threading.Lock()  # guards restored, page_servers and the busy marks
+        self._busy: dict[str, str] = {}  # image -> what is using it
+        self._criu: dict[str, Any] | None = None
+
+    # -- images ---------------------------------------------------------------------------
+
+    def image_path(self, image: str, *, create: bool = False, must_exist: bool = False) -> Path:
+        """The directory of image ``image`` below the root; never a symlink out of it."""
+        path = self.images_root / validate_name(image)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise BadImageError(f"{path} is not an image directory")
+        if create:
+            try:
+                path.mkdir(mode=0o700, exist_ok=True)
+            except OSError as err:
+                raise BadImageError(f"cannot create {path}: {err.strerror}") from err
+        elif must_exist and not path.is_dir():
+            raise BadImageError(f"this agent holds no image {image!r}",
+                                hint="see list_images for what it holds")
+        return path
+
+    @contextlib.contextmanager
+    def busy(self, image: str, what: str) -> Iterator[None]:
+        """Hold ``image`` for a dump, restore or removal; refuse a second such user at once."""
+        with self.mutex:
+            other = self._busy.get(image)
+            if other is not None:
+                raise BadImageError(f"image {image!r} is busy with a {other}",
+                                    hint="wait for it to finish")
+            self._busy[image] = what
+        try:
+            yield
+        finally:
+            with self.mutex:
+                self._busy.pop(image, None)
+
+    def busy_with(self, image: str) -> str | None:
+        with self.mutex:
+            return self._busy.get(image)
+
+    # -- restored trees -------------------------------------------------------------------
+
+    def adopt(self, pid: int, image: str, pids: list[int]) -> RestoredTree:
+        """Record a tree just restored as our child, and start waiting for it."""
+        try:
+            created = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            created = 0.0  # gone already; the waiter collects its status at once
+        tree = RestoredTree(pid, created, image, pids, time.time())
+        with self.mutex:
+            self.restored[pid] = tree
+            exited = sorted((t for t in self.restored.values() if t.exited.is_set()),
+                            key=lambda t: t.restored_at)
+            for old in exited[:max(0, len(exited) - KEEP_EXITED)]:
+                del self.restored[old.pid]
+        threading.Thread(target=self._reap, args=(tree,), name=f"reap-{pid}",
+                         daemon=True).start()
+        return tree
+
+    def _reap(self, tree: RestoredTree) -> None:
+        try:
+            _, status = os.waitpid(tree.pid, 0)
+        except ChildProcessError:
+            log.warning("restored tree %d (image %s) is not this agent's child; its exit "
+                        "status is unknown", tree.pid, tree.image)
+        else:
+            tree.exit_status = os.waitstatus_to_exitcode(status)
+            log.info("restored tree %d (image %s) exited with status %d", tree.pid, tree.image,
+                     tree.exit_status)
+        tree.exited.set()
+
+    def restored_tree(self, pid: int) -> RestoredTree:
+        with self.mutex:
+            tree = self.restored.get(pid)
+        if tree is None:
+            raise NoSuchProcessError(
+                f"pid {pid} was not restored by this agent: it signals only trees it restored",
+                pid=pid)
+        return tree
+
+    def close(self) -> None:
+        """At the agent's exit: stop the page servers still waiting for a dump (nobody could
+        stop them later). Restored trees are left running: init inherits them."""
+        with self.mutex:
+            servers = list(self.page_servers.values())
+            self.page_servers.clear()
+        for server in servers:
+            if server.alive():
+                log.info("stopping page server %d of image %s", server.pid, server.image)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.pid, signals.SIGKILL)
+
+    # -- facts ----------------------------------------------------------------------------
+
+    def criu_info(self) -> dict[str, Any]:
+        """CRIU's path and version, looked up once (``criu --version`` forks)."""
+        if self._criu is None:
+            from orthros_py.criu.binary import find_criu
+
+            try:
+                binary = find_criu()
+                self._criu = {"path": binary.path, "version": binary.version_str, "error": None}
+            except OrthrosError as err:
+                self._criu = {"path": None, "version": None, "error": str(err)}
+        return self._criu
+
+
+# --- the operation table -----------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """What a handler gets besides its arguments."""
+
+    agent: Agent
+    peer: str
+    payload: PayloadReader | None = None
+
+
+@dataclass
+class Reply:
+    """A result, optionally with a file streamed after it (``send_file``)."""
+
+    result: dict[str, Any]
+    payload: SourceFile | None = None
+    payload_len: int = 0
+    payload_sha256: str = EMPTY_SHA256
+
+
+Handler = Callable[..., "dict[str, Any] | Reply"]
+F = TypeVar("F", bound=Handler)
+_REQUIRED: Any = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    tp: Any
+    default: Any = _REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    handler: Handler
+    params: tuple[Param, ...]
+    payload: bool = False  # does a request carry a payload (a file) for this op?
+    doc: str = ""
+
+    def bind(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``args`` checked against the handler's parameters, defaults filled in."""
+        known = {p.name for p in self.params}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ProtocolError(
+                f"{self.name} takes no argument(s) {', '.join(unknown)} "
+                f"(it takes: {', '.join(sorted(known)) or 'none'})", code=Refusal.BAD_REQUEST)
+        bound: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in args:
+                bound[p.name] = check_type(args[p.name], p.tp, f"argument {p.name} of {self.name}")
+            elif p.required:
+                raise ProtocolError(f"{self.name} needs the argument {p.name}",
+                                    code=Refusal.BAD_REQUEST)
+            else:
+                bound[p.name] = p.default
+        return bound
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "payload": self.payload, "doc": self.doc,
+                "params": [{"name": p.name, "type": str(p.tp), "required": p.required}
+                           for p in self.params]}
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str, *, payload: bool = False) -> Callable[[F], F]:
+    """Register a handler as operation ``name``; its signature declares the arguments."""
+
+    def register(fn: F) -> F:
+        hints = get_type_hints(fn)
+        params = tuple(Param(p.name, hints[p.name], p.default)
+                       for p in list(inspect.signature(fn).parameters.values())[1:])
+        if name in OPS:
+            raise ValueError(f"operation {name} is registered twice")
+        doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        OPS[name] = Op(name, fn, params, payload, doc)
+        return fn
+
+    return register
+
+
+def dispatch(agent: Agent, req: Request, payload: PayloadReader | None, peer: str) -> Reply:
+    """Run an authenticated request through the table."""
+    entry = OPS.get(req.op)
+    if entry is None:
+        raise ProtocolError(f"unknown operation {req.op!r}", code=Refusal.BAD_REQUEST,
+                            hint="this agent knows: " + ", ".join(sorted(OPS)))
+    if req.payload_len and not entry.payload:
+        raise ProtocolError(f"{req.op} takes no payload", code=Refusal.BAD_REQUEST)
+    kwargs = entry.bind(req.args)
+    out = entry.handler(Call(agent, peer, payload if entry.payload else None), **kwargs)
+    return out if isinstance(out, Reply) else Reply(out)
+
+
+def _feature(module: str, what: str) -> ModuleType:
+    """Import ``module`` on first use; MissingFeatureError if this orthros lacks it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingFeatureError(
+            f"this agent cannot {what}: {module} is not available here ({err})",
+            hint="install the same orthros version, with its dependencies, on every host",
+        ) from err
+
+
+def _bad_request(msg: str) -> ProtocolError:
+    return ProtocolError(msg, code=Refusal.BAD_REQUEST)
+
+
+# --- host facts --------------------------------------------------------------------------------
+
+
+@op("ping")
+def op_ping(call: Call) -> dict[str, Any]:
+    """Liveness, the agent's identity and clock (the caller can estimate clock skew)."""
+    return {"name": call.agent.name, "version": __version__, "protocol": PROTOCOL_VERSION,
+            "time": time.time(), "hostname": socket.gethostname()}
+
+
+@op("status")
+def op_status(call: Call) -> dict[str, Any]:
+    """Who and what the agent is, and what it holds: images, restored trees, page servers."""
+    a = call.agent
+    with a.mutex:
+        restored = [t.to_dict() for t in a.restored.values()]
+        servers = list(a.page_servers.values())
+    with a.netlock_mutex:
+        netlocks = sorted(a.netlocks)
+    return {
+        "name": a.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+        "uid": os.geteuid(), "orthros_version": __version__, "protocol": PROTOCOL_VERSION,
+        "python": platform.python_version(), "kernel": platform.release(),
+        "criu": a.criu_info(), "started": a.started, "uptime_s": round(time.time() - a.started, 3),
+        "images_root": str(a.images_root), "images": _image_names(a),
+        "restored": restored, "page_servers": [s.to_dict() for s in servers],
+        "netlocks_loaded": netlocks, "ops": sorted(OPS),
+    }
+
+
+@op("check")
+def op_check(call: Call, quick: bool = True) -> dict[str, Any]:
+    """Run the host probes of ``orthros check`` here (``quick`` skips compiling BPF)."""
+    probe = _feature("orthros_py.host.probe", "probe the host")
+    report = probe.run_probes(quick=quick)
+    data: dict[str, Any] = report.to_dict()
+    data["host"] = call.agent.name
+    return data
+
+
+# --- checkpoint and restore --------------------------------------------------------------------
+
+
+@op("dump")
+def op_dump(call: Call, pid: int, image: str,
+            options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``)."""
+    opts = options_from_args(DumpOptions, options or {}, where="dump", exclude=DUMP_EXCLUDED)
+    a = call.agent
+    if opts.parent_img is not None:
+        m = _PARENT_IMG.fullmatch(opts.parent_img)
+        if m is None:
+            raise _bad_request("parent_img must be ../NAME: another image of this agent")
+        a.image_path(validate_name(m["name"], "parent image name"), must_exist=True)
+    path = a.image_path(image)
+    with a.busy(image, "dump"):
+        result = dump_tree(pid, path, opts)
+    data = result.to_dict()
+    data["image"] = image
+    return data
+
+
+@op("restore")
+def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore image ``image`` (RestoreOptions fields in ``options``); the new root's pid."""
+    opts = options_from_args(RestoreOptions, options or {}, where="restore",
+                             exclude=RESTORE_EXCLUDED)
+    opts = dataclasses.replace(opts, sibling=True)
+    a = call.agent
+    path = a.image_path(image, must_exist=True)
+    with a.busy(image, "restore"):
+        result = restore_tree(path, opts)
+        # Adopted under the busy mark, before any other request can ask to kill it.
+        a.adopt(result.pid, image, result.pids)
+    data = result.to_dict()
+    data["image"] = image
+    return data
+
+
+def page_server_request(address: str, port: int, log_level: int) -> Any:
+    """A CRIU page server request. Pure; it belongs with the other builders in
+    orthros_py/criu/request.py.
+
+    PAGE_SERVER_CHLD, not PAGE_SERVER: in CRIU 4.2.1 the daemon-mode PAGE_SERVER answers pid 0
+    (``cr_page_server`` returns 0 instead of the daemon's pid), and without the pid the agent
+    could not tell its page server apart from any other process. The CHLD server is forked by
+    ``criu swrk`` and left to init when swrk exits after answering; it serves one connection
+    and exits.
+    """
+    from pycriu import rpc_pb2 as rpc
+
+    req = rpc.criu_req(type=rpc.PAGE_SERVER_CHLD)
+    req.opts.images_dir_fd = -1  # set by CriuSession.call
+    req.opts.log_file = PAGE_SERVER_LOG
+    req.opts.log_level = log_level
+    req.opts.ps.SetInParent()
+    req.opts.ps.port = port
+    if address:
+        req.opts.ps.address = address
+    return req
+
+
+@op("page_server")
+def op_page_server(call: Call, image: str, address: str | None = None, port: int = 0,
+                   log_level: int = 2) -> dict[str, Any]:
+    """Start a CRIU page server writing a dump's memory into image ``image``; its port.
+
+    It serves one dump (``DumpOptions.page_server`` on the sending host) and exits. ``port`` 0
+    lets the kernel choose; ``address`` defaults to the agent's own listen address.
+    """
+    if not 0 <= port < 65536:
+        raise _bad_request(f"{port} is not a TCP port")
+    if not 0 <= log_level <= 4:
+        raise _bad_request("log_level must be 0-4")
+    a = call.agent
+    path = a.image_path(image, create=True)
+    with a.mutex:
+        running = a.page_servers.get(image)
+    if running is not None and running.alive():
+        raise BadImageError(f"a page server (pid {running.pid}, port {running.port}) already "
+                            f"receives into image {image!r}",
+                            hint="stop it with page_server_stop first")
+    addr = a.listen_host if address is None else address
+    with a.busy(image, "page server start"):
+        try:
+            resp = CriuSession().call(page_server_request(addr, port, log_level),
+                                      images_dir=path)
+        except OrthrosError as err:
+            err.stage = "page server"
+            raise
+    pid, got_port = int(resp.ps.pid), int(resp.ps.port)
+    try:
+        created: float | None = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        created = None
+    server = PageServer(image, pid, created, got_port, addr, time.time())
+    with a.mutex:
+        a.page_servers[image] = server
+    log.info("page server %d for image %s listens on port %d", pid, image, got_port)
+    return server.to_dict()
+
+
+@op("page_server_stop")
+def op_page_server_stop(call: Call, image: str) -> dict[str, Any]:
+    """Stop the page server of image ``image`` if it still runs (it ends by itself after a
+    dump)."""
+    a = call.agent
+    validate_name(image)
+    with a.mutex:
+        server = a.page_servers.pop(image, None)
+    if server is None:
+        raise NoSuchProcessError(f"this agent started no page server for image {image!r}")
+    was_running = server.alive()
+    if was_running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signals.SIGKILL)
+    return {**server.to_dict(), "was_running": was_running, "running": False}
+
+
+@op("kill")
+def op_kill(call: Call, pid: int, signal: str = "KILL", wait: float = 5.0) -> dict[str, Any]:
+    """Signal a tree this agent restored (root and descendants); wait up to ``wait`` s for the
+    root to exit. Any other pid is refused."""
+    sig = SIGNALS.get(signal.upper().removeprefix("SIG"))
+    if sig is None:
+        raise _bad_request(f"signal {signal!r} is not one of {', '.join(SIGNALS)}")
+    tree = call.agent.restored_tree(pid)
+    signaled: list[int] = []
+    if not tree.exited.is_set():
+        try:
+            root = psutil.Process(pid)
+            if root.create_time() != tree.create_time:
+                raise NoSuchProcessError(f"pid {pid} now belongs to another process", pid=pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+                signaled.append(proc.pid)
+        if wait > 0 and sig in (signals.SIGKILL, signals.SIGTERM, signals.SIGINT):
+            tree.exited.wait(min(wait, 60.0))
+    return {"pid": pid, "signal": sig.name, "signaled": signaled,
+            "exited": tree.exited.is_set(), "exit_status": tree.exit_status}
+
+
+# --- image files -------------------------------------------------------------------------------
+
+
+def _is_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except ProtocolError:
+        return False
+    return True
+
+
+def _image_names(a: Agent) -> list[str]:
+    try:
+        entries = list(os.scandir(a.images_root))
+    except OSError:
+        return []
+    return sorted(e.name for e in entries
+                  if _is_name(e.name) and e.is_dir(follow_symlinks=False))
+
+
+def _file_info(image: str, path: Path, sha256: bool) -> dict[str, Any]:
+    st = path.stat(follow_symlinks=False)
+    info: dict[str, Any] = {"image": image, "filename": path.name, "size": st.st_size}
+    if sha256:
+        with path.open("rb") as f:
+            info["sha256"] = file_digest(f)[1]
+    return info
+
+
+def _image_files(path: Path) -> list[Path]:
+    """The regular files of an image directory (no temporaries, no symlinks)."""
+    return sorted(p for p in path.iterdir()
+                  if _is_name(p.name) and not p.is_symlink() and p.is_file())
+
+
+def _image_info(a: Agent, image: str, sha256: bool) -> dict[str, Any]:
+    path = a.image_path(image, must_exist=True)
+    files = [_file_info(image, p, sha256) for p in _image_files(path)]
+    links = [{"name": p.name, "target": os.readlink(p)}
+             for p in sorted(path.iterdir()) if _is_name(p.name) and p.is_symlink()]
+    with a.mutex:
+        server = a.page_servers.get(image)
+    return {"name": image, "files": files, "links": links,
+            "checkpoint": (path / "inventory.img").is_file(),
+            "bytes": sum(f["size"] for f in files), "mtime": path.stat().st_mtime,
+            "busy": a.busy_with(image),
+            "page_server": server.to_dict() if server is not None else None}
+
+
+@op("list_images")
+def op_list_images(call: Call, image: str | None = None, sha256: bool = False) -> dict[str, Any]:
+    """The image directories below the root (or just ``image``) and their files."""
+    a = call.agent
+    names = [validate_name(image)] if image is not None else _image_names(a)
+    return {"images_root": str(a.images_root),
+            "images": [_image_info(a, n, sha256) for n in names]}
+
+
+@op("remove_image")
+def op_remove_image(call: Call, image: str) -> dict[str, Any]:
+    """Delete image ``image`` and its files (refused while it is in use)."""
+    a = call.agent
+    path = a.image_path(image)
+    if not path.exists():
+        return {"image": image, "removed": False}
+    with a.mutex:
+        server = a.page_servers.get(image)
+    if server is not None and server.alive():
+        raise BadImageError(f"a page server (pid {server.pid}) still writes into {image!r}",
+                            hint="stop it with page_server_stop first")
+    with a.busy(image, "removal"):
+        shutil.rmtree(path)
+    return {"image": image, "removed": True}
+
+
+@op("recv_file", payload=True)
+def op_recv_file(call: Call, image: str, filename: str,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Store the payload as file ``filename`` of image ``image`` (created if missing), after
+    checking its SHA-256; it appears whole or not at all."""
+    assert call.payload is not None
+    a = call.agent
+    validate_name(filename, "file name")
+    other = a.busy_with(image)
+    if other is not None:
+        raise BadImageError(f"image {image!r} is busy with a {other}")
+    path = a.image_path(image, create=True)
+    target = path / filename
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise BadImageError(f"image {image!r} already has a file {filename}",
+                            hint="pass overwrite to replace it")
+    # A leading dot makes an invalid name: a partial file is never listed, sent or restored.
+    tmp = path / f".{filename}.{os.getpid()}.{threading.get_ident()}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            size = call.payload.copy_to(f)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # no replacement of a file that appeared meanwhile
+            except FileExistsError as err:
+                raise BadImageError(f"image {image!r} already has a file {filename}") from err
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return {"image": image, "filename": filename, "size": size,
+            "sha256": call.payload.sha256}
+
+
+@op("send_file")
+def op_send_file(call: Call, image: str, filename: str) -> Reply:
+    """Stream file ``filename`` of image ``image`` back as the response's payload."""
+    path = call.agent.image_path(image, must_exist=True) / validate_name(filename, "file name")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as err:
+        raise BadImageError(f"image {image!r} has no file {filename}") from err
+    except OSError as err:
+        raise BadImageError(f"cannot read {filename} of image {image!r}: "
+                            f"{err.strerror}") from err
+    f = os.fdopen(fd, "rb")
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImageError(f"{filename} of image {image!r} is not a regular file")
+        size, digest = file_digest(f)
+    except BaseException:
+        f.close()
+        raise
+    return Reply({"image": image, "filename": filename, "size": size, "sha256": digest},
+                 payload=f, payload_len=size, payload_sha256=digest)
+
+
+@op("push_images")
+def op_push_images(call: Call, image: str, host: str, port: int, dest_image: str | None = None,
+                   dest_name: str | None = None, overwrite: bool = False,
+                   timeout: float = 600.0) -> dict[str, Any]:
+    """Send every file of image ``image`` straight to the agent at ``host``:``port`` (into
+    ``dest_image``, by default the same name), so images never detour through the caller."""
+    from orthros_py.agent.client import AgentClient
+
+    a = call.agent
+    path = a.image_path(image, must_exist=True)
+    dest = validate_name(dest_image or image)
+    other = a.busy_with(image)
+    if other is not None:
+        raise BadImageError(f"image {image!r} is busy with a {other}")
+    client = AgentClient(host, port, a.key, name=dest_name, timeout=timeout)
+    start = time.perf_counter()
+    sent = [client.upload_file(dest, p, overwrite=overwrite).to_dict()
+            for p in _image_files(path)]
+    return {"image": image, "dest_image": dest, "dest": client.name, "files": sent,
+            "bytes": sum(int(f["size"]) for f in sent),
+            "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+
+# --- network locks and service addresses (other modules, imported on first use) ----------------
+
+
+def _netlock(a: Agent, backend: str, netns: str | None) -> Any:
+    mod = _feature("orthros_py.netlock", "take network locks")
+    if backend == "xdp":
+        # Kept for the agent's life: the compiled program (~10 s to build) stays loaded.
+        if "xdp" not in a.netlocks:
+            a.netlocks["xdp"] = mod.backend("xdp")
+        return a.netlocks["xdp"]
+    try:
+        return mod.backend(backend, netns=netns)
+    except ValueError as err:
+        raise _bad_request(str(err)) from err
+
+
+def _conns(items: tuple[str, ...]) -> list[Any]:
+    mod = _feature("orthros_py.netlock", "take network locks")
+    try:
+        return [mod.Conn.parse(c) for c in items]
+    except ValueError as err:
+        raise _bad_request(f"bad connection: {err}") from err
+
+
+@op("netlock_prepare")
+def op_netlock_prepare(call: Call, backend: str = "xdp") -> dict[str, Any]:
+    """Load the backend ahead of a migration (XDP: compile or open the pinned program)."""
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, None)
+        info = lock.prepare() if hasattr(lock, "prepare") else {}
+    return {"backend": backend, **(info if isinstance(info, dict) else {})}
+
+
+@op("netlock_lock")
+def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
+                    pids: tuple[int, ...] = (), ifaces: tuple[str, ...] = (),
+                    netns: str | None = None) -> dict[str, Any]:
+    """Silence connections (``SRC:PORT,DST:PORT``, and those of ``pids``' tree, found here)."""
+    wanted = _conns(conns)
+    names = list(ifaces)
+    if pids:
+        found = _feature("orthros_py.net.conns", "find a tree's connections").discover(list(pids))
+        wanted += list(found.conns)
+        names += [i for i in found.interfaces if i not in names]
+        netns = netns or found.netns
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, netns)
+        if hasattr(lock, "prepare"):
+            lock.prepare()
+        if names and hasattr(lock, "attach"):
+            lock.attach(names, netns=netns)
+        locked = lock.lock(wanted)
+    return {"backend": backend, "locked": [str(c) for c in locked], "ifaces": names,
+            "netns": netns}
+
+
+@op("netlock_unlock")
+def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
+                      netns: str | None = None) -> dict[str, Any]:
+    """Let connections through again (locked here or by any earlier process)."""
+    wanted = _conns(conns)
+    with call.agent.netlock_mutex:
+        unlocked = _netlock(call.agent, backend, netns).unlock(wanted)
+    return {"backend": backend, "unlocked": [str(c) for c in unlocked]}
+
+
+@op("netlock_status")
+def op_netlock_status(call: Call, backend: str, netns: str | None = None) -> dict[str, Any]:
+    """What the backend holds locked, and where it is attached."""
+    with call.agent.netlock_mutex:
+        status = _netlock(call.agent, backend, netns).status()
+    data: dict[str, Any] = status.to_dict()
+    return data
+
+
+def _addr() -> ModuleType:
+    return _feature("orthros_py.net.addr", "manage service addresses")
+
+
+@op("addr_add")
+def op_addr_add(call: Call, ifname: str, address: str,
+                netns: str | None = None) -> dict[str, Any]:
+    """Put a service address (``IP`` or ``IP/PREFIX``) on an interface of this host."""
+    mod = _addr()
+    try:
+        added = mod.add_address(netns, ifname, address)
+    except ValueError as err:
+        raise _bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "added": bool(added)}
+
+
+@op("addr_del")
+def op_addr_del(call: Call, ifname: str, address: str,
+                netns: str | None = None) -> dict[str, Any]:
+    """Take a service address off an interface of this host."""
+    mod = _addr()
+    try:
+        removed = mod.remove_address(netns, ifname, address)
+    except ValueError as err:
+        raise _bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "removed": bool(removed)}
+
+
+@op("garp")
+def op_garp(call: Call, ifname: str, address: str, count: int = 1,
+            netns: str | None = None) -> dict[str, Any]:
+    """Announce a service address from this host with gratuitous ARP."""
+    if not 1 <= count <= 100:
+        raise _bad_request("count must be 1-100")
+    mod = _addr()
+    try:
+        sent = mod.Link(netns, ifname).gratuitous_arp(address, count=count)
+    except ValueError as err:
+        raise _bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "sent": int(sent)}

@@ -1,0 +1,1 @@
+"""Workloads and measurement shared by the demo, the benchmarks in scripts/ and the tests."""

@@ -1,0 +1,108 @@
+"""``orthros agent`` (the daemon, in the foreground) and ``orthros keygen`` (the cluster key).
+
+Every option of ``orthros agent`` can also come from the environment (``ORTHROS_AGENT_*``), which
+is how the systemd unit (vagrant/orthros-agent.service) passes /etc/orthros/agent.env.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from orthros_py.agent.auth import DEFAULT_KEY_PATH, REPLAY_WINDOW, load_key, write_key
+from orthros_py.agent.protocol import (
+    DEFAULT_PORT,
+    PROTOCOL_VERSION,
+    format_endpoint,
+    parse_endpoint,
+)
+from orthros_py.cli.context import Env
+
+DEFAULT_IMAGES_ROOT = Path("/var/lib/orthros/images")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _log_to(env: Env, verbose: bool) -> logging.Logger:
+    """The agent logs plain lines to stderr (journald and log files keep them as they are)."""
+    logger = logging.getLogger("orthros")
+    handler = logging.StreamHandler(env.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    return logging.getLogger("orthros.agent")
+
+
+@click.command()
+@click.option("--listen", envvar="ORTHROS_AGENT_LISTEN", default=f"0.0.0.0:{DEFAULT_PORT}",
+              show_default=True, metavar="ADDR:PORT",
+              help="Where to accept callers ([IPv6]:PORT for IPv6; port 0 picks a free port, "
+                   "which the log names).")
+@click.option("--key", "key_path", envvar="ORTHROS_AGENT_KEY", type=click.Path(path_type=Path),
+              default=DEFAULT_KEY_PATH, show_default=True,
+              help="The cluster key file (the same on every host; see 'orthros keygen').")
+@click.option("--images-root", envvar="ORTHROS_AGENT_IMAGES_ROOT",
+              type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_IMAGES_ROOT,
+              show_default=True, help="Directory holding this host's image directories.")
+@click.option("--name", envvar="ORTHROS_AGENT_NAME", default=None,
+              help="This host's name in errors and answers [default: the host name].")
+@click.option("--replay-window", type=click.FloatRange(min=1.0), default=REPLAY_WINDOW,
+              show_default=True,
+              help="Seconds a request stays valid; the hosts' clocks must agree within it.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request, pings included.")
+@click.pass_obj
+def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | None,
+          replay_window: float, verbose: bool) -> None:
+    """Run this host's agent in the foreground, logging to stderr, until SIGTERM or Ctrl-C."""
+    from orthros_py.agent.ops import OPS, Agent
+    from orthros_py.agent.server import AgentServer
+
+    try:
+        host, port = parse_endpoint(listen)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--listen") from err
+    log = _log_to(env, verbose)
+    key = load_key(key_path)
+    state = Agent(name or socket.gethostname().split(".")[0], images_root, key, listen_host=host)
+    server = AgentServer(state, (host, port), replay_window=replay_window)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    if os.geteuid() != 0:
+        log.warning("not running as root: dump, restore and page servers will be refused")
+    log.info("agent %s listening on %s (protocol v%d, %d operations), images in %s",
+             state.name, format_endpoint(*server.endpoint), PROTOCOL_VERSION, len(OPS),
+             state.images_root)
+    try:
+        server.serve(stop)
+    finally:
+        state.close()
+    log.info("agent %s stopped", state.name)
+
+
+@click.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_KEY_PATH,
+              show_default=True, help="Where to write the key.")
+@click.option("--force", is_flag=True, help="Replace an existing key.")
+@click.pass_obj
+def keygen(env: Env, out: Path, force: bool) -> None:
+    """Write a new random cluster key (32 bytes, mode 0600) for the agents and their callers."""
+    path = write_key(out, force=force)
+    env.console.print(f"wrote a new cluster key to {path} (mode 0600): copy it, mode and all, "
+                      "to every host and to wherever 'orthros' calls the agents from")
+
+
+COMMANDS = [agent, keygen]

@@ -1,0 +1,984 @@
+"""The XDP network lock: bpf/netlock.c loaded once through BCC, pinned, and driven by map writes.
+
+Interfaces: the bpf(2) syscall (map element and batch commands, object pin/get, object info)
+called through ctypes; BCC (``bcc.BPF``, imported lazily) only to compile and load the program
+the first time; rtnetlink through pyroute2 to attach the XDP program (generic/SKB mode, so veth
+and loopback work) and the clsact egress classifier; setns(2) to reach interfaces in other
+network namespaces. Needs root: CAP_BPF and CAP_SYS_ADMIN (load, pin, map writes),
+CAP_NET_ADMIN (attach), CAP_SYS_ADMIN (setns, mounting bpffs if it is not mounted).
+
+Lifetime: the programs and maps are pinned under ``/sys/fs/bpf/orthros/`` and attached through
+netlink, so a lock outlives the process that took it (a crash cannot leave connections half
+open; ``orthros netlock flush`` clears what is left). A later process opens the pinned map and
+writes entries: locking N connections costs 2N map writes in one batch syscall, no compile.
+Which interfaces carry the programs is recorded in ``/run/orthros/netlock-xdp.json`` (guarded by
+an flock on that directory) so that ``status`` and ``flush`` can find them in every network
+namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import platform
+import socket
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import NetlinkError
+
+from orthros_py.errors import MissingFeatureError, NetlockError, OrthrosError
+from orthros_py.net.addr import iproute, netns_path
+from orthros_py.netlock.base import (
+    Attachment,
+    Conn,
+    FlushResult,
+    LockedConn,
+    LockStatus,
+    NetLock,
+)
+
+SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "netlock.c"
+BPFFS = Path("/sys/fs/bpf")
+PIN_DIR = BPFFS / "orthros"
+STATE_DIR = Path("/run/orthros")
+
+XDP_PROG = "xdp_netlock"  # function names in netlock.c, also the kernel's program names
+TC_PROG = "tc_netlock"
+CONNS_MAP = "conns"
+COUNTERS_MAP = "counters"
+PINS = {"xdp": XDP_PROG, "tc": TC_PROG, "conns": CONNS_MAP, "counters": COUNTERS_MAP}
+
+# The clsact egress filter: a low priority number so that it runs before other classifiers that
+# could redirect a packet past it; a handle of our own so that it is never confused with theirs.
+TC_FILTER_NAME = "orthros_netlock"
+TC_PRIO = 7
+TC_HANDLE = 0x4F52
+TC_EGRESS = 0xFFFFFFF3  # "ffff:fff3": clsact's egress hook
+TC_INGRESS = 0xFFFFFFF2
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+
+# --- map layout: mirrors struct netlock_key / netlock_val in bpf/netlock.c --------------------
+# Key: packet source address, destination address (16 bytes each, network order, IPv4 mapped
+# into ::ffff:0:0/96), source port, destination port (network order), family, 3 zero bytes.
+KEY = struct.Struct("!16s16sHHB3x")
+# Value: drop count (written by the programs), flags, padding; native byte order.
+VAL = struct.Struct("=QII")
+F_LOCAL_FIRST = 1  # this entry is the local->remote orientation of its connection
+_VAL_LOCAL_FIRST = VAL.pack(0, F_LOCAL_FIRST, 0)
+_VAL_REMOTE_FIRST = VAL.pack(0, 0, 0)
+COUNTER_NAMES = ("xdp_passed", "xdp_dropped", "tc_passed", "tc_dropped")
+
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _addr16(ip: str, family: int) -> bytes:
+    # inet_pton rather than ipaddress: this runs 4 times per connection on the locking path.
+    if family == socket.AF_INET:
+        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
+    return socket.inet_pton(socket.AF_INET6, ip)
+
+
+def pack_key(src: tuple[str, int], dst: tuple[str, int], family: int) -> bytes:
+    """The map key of a packet from ``src`` to ``dst``."""
+    return KEY.pack(_addr16(src[0], family), _addr16(dst[0], family), src[1], dst[1], family)
+
+
+def unpack_key(raw: bytes) -> tuple[int, tuple[str, int], tuple[str, int]]:
+    """(family, (src ip, port), (dst ip, port)) of a map key."""
+    saddr, daddr, sport, dport, family = KEY.unpack(raw)
+
+    def ip(b: bytes) -> str:
+        if family == socket.AF_INET:
+            return str(ipaddress.IPv4Address(b[12:]))
+        return ipaddress.IPv6Address(b).compressed
+
+    return family, (ip(saddr), sport), (ip(daddr), dport)
+
+
+def conn_entries(conn: Conn) -> list[tuple[bytes, bytes]]:
+    """The two (key, value) map entries that lock ``conn``: what leaves (tc egress sees
+    local->remote) and what arrives (XDP sees remote->local)."""
+    fam = conn.family
+    local, remote = _addr16(conn.local_ip, fam), _addr16(conn.remote_ip, fam)
+    return [(KEY.pack(local, remote, conn.local_port, conn.remote_port, fam), _VAL_LOCAL_FIRST),
+            (KEY.pack(remote, local, conn.remote_port, conn.local_port, fam), _VAL_REMOTE_FIRST)]
+
+
+# --- bpf(2) -------------------------------------------------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i386": 357, "i686": 357,
+            "armv7l": 386, "ppc64le": 361, "s390x": 351}
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 6, 7, 13, 15
+BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
+BPF_ANY = 0
+ENOTSUPP = 524  # the kernel-internal "not supported" that bpf(2) leaks to userspace
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32)]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise MissingFeatureError(f"orthros does not know the bpf syscall number on "
+                                  f"{platform.machine()}")
+    ret = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_long(cmd), ctypes.byref(attr),
+                            ctypes.c_long(ctypes.sizeof(attr))))
+    if ret < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code) if code != ENOTSUPP else "not supported")
+    return ret
+
+
+def _bpf_error(err: OSError, what: str) -> NetlockError:
+    """One sentence for a failed bpf(2) call (or file operation on the lock's files)."""
+    if err.errno in (errno.EPERM, errno.EACCES):
+        return NetlockError(f"no permission to {what}",
+                            hint="run as root: the XDP lock needs CAP_BPF, CAP_SYS_ADMIN and "
+                                 "CAP_NET_ADMIN")
+    return NetlockError(f"cannot {what}: {err.strerror}")
+
+
+def obj_get(path: Path) -> int:
+    """A new fd for the BPF object pinned at ``path``."""
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(p)))
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(p), bpf_fd=fd))
+
+
+def _obj_info(fd: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=size, info=ctypes.addressof(buf)))
+    return buf.raw
+
+
+def prog_info(fd: int) -> tuple[int, str]:
+    """(id, name) of a loaded program (struct bpf_prog_info: id at 4, name at 64)."""
+    raw = _obj_info(fd, 80)
+    return struct.unpack_from("=I", raw, 4)[0], raw[64:80].split(b"\0")[0].decode()
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    """The name of the program with this id, or None if it is gone."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    except OSError:
+        return None
+    try:
+        return prog_info(fd)[1]
+    finally:
+        os.close(fd)
+
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def require_caps(*, attach: bool = False) -> None:
+    """Fail early, with the fix, where libbcc would only print an error and give up."""
+    caps = _effective_caps()
+    missing = []
+    if not caps & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN):
+        missing.append("CAP_BPF")
+    if attach and not caps & (1 << CAP_NET_ADMIN):
+        missing.append("CAP_NET_ADMIN")
+    if missing:
+        raise NetlockError(f"no permission to {'attach' if attach else 'load'} BPF programs "
+                           f"(missing {' and '.join(missing)})", hint="run as root")
+
+
+def _possible_cpus() -> int:
+    # Per-CPU map values hold one slot per *possible* CPU ("0-1", "0-3,8-11").
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+class BpfMap:
+    """A BPF map behind an fd: element and batch operations on raw bytes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        # struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16]
+        raw = _obj_info(fd, 40)
+        (self.type, self.id, self.key_size, self.value_size, self.max_entries,
+         _flags) = struct.unpack_from("=6I", raw)
+        self.name = raw[24:40].split(b"\0")[0].decode()
+        self._batch = True  # batch commands (kernel 5.6+) until the kernel says otherwise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def lookup(self, key: bytes, value_size: int | None = None) -> bytes | None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value_size or self.value_size)
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=self.fd, key=ctypes.addressof(k),
+                                                value=ctypes.addressof(v)))
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                return None
+            raise
+        return v.raw
+
+    def list_keys(self) -> list[bytes]:
+        out: list[bytes] = []
+        nxt = ctypes.create_string_buffer(self.key_size)
+        prev: ctypes.Array[ctypes.c_char] | None = None
+        while True:
+            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(prev) if prev else 0,
+                             value=ctypes.addressof(nxt))
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    return out
+                raise
+            out.append(nxt.raw)
+            prev = ctypes.create_string_buffer(nxt.raw, self.key_size)
+
+    def update(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Write all entries: one batch syscall where the kernel has it, else one per entry."""
+        if not items:
+            return
+        keys = ctypes.create_string_buffer(b"".join(k for k, _ in items),
+                                           len(items) * self.key_size)
+        vals = ctypes.create_string_buffer(b"".join(v for _, v in items),
+                                           len(items) * self.value_size)
+        if self._batch:
+            attr = _BatchAttr(keys=ctypes.addressof(keys), values=ctypes.addressof(vals),
+                              count=len(items), map_fd=self.fd, elem_flags=BPF_ANY)
+            try:
+                _bpf(BPF_MAP_UPDATE_BATCH, attr)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                    raise
+                self._batch = False
+        base_k, base_v = ctypes.addressof(keys), ctypes.addressof(vals)
+        for i in range(len(items)):
+            _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=self.fd, key=base_k + i * self.key_size,
+                                                value=base_v + i * self.value_size,
+                                                flags=BPF_ANY))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Delete the entries that exist among ``keys``; returns how many did."""
+        if not keys:
+            return 0
+        buf = ctypes.create_string_buffer(b"".join(keys), len(keys) * self.key_size)
+        base = ctypes.addressof(buf)
+        deleted = 0
+        start = 0
+        while start < len(keys) and self._batch:
+            attr = _BatchAttr(keys=base + start * self.key_size, count=len(keys) - start,
+                              map_fd=self.fd)
+            try:
+                _bpf(BPF_MAP_DELETE_BATCH, attr)
+                return deleted + len(keys) - start
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    # The batch stops at a key that is not there: step over it and go on.
+                    deleted += attr.count
+                    start += attr.count + 1
+                    continue
+                if err.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                    raise
+                self._batch = False
+        for i in range(start, len(keys)):
+            try:
+                _bpf(BPF_MAP_DELETE_ELEM, _ElemAttr(map_fd=self.fd, key=base + i * self.key_size))
+                deleted += 1
+            except OSError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+        return deleted
+
+
+# --- the pinned objects -----------------------------------------------------------------------
+
+@dataclass
+class _Objects:
+    """Open fds of the four pinned objects."""
+
+    xdp_fd: int
+    tc_fd: int
+    conns: BpfMap
+    counters: BpfMap
+    xdp_id: int
+    tc_id: int
+    pin_ino: int  # inode of the map's pin: a new pin (after a flush) means reopen
+
+    def close(self) -> None:
+        for fd in (self.xdp_fd, self.tc_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.conns.close()
+        self.counters.close()
+
+
+@dataclass
+class _Compiled:
+    """What BCC loaded in this process: kept so that pins removed by a flush elsewhere can be
+    made again without compiling (the agent and the test session hold one)."""
+
+    bpf: Any  # bcc.BPF
+    fds: dict[str, int]  # PINS key -> fd owned by the bcc object
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+
+def _bpffs_mounted() -> bool:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] == str(BPFFS) and parts[2] == "bpf":
+            return True
+    return False
+
+
+def _ensure_bpffs() -> None:
+    """Mount the BPF filesystem where pins live, as systemd does on most hosts."""
+    if _bpffs_mounted():
+        return
+    if _libc.mount(b"bpf", os.fsencode(BPFFS), b"bpf", 0, None) != 0:
+        code = ctypes.get_errno()
+        raise NetlockError(f"the BPF filesystem is not mounted at {BPFFS} and mounting it failed:"
+                           f" {os.strerror(code)}",
+                           hint=f"mount -t bpf bpf {BPFFS} (as root)")
+
+
+def _netns_id(path: str | None) -> tuple[int, int]:
+    st = os.stat(path or "/proc/thread-self/ns/net")
+    return (st.st_dev, st.st_ino)
+
+
+def _candidate_netns() -> Iterator[str]:
+    yield "/proc/1/ns/net"
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir("/run/netns")):
+            yield f"/run/netns/{name}"
+    # Last resort: a namespace kept alive only by its processes.
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                yield f"/proc/{pid}/ns/net"
+
+
+def _find_netns(att: Attachment) -> tuple[bool, str | None]:
+    """(found, path to enter; None = here) for a recorded attachment's namespace."""
+    want = att.netns_id
+    with contextlib.suppress(OSError):
+        if att.netns is None and (want is None or _netns_id(None) == want):
+            return True, None
+        if att.netns is not None and (want is None or _netns_id(att.netns) == want):
+            return True, att.netns
+    if want is None:
+        return False, None
+    if _netns_id(None) == want:
+        return True, None
+    for path in _candidate_netns():
+        with contextlib.suppress(OSError):
+            if _netns_id(path) == want:
+                return True, path
+    return False, None
+
+
+@contextlib.contextmanager
+def _iproute(path: str | None) -> Iterator[Any]:
+    """An rtnetlink socket in the namespace at ``path``; setns errors become NetlockError."""
+    try:
+        with iproute(path) as ipr:
+            yield ipr
+    except OrthrosError as err:
+        if isinstance(err, NetlockError):
+            raise
+        raise NetlockError(err.msg, hint=err.hint) from err
+
+
+class XdpNetLock(NetLock):
+    """The XDP + tc egress lock. Cheap to construct: nothing is compiled or opened until used.
+
+    Typical use around a checkpoint (see ``orthros_py.netlock`` for the whole recipe)::
+
+        lock = XdpNetLock()
+        lock.prepare()                         # compile once (~10 s) or open the pins (~ms)
+        lock.attach(["eth0", "lo"], netns="/proc/PID/ns/net")
+        lock.lock(conns)                       # 2 map writes per connection
+        ...                                    # dump, move, restore
+        lock.unlock(conns)                     # from this or any later process
+    """
+
+    backend = "xdp"
+
+    def __init__(self, *, pin_dir: Path = PIN_DIR, state_dir: Path = STATE_DIR,
+                 source: Path = SOURCE) -> None:
+        super().__init__()
+        self.pin_dir = pin_dir
+        self.state_dir = state_dir
+        self.state_file = state_dir / "netlock-xdp.json"
+        self.source = source
+        self._objs: _Objects | None = None
+        self._compiled: _Compiled | None = None
+        self.compile_seconds: float | None = None  # set when this object compiled the program
+        self._compiles = 0
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _pin(self, what: str) -> Path:
+        return self.pin_dir / PINS[what]
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialize loading, attaching and flushing between orthros processes.
+
+        The flock is on the state directory itself, so no lock file is left behind.
+        """
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise _bpf_error(err, f"open {self.state_dir}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _open_pins(self) -> _Objects | None:
+        """Open the pinned objects, or None if they are not (all) pinned."""
+        try:
+            ino = os.stat(self._pin("conns")).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _bpf_error(err, f"read {self.pin_dir}") from err
+        fds: list[int] = []
+        try:
+            for what in ("xdp", "tc", "conns", "counters"):
+                try:
+                    fds.append(obj_get(self._pin(what)))
+                except FileNotFoundError:
+                    return None
+            conns, counters = BpfMap(fds[2]), BpfMap(fds[3])
+            objs = _Objects(fds[0], fds[1], conns, counters, prog_info(fds[0])[0],
+                            prog_info(fds[1])[0], ino)
+        except OSError as err:
+            for fd in fds:
+                os.close(fd)
+            raise _bpf_error(err, f"open the pinned network lock in {self.pin_dir}") from err
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if (conns.key_size, conns.value_size) != (KEY.size, VAL.size):
+            objs.close()
+            raise NetlockError(
+                f"the map pinned at {self._pin('conns')} has {conns.key_size}-byte keys and "
+                f"{conns.value_size}-byte values, not {KEY.size} and {VAL.size}: it was made by "
+                "another orthros version", hint="run 'orthros netlock flush' first")
+        return objs
+
+    def _objects(self, *, create: bool) -> _Objects | None:
+        """The open pinned objects; with ``create``, compile and pin them if they are missing."""
+        if self._objs is not None:
+            try:
+                if os.stat(self._pin("conns")).st_ino == self._objs.pin_ino:
+                    return self._objs
+            except FileNotFoundError:
+                pass
+            # Flushed (and maybe loaded again) by another process since we opened them.
+            self._objs.close()
+            self._objs = None
+        objs = self._open_pins()
+        if objs is None and create:
+            require_caps()
+            with self._exclusive():
+                objs = self._open_pins()  # another process may have won the race
+                if objs is None:
+                    self._load_and_pin()
+                    objs = self._open_pins()
+            if objs is None:
+                raise NetlockError(f"the network lock was pinned in {self.pin_dir} but is gone")
+        self._objs = objs
+        return objs
+
+    def _compile(self) -> _Compiled:
+        try:
+            import bcc
+        except ImportError as err:
+            raise MissingFeatureError(
+                "BCC's Python module cannot be imported, so the XDP network lock cannot be "
+                "compiled", hint="run scripts/setup.sh (installs python3-bpfcc)") from err
+        if not self.source.is_file():
+            raise MissingFeatureError(f"the BPF source {self.source} is missing")
+        started = time.monotonic()
+        stage = "compile"
+        b: Any = None
+        try:
+            b = bcc.BPF(src_file=os.fsencode(self.source))
+            stage = "load"
+            xdp = b.load_func(XDP_PROG.encode(), bcc.BPF.XDP)
+            tc = b.load_func(TC_PROG.encode(), bcc.BPF.SCHED_CLS)
+            fds = {"xdp": int(xdp.fd), "tc": int(tc.fd),
+                   "conns": int(b[CONNS_MAP.encode()].map_fd),
+                   "counters": int(b[COUNTERS_MAP.encode()].map_fd)}
+        except Exception as err:  # BCC raises bare Exception for every failure
+            if b is not None:
+                with contextlib.suppress(Exception):
+                    b.cleanup()  # close what was loaded: nothing half made stays around
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "kernel headers" in text.lower():
+                raise MissingFeatureError(
+                    "BCC cannot find kernel headers to compile the XDP network lock",
+                    hint="run scripts/setup.sh (links /lib/modules/$(uname -r)/build)") from err
+            if stage == "load" and ("permitted" in text or "denied" in text):
+                raise NetlockError("no permission to load BPF programs",
+                                   hint="run as root (CAP_BPF, CAP_SYS_ADMIN)") from err
+            raise NetlockError(f"BCC could not {stage} {self.source.name}: {text}") from err
+        self.compile_seconds = time.monotonic() - started
+        self._compiles += 1
+        return _Compiled(b, fds)
+
+    def _load_and_pin(self) -> None:
+        """Compile (unless this process still holds a compiled copy) and pin; caller holds
+        ``_exclusive``. On failure no pin is left half made."""
+        _ensure_bpffs()
+        if self._compiled is None:
+            self._compiled = self._compile()
+        made: list[Path] = []
+        try:
+            self.pin_dir.mkdir(mode=0o700, exist_ok=True)
+            # The map last: _open_pins() treats its pin as "all pinned".
+            for what in ("xdp", "tc", "counters", "conns"):
+                path = self._pin(what)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # a stale pin from an interrupted load
+                obj_pin(self._compiled.fds[what], path)
+                made.append(path)
+        except OSError as err:
+            for path in made:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise _bpf_error(err, f"pin the network lock under {self.pin_dir}") from err
+
+    def prepare(self) -> dict[str, Any]:
+        """Have the programs loaded and pinned: compile now if nobody has. Call it before the
+        time-critical part (a dump), never inside it."""
+        before = self._compiles
+        objs = self._objects(create=True)
+        assert objs is not None
+        compiled = self._compiles > before
+        return {"compiled": compiled, "compile_seconds": self.compile_seconds if compiled else None,
+                "xdp_prog_id": objs.xdp_id, "tc_prog_id": objs.tc_id, "map_id": objs.conns.id,
+                "pin_dir": str(self.pin_dir)}
+
+    def close(self) -> None:
+        """Close the pinned objects' fds (a compiled copy stays: see ``unload``)."""
+        if self._objs is not None:
+            self._objs.close()
+            self._objs = None
+
+    def unload(self) -> None:
+        """Close everything this process holds, the compiled copy included."""
+        self.close()
+        if self._compiled is not None:
+            self._compiled.close()
+            self._compiled = None
+
+    # -- state file -------------------------------------------------------------------------
+
+    def _read_state(self) -> list[Attachment]:
+        try:
+            data = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as err:
+            raise NetlockError(f"cannot read {self.state_file}: {err}",
+                               hint="remove it and run 'orthros netlock flush'") from err
+        return [Attachment.from_dict(a) for a in data.get("attachments", [])]
+
+    def _write_state(self, atts: Sequence[Attachment]) -> None:
+        if not atts:
+            with contextlib.suppress(FileNotFoundError):
+                self.state_file.unlink()
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": 1, "pin_dir": str(self.pin_dir),
+                                   "attachments": [a.to_dict() for a in atts]}, indent=2))
+        tmp.replace(self.state_file)  # atomic: a crash leaves the old or the new record
+
+    @staticmethod
+    def _same(a: Attachment, b: Attachment) -> bool:
+        return a.iface == b.iface and a.netns_id == b.netns_id
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def attach(self, ifaces: Sequence[str], netns: str | None = None) -> list[Attachment]:
+        """Put the XDP program and the egress filter on each of ``ifaces`` in ``netns`` (a name
+        under /run/netns or a path such as /proc/PID/ns/net; None: this process's namespace).
+
+        Idempotent. All or nothing: on failure, what this call attached is removed again.
+        """
+        ifaces = list(dict.fromkeys(ifaces))
+        if not ifaces:
+            return []
+        path = str(netns_path(netns)) if netns is not None else None
+        try:
+            nsid = _netns_id(path)
+        except OSError as err:
+            raise NetlockError(f"no network namespace {netns} ({path}: {err.strerror})") from err
+        require_caps(attach=True)
+        # Check the interfaces before loading anything, so that a typo attaches nothing.
+        indexes = self._lookup(ifaces, path, netns)
+        objs = self._objects(create=True)
+        assert objs is not None
+        done: list[Attachment] = []
+        with self._exclusive():
+            state = self._read_state()
+            try:
+                with _iproute(path) as ipr:
+                    for iface in ifaces:
+                        att = Attachment(iface, path, nsid, indexes[iface])
+                        prior = [a for a in state if self._same(a, att)]
+                        if prior and prior[0].ifindex == att.ifindex:
+                            # Attached before: whether orthros made the clsact qdisc is only
+                            # known from that first time.
+                            att = replace(att, clsact_created=prior[0].clsact_created)
+                        # Record the intent first: a crash while attaching leaves a record
+                        # that flush can act on.
+                        state = [a for a in state if not self._same(a, att)]
+                        self._write_state([*state, att])
+                        att = self._attach_one(ipr, att, objs)
+                        state.append(att)
+                        self._write_state(state)
+                        done.append(att)
+            except BaseException:
+                with contextlib.suppress(Exception), _iproute(path) as ipr:
+                    for att in done:
+                        with contextlib.suppress(Exception):
+                            self._detach_one(ipr, att)
+                state = [a for a in state if not any(self._same(a, d) for d in done)]
+                with contextlib.suppress(Exception):
+                    self._write_state(state)
+                raise
+        return done
+
+    def _lookup(self, ifaces: Sequence[str], path: str | None, netns: str | None
+                ) -> dict[str, int]:
+        with _iproute(path) as ipr:
+            found = {name: ipr.link_lookup(ifname=name) for name in ifaces}
+        missing = [name for name, idx in found.items() if not idx]
+        if missing:
+            where = f"network namespace {netns}" if netns else "this network namespace"
+            raise NetlockError(f"no interface named {', '.join(missing)} in {where}")
+        return {name: int(idx[0]) for name, idx in found.items()}
+
+    def _attach_one(self, ipr: Any, att: Attachment, objs: _Objects) -> Attachment:
+        """Attach both programs to one interface; on failure undo what this call did."""
+        idx = att.ifindex
+        try:
+            current = self._xdp_prog_id(ipr, idx)
+            if current != objs.xdp_id:
+                flags = XDP_FLAGS_SKB_MODE
+                if current:
+                    name = prog_name_by_id(current)
+                    if name != XDP_PROG:
+                        raise NetlockError(
+                            f"interface {att.where} already has an XDP program (id {current}"
+                            f"{', ' + name if name else ''}) that is not orthros's")
+                    # An older orthros load (pins flushed and made again): replace it.
+                else:
+                    flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", objs.xdp_fd),
+                                                          ("IFLA_XDP_FLAGS", flags)]})
+            att = replace(att, xdp=True)
+            try:
+                ipr.tc("add", "clsact", index=idx)
+                att = replace(att, clsact_created=True)
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    raise
+            for f in self._filters(ipr, idx, TC_EGRESS):
+                if (f["info"] >> 16, f["handle"]) == (TC_PRIO, TC_HANDLE) and \
+                        f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") != TC_FILTER_NAME:
+                    raise NetlockError(f"interface {att.where} has a foreign tc filter at "
+                                       f"priority {TC_PRIO}, handle {TC_HANDLE:#x}")
+            # "replace" creates the filter or swaps in the current program for an old one.
+            ipr.tc("replace-filter", "bpf", index=idx, handle=TC_HANDLE, prio=TC_PRIO,
+                   fd=objs.tc_fd, name=TC_FILTER_NAME, parent=TC_EGRESS, classid=1,
+                   direct_action=True)
+            return replace(att, tc=True)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._detach_one(ipr, att)
+            if isinstance(exc, NetlinkError):
+                if exc.code in (errno.EPERM, errno.EACCES):
+                    raise NetlockError(f"no permission to attach programs to {att.where}",
+                                       hint="run as root (CAP_NET_ADMIN)") from exc
+                reason = os.strerror(exc.code) if exc.code else str(exc)
+                raise NetlockError(f"cannot attach the network lock to {att.where}: "
+                                   f"{reason}") from exc
+            raise
+
+    @staticmethod
+    def _xdp_prog_id(ipr: Any, idx: int) -> int:
+        link = ipr.link("get", index=idx)[0]
+        xdp = link.get_attr("IFLA_XDP")
+        if xdp is None:
+            return 0
+        return int(xdp.get_attr("IFLA_XDP_PROG_ID") or xdp.get_attr("IFLA_XDP_SKB_PROG_ID") or 0)
+
+    @staticmethod
+    def _filters(ipr: Any, idx: int, parent: int) -> list[Any]:
+        # The chain's head message carries no options; keep only real filters.
+        return [f for f in ipr.get_filters(index=idx, parent=parent)
+                if f.get_attr("TCA_OPTIONS") is not None]
+
+    def _detach_one(self, ipr: Any, att: Attachment) -> list[str]:
+        """Remove orthros's programs from one interface; returns problems met."""
+        problems: list[str] = []
+        found = ipr.link_lookup(ifname=att.iface)
+        if not found:
+            return problems  # the interface is gone, and its programs with it
+        idx = int(found[0])
+        current = self._xdp_prog_id(ipr, idx)
+        if current and prog_name_by_id(current) == XDP_PROG:
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                      ("IFLA_XDP_FLAGS", XDP_FLAGS_SKB_MODE)]})
+        elif current:
+            problems.append(f"left XDP program {current} on {att.where}: it is not orthros's")
+        try:
+            for f in self._filters(ipr, idx, TC_EGRESS):
+                if f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME:
+                    ipr.tc("del-filter", "bpf", index=idx, parent=TC_EGRESS,
+                           prio=f["info"] >> 16, handle=f["handle"])
+            if att.clsact_created and not self._filters(ipr, idx, TC_EGRESS) and \
+                    not self._filters(ipr, idx, TC_INGRESS):
+                ipr.tc("del", "clsact", index=idx)
+        except NetlinkError as err:
+            if err.code not in (errno.EINVAL, errno.ENOENT):  # no clsact: nothing of ours there
+                raise
+        return problems
+
+    def detach(self, ifaces: Sequence[str] | None = None, netns: str | None = None
+               ) -> FlushResult:
+        """Take the programs off ``ifaces`` in ``netns`` (None: every recorded interface of that
+        namespace). Locked connections stay in the map."""
+        path = str(netns_path(netns)) if netns is not None else None
+        try:
+            nsid = _netns_id(path)
+        except OSError as err:
+            raise NetlockError(f"no network namespace {netns} ({path}: {err.strerror})") from err
+        with self._exclusive():
+            state = self._read_state()
+            chosen = [a for a in state if a.netns_id == nsid and
+                      (ifaces is None or a.iface in ifaces)]
+            result = FlushResult(self.backend)
+            self._detach_many(chosen, result)
+            gone = {(a.iface, a.netns_id) for a in result.detached}
+            self._write_state([a for a in state if (a.iface, a.netns_id) not in gone])
+        return result
+
+    def _detach_many(self, atts: Sequence[Attachment], result: FlushResult) -> None:
+        for att in atts:
+            found, path = _find_netns(att)
+            if not found:
+                # A namespace that no longer exists took its interfaces and programs with it.
+                result.detached.append(att)
+                continue
+            try:
+                with _iproute(path) as ipr:
+                    result.problems += self._detach_one(ipr, att)
+                result.detached.append(att)
+            except Exception as err:
+                result.problems.append(f"cannot detach from {att.where}: {err}")
+
+    # -- locking ---------------------------------------------------------------------------
+
+    def _add(self, conns: Sequence[Conn]) -> None:
+        objs = self._objects(create=True)
+        assert objs is not None
+        items = [e for c in conns for e in conn_entries(c)]
+        try:
+            objs.conns.update(items)
+        except OSError as err:
+            if err.errno == errno.E2BIG:
+                raise NetlockError(f"the lock map is full ({objs.conns.max_entries} entries, "
+                                   f"{objs.conns.max_entries // 2} connections)") from err
+            raise _bpf_error(err, f"lock {len(conns)} connections") from err
+
+    def _remove(self, conns: Sequence[Conn]) -> None:
+        objs = self._objects(create=False)
+        if objs is None:
+            return  # nothing pinned: nothing is locked
+        try:
+            objs.conns.delete([k for c in conns for k, _ in conn_entries(c)])
+        except OSError as err:
+            raise _bpf_error(err, f"unlock {len(conns)} connections") from err
+
+    def unlock_all(self) -> int:
+        """Unlock every connection, whoever locked it; returns how many there were."""
+        objs = self._objects(create=False)
+        if objs is None:
+            return 0
+        try:
+            keys = objs.conns.list_keys()
+            objs.conns.delete(keys)
+        except OSError as err:
+            raise _bpf_error(err, "clear the lock map") from err
+        self._held.clear()
+        return len(keys) // 2
+
+    def locked(self) -> list[LockedConn]:
+        """Every locked connection (local end first) with its packets dropped so far."""
+        objs = self._objects(create=False)
+        if objs is None:
+            return []
+        entries: dict[bytes, tuple[int, int]] = {}
+        try:
+            for key in objs.conns.list_keys():
+                raw = objs.conns.lookup(key)
+                if raw is not None:
+                    packets, flags, _ = VAL.unpack(raw)
+                    entries[key] = (packets, flags)
+        except OSError as err:
+            raise _bpf_error(err, "read the lock map") from err
+        out: list[LockedConn] = []
+        for key, (packets, flags) in entries.items():
+            if not flags & F_LOCAL_FIRST:
+                continue
+            family, src, dst = unpack_key(key)
+            back = entries.get(pack_key(dst, src, family), (0, 0))[0]
+            out.append(LockedConn(Conn(family, src[0], src[1], dst[0], dst[1]), packets + back))
+        return sorted(out, key=lambda lc: lc.conn)
+
+    def counters(self) -> dict[str, int]:
+        """Packets looked up by the programs since they were loaded, summed over CPUs."""
+        objs = self._objects(create=False)
+        if objs is None:
+            return dict.fromkeys(COUNTER_NAMES, 0)
+        ncpu = _possible_cpus()
+        slot = (objs.counters.value_size + 7) // 8 * 8
+        out: dict[str, int] = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            raw = objs.counters.lookup(struct.pack("=I", i), value_size=slot * ncpu) or b""
+            out[name] = sum(struct.unpack_from("=Q", raw, c * slot)[0]
+                            for c in range(len(raw) // slot))
+        return out
+
+    # -- status and flush -------------------------------------------------------------------
+
+    def status(self) -> LockStatus:
+        objs = self._objects(create=False)
+        st = LockStatus(self.backend, loaded=objs is not None)
+        st.attachments = self._read_state()
+        st.details = {"pin_dir": str(self.pin_dir), "state_file": str(self.state_file)}
+        if objs is not None:
+            st.conns = self.locked()
+            st.counters = self.counters()
+            st.details.update(xdp_prog_id=objs.xdp_id, tc_prog_id=objs.tc_id,
+                              map_id=objs.conns.id, map_max_entries=objs.conns.max_entries)
+        for att in st.attachments:
+            found, _ = _find_netns(att)
+            if not found:
+                st.problems.append(f"network namespace of {att.where} is gone")
+            elif not (att.xdp and att.tc):
+                st.problems.append(f"attaching to {att.where} did not finish")
+        if st.attachments and objs is None:
+            st.problems.append(f"programs are attached but nothing is pinned in {self.pin_dir}: "
+                               "run 'orthros netlock flush'")
+        return st
+
+    def flush(self) -> FlushResult:
+        """Detach from every recorded interface, unlock everything, remove pins and state."""
+        result = FlushResult(self.backend)
+        with self._exclusive():
+            state = self._read_state()
+            self._detach_many(state, result)
+            kept = [a for a in state if a not in result.detached]
+            # Clear the map before unpinning: a process that still holds it (an agent) must not
+            # keep dropping packets for connections nobody can list any more.
+            result.unlocked = self.unlock_all()
+            self.close()
+            if not kept:
+                for what in ("conns", "xdp", "tc", "counters"):
+                    path = self._pin(what)
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        result.removed.append(str(path))
+                with contextlib.suppress(OSError):
+                    self.pin_dir.rmdir()
+                    result.removed.append(str(self.pin_dir))
+                if self.state_file.exists():
+                    result.removed.append(str(self.state_file))
+            else:
+                result.problems.append(f"kept the pins in {self.pin_dir}: programs are still "
+                                       "attached where orthros could not detach them")
+            self._write_state(kept)
+            if not kept:
+                with contextlib.suppress(OSError):
+                    self.state_dir.rmdir()  # only if empty: other parts of orthros use it too
+        return result
+
+
+def source_text(path: Path = SOURCE) -> str:
+    """The BPF C source that ``XdpNetLock`` compiles (for ``--print-source``)."""
+    return path.read_text()

@@ -1,0 +1,268 @@
+"""The agent as users run it: ``orthros agent`` as a real process on 127.0.0.1, called through
+AgentClient and through raw sockets (real CRIU, root).
+
+Each test starts its own agents with a fresh key and images root and kills them at the end, also
+when the test fails. The workload is tests/workloads/counter.py (see test_dump_restore.py): a
+restored counter that goes on with the same token and the next number has its memory back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import Spawner, read_lines, wait_for
+
+from orthros_py.agent.client import AgentClient
+from orthros_py.agent.errors import AgentRefused
+from orthros_py.agent.protocol import build_request, encode_request, read_frame
+from orthros_py.criu.request import DumpOptions
+from orthros_py.errors import BadImageError, NoSuchProcessError
+
+TICK = "0.02"
+ORTHROS = str(Path(sys.executable).parent / "orthros")
+
+
+@dataclass
+class AgentProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    key: bytes
+    images_root: Path
+    log: Path
+
+    def client(self, key: bytes | None = None, **kw: Any) -> AgentClient:
+        return AgentClient("127.0.0.1", self.port, self.key if key is None else key,
+                           name=self.name, **kw)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def raw(self, data: bytes) -> dict[str, Any] | None:
+        """Send raw bytes on a new connection; the header of the frame that comes back."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(data)
+            raw = read_frame(s)
+        return None if raw is None else dict(json.loads(raw))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[[str], AgentProc]]:
+    """Starts ``orthros agent`` processes sharing one key; kills every one of them after."""
+    key_file = tmp_path / "authkey"
+    subprocess.run([ORTHROS, "keygen", "--out", str(key_file)], check=True,
+                   capture_output=True, timeout=30)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str) -> AgentProc:
+        images = tmp_path / name / "images"
+        log = tmp_path / name / "agent.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [ORTHROS, "agent", "--listen", "127.0.0.1:0", "--key", str(key_file),
+                 "--images-root", str(images), "--name", name],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        started.append(proc)
+        found: list[int] = []
+
+        def listening() -> bool:
+            assert proc.poll() is None, f"the agent exited: {log.read_text()}"
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
+            if m:
+                found.append(int(m.group(1)))
+            return bool(m)
+
+        wait_for(listening, timeout=30, what=f"agent {name} to listen")
+        return AgentProc(name, proc, found[0], key_file.read_bytes(), images, log)
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            _stop(proc)
+
+
+def counts(path: Path) -> list[tuple[str, int]]:
+    out = []
+    for line in read_lines(path):
+        parts = line.split()
+        if len(parts) == 3:
+            assert parts[2] == "ok", f"the counter found its memory damaged: {line!r}"
+            out.append((parts[0], int(parts[1])))
+    return out
+
+
+def test_ping_with_the_right_key(start_agent: Callable[[str], AgentProc]) -> None:
+    a = start_agent("alpha")
+    ping = a.client().ping()
+    assert ping.name == "alpha" and ping.protocol == 1
+    status = a.client().status()
+    assert status["criu"]["version"] and status["images_root"] == str(a.images_root.resolve())
+    report = a.client().check(quick=True)  # orthros_py.host.probe, run by the agent
+    assert report["host"] == "alpha" and report["ok"] is True, report["missing_required"]
+
+
+def test_a_wrong_key_is_refused_and_the_agent_keeps_serving(
+        start_agent: Callable[[str], AgentProc]) -> None:
+    a = start_agent("alpha")
+    with pytest.raises(AgentRefused, match="does not verify with this host's cluster key") as exc:
+        a.client(key=bytes(32)).ping()
+    assert exc.value.host == "alpha" and exc.value.code == "auth"
+    assert a.client().ping().name == "alpha"
+    assert a.proc.poll() is None
+    wait_for(lambda: "refused a frame (auth)" in a.log_text(), timeout=5,
+             what="the refusal in the agent's log")
+
+
+def test_a_replayed_request_is_refused(start_agent: Callable[[str], AgentProc]) -> None:
+    a = start_agent("alpha")
+    captured = encode_request(a.key, build_request("status"))  # raw bytes, as a sniffer sees
+    first = a.raw(captured)
+    assert first is not None and first["kind"] == "resp" and first["ok"] is True
+    again = a.raw(captured)
+    assert again is not None and again["kind"] == "refusal" and again["code"] == "replay"
+    assert "replayed" in again["reason"]
+    assert a.client().ping().name == "alpha"
+    wait_for(lambda: "refused a frame (replay)" in a.log_text(), timeout=5,
+             what="the refusal in the agent's log")
+
+
+def test_malformed_messages_are_refused(start_agent: Callable[[str], AgentProc]) -> None:
+    a = start_agent("alpha")
+    not_json = a.raw(struct.pack("!I", 9) + b"not json!")
+    assert not_json is not None and not_json["code"] == "malformed"
+    http = a.raw(b"GET / HTTP/1.1\r\nHost: alpha\r\n\r\n")
+    assert http is not None and http["code"] == "oversize"
+    unsigned = a.raw(struct.pack("!I", 9) + b'{"v":1}  ')
+    assert unsigned is not None and unsigned["code"] == "auth"
+    with socket.create_connection(("127.0.0.1", a.port), timeout=5) as s:
+        s.sendall(struct.pack("!I", 100) + b"{")  # then nothing: a truncated frame
+        s.shutdown(socket.SHUT_WR)
+        raw = read_frame(s)
+        assert raw is not None and json.loads(raw)["code"] == "malformed"
+    assert a.proc.poll() is None
+    assert a.client().ping().name == "alpha"
+
+
+def test_remote_dump_listing_restore_and_kill(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner, tmp_path: Path) -> None:
+    a = start_agent("alpha")
+    c = a.client()
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", TICK, stdout=out)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter to count")
+
+    dumped = c.dump(proc.pid, "counter1")
+    # CRIU killed the dumped tree; it is this test's child, so reap it to free its PID.
+    assert proc.wait(timeout=10) < 0
+    assert dumped.pid == proc.pid and dumped.pids == (proc.pid,)
+    assert dumped.stats is not None and dumped.stats["pages_written"] > 0
+    token, last = counts(out)[-1]
+    out.write_bytes(b"")  # from here on only the restored memory knows where the count stood
+
+    (image,) = c.list_images("counter1")
+    assert image.checkpoint
+    assert {"inventory.img", "pstree.img", "dump.log"} <= set(image.filenames)
+    assert any(n.startswith("pages-") for n in image.filenames)
+    assert (a.images_root / "counter1" / "inventory.img").is_file()
+
+    restored = c.restore("counter1")
+    spawner.track(restored.pid)  # killed by the fixture whatever happens next
+    assert restored.pid == proc.pid and restored.pids == (proc.pid,)
+    # The restored root is the agent's child (rst_sibling), not ours.
+    assert psutil.Process(restored.pid).ppid() == a.proc.pid
+    wait_for(lambda: len(counts(out)) >= 10, what="the restored counter to count")
+    after = counts(out)
+    assert after[0] == (token, last + 1), f"expected {token} {last + 1}, got {after[0]}"
+
+    held = c.status()["restored"]
+    assert [(t["pid"], t["image"], t["running"]) for t in held] == [
+        (restored.pid, "counter1", True)]
+    with pytest.raises(NoSuchProcessError, match="not restored by this agent"):
+        c.kill(a.proc.pid)  # any pid it did not restore is refused, even its own
+    killed = c.kill(restored.pid)
+    assert killed.exited and killed.exit_status == -9 and killed.signaled == (restored.pid,)
+    assert not psutil.pid_exists(restored.pid) or \
+        psutil.Process(restored.pid).status() != psutil.STATUS_ZOMBIE  # reaped by the agent
+
+
+def test_migration_between_two_agents_through_a_page_server(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner, tmp_path: Path) -> None:
+    """alpha dumps with its memory sent straight to beta's page server, pushes the other
+    images to beta, and beta restores: nothing passes through this caller or a shared
+    directory (each agent has its own images root)."""
+    alpha, beta = start_agent("alpha"), start_agent("beta")
+    src, dst = alpha.client(), beta.client()
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", TICK, stdout=out)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter to count")
+
+    ps = dst.page_server("mig1", address="127.0.0.1")
+    assert ps.running and ps.port > 0
+    src.dump(proc.pid, "mig1", DumpOptions(page_server=("127.0.0.1", ps.port)))
+    assert proc.wait(timeout=10) < 0
+    token, last = counts(out)[-1]
+    out.write_bytes(b"")
+    (on_alpha,) = src.list_images("mig1")
+    assert not any(n.startswith("pages-") for n in on_alpha.filenames)  # memory went to beta
+    sent = src.push_images("mig1", "127.0.0.1", beta.port, dest_name="beta")
+    assert {f.filename for f in sent} == set(on_alpha.filenames)
+
+    restored = dst.restore("mig1")
+    spawner.track(restored.pid)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter restored on beta to count")
+    assert counts(out)[0] == (token, last + 1)
+    with pytest.raises(NoSuchProcessError):
+        src.kill(restored.pid)  # alpha did not restore it
+    assert dst.kill(restored.pid).exited
+    wait_for(lambda: not psutil.pid_exists(ps.pid), timeout=10,
+             what="the page server to exit after its dump")
+    dst.page_server_stop("mig1")
+
+
+def test_page_servers_are_stopped_on_request_and_with_their_agent(
+        start_agent: Callable[[str], AgentProc]) -> None:
+    a = start_agent("alpha")
+    c = a.client()
+    first = c.page_server("one", address="127.0.0.1")
+    with pytest.raises(BadImageError, match="already receives"):
+        c.page_server("one")
+    stopped = c.page_server_stop("one")
+    assert stopped["was_running"] and stopped["pid"] == first.pid
+    wait_for(lambda: not _alive(first.pid), timeout=10, what="the page server to go")
+    second = c.page_server("two", address="127.0.0.1")
+    assert [s["image"] for s in c.status()["page_servers"]] == ["two"]
+    _stop(a.proc)  # SIGTERM: the agent stops what would otherwise wait for a dump forever
+    assert a.proc.returncode == 0
+    wait_for(lambda: not _alive(second.pid), timeout=10, what="the page server to go")
+    assert "stopping page server" in a.log_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,94 @@
+"""CRIU request builders: every CLI flag lands in the right protobuf field."""
+
+from __future__ import annotations
+
+import pytest
+from pycriu import rpc_pb2 as rpc
+
+from orthros_py.criu.binary import parse_version
+from orthros_py.criu.request import (
+    CgroupMode,
+    CriuNetworkLock,
+    DumpOptions,
+    RestoreOptions,
+    dump_request,
+    feature_request,
+    restore_request,
+)
+
+
+def test_dump_request_carries_every_option() -> None:
+    req = dump_request(
+        DumpOptions(pid=42, leave_running=True, tcp_established=True, ext_unix_sk=True,
+                    shell_job=True, manage_cgroups=CgroupMode.FULL,
+                    network_lock=CriuNetworkLock.SKIP, page_server=("10.0.0.2", 27000),
+                    parent_img="../gen1", external=("mnt[/data]:data",), notify=True),
+        images_dir_fd=7)
+    o = req.opts
+    assert req.type == rpc.DUMP
+    assert (o.pid, o.images_dir_fd, o.log_file) == (42, 7, "dump.log")
+    assert o.leave_running and o.tcp_established and o.ext_unix_sk and o.shell_job
+    assert o.manage_cgroups and o.manage_cgroups_mode == rpc.FULL
+    assert o.network_lock == rpc.SKIP
+    assert (o.ps.address, o.ps.port) == ("10.0.0.2", 27000)
+    assert o.parent_img == "../gen1"
+    assert list(o.external) == ["mnt[/data]:data"]
+    assert o.notify_scripts
+
+
+def test_dump_defaults_match_criu_cli() -> None:
+    o = dump_request(DumpOptions(pid=5), images_dir_fd=3).opts
+    assert not o.leave_running and not o.tcp_established
+    assert o.manage_cgroups_mode == rpc.SOFT
+    assert o.network_lock == rpc.IPTABLES
+    assert not o.HasField("ps") and not o.HasField("parent_img")
+
+
+def test_dump_needs_a_pid() -> None:
+    with pytest.raises(ValueError):
+        dump_request(DumpOptions(), images_dir_fd=3)
+
+
+@pytest.mark.parametrize(("mode", "wire", "managed"), [
+    (CgroupMode.NONE, rpc.CG_NONE, False), (CgroupMode.PROPS, rpc.PROPS, True),
+    (CgroupMode.SOFT, rpc.SOFT, True), (CgroupMode.FULL, rpc.FULL, True),
+    (CgroupMode.STRICT, rpc.STRICT, True), (CgroupMode.IGNORE, rpc.IGNORE, True),
+])
+def test_cgroup_modes(mode: CgroupMode, wire: int, managed: bool) -> None:
+    o = restore_request(RestoreOptions(manage_cgroups=mode), images_dir_fd=3).opts
+    assert o.manage_cgroups_mode == wire
+    assert o.manage_cgroups is managed
+
+
+def test_restore_request_is_sibling_and_maps_cgroup_roots() -> None:
+    req = restore_request(RestoreOptions(tcp_established=True, network_lock=CriuNetworkLock.NFTABLES,
+                                         cgroup_roots={"cpu": "/moved", "": "/all"}),
+                          images_dir_fd=9)
+    o = req.opts
+    assert req.type == rpc.RESTORE
+    assert o.rst_sibling and o.tcp_established and o.log_file == "restore.log"
+    assert o.network_lock == rpc.NFTABLES
+    roots = {(r.ctrl if r.HasField("ctrl") else "", r.path) for r in o.cg_root}
+    assert roots == {("cpu", "/moved"), ("", "/all")}
+
+
+def test_feature_request_asks_for_tracking_and_lazy_pages() -> None:
+    req = feature_request()
+    assert req.type == rpc.FEATURE_CHECK
+    assert req.features.mem_track and req.features.lazy_pages
+
+
+def test_requests_round_trip_through_the_wire() -> None:
+    req = dump_request(DumpOptions(pid=1234, tcp_established=True), images_dir_fd=4)
+    again = rpc.criu_req()
+    again.ParseFromString(req.SerializeToString())
+    assert again == req
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    ("Version: 4.2.1\n", (4, 2, 1)),
+    ("Version: 4.2\nGitID: v4.2-12-gabc\n", (4, 2)),
+    ("criu: command not understood", None),
+])
+def test_parse_version(text: str, version: tuple[int, ...] | None) -> None:
+    assert parse_version(text) == version
