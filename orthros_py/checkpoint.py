@@ -19,6 +19,8 @@ from orthros_py.criu.request import DumpOptions, RestoreOptions, dump_request, r
 from orthros_py.criu.session import CriuSession, NotifyHook
 from orthros_py.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
 from orthros_py.errors import BadImageError, NotRootError, OrthrosError
+from orthros_py.netlock.base import Conn
+from orthros_py.netlock.tree import NetworkLock, TreeLock
 from orthros_py.proc.tree import ProcessRef, TreeSnapshot, snapshot
 
 # How long a restore waits for a dumped tree's old PIDs to be reaped (PID 1 here took ~1.2 s).
@@ -100,23 +102,47 @@ def dump_tree(
     *,
     session: CriuSession | None = None,
     on_notify: NotifyHook | None = None,
+    network_lock: NetworkLock | None = None,
 ) -> DumpResult:
-    """Checkpoint the tree rooted at ``pid`` into ``images_dir`` (created if missing)."""
+    """Checkpoint the tree rooted at ``pid`` into ``images_dir`` (created if missing).
+
+    ``network_lock`` (None: CRIU's method named in ``opts``) chooses who keeps the tree's
+    connections silent. With xdp the connections stay locked after a dump that killed the tree,
+    until ``restore_tree`` brings it back; on every other path they are unlocked here.
+    """
     require_root("dump")
     ref = ProcessRef.of(pid)
     session = session or CriuSession()
     images_dir = prepare_images_dir(images_dir)
     live = snapshot(ref)
     opts = dataclasses.replace(opts, pid=pid)
+    lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
+    if network_lock is not None:
+        opts = dataclasses.replace(opts, network_lock=network_lock.criu)
+    if opts.tcp_established:
+        try:
+            lock.prepare_tree(pid)
+        except BaseException:
+            lock.unlock()  # an attach may have happened: take it off again
+            raise
     start = time.perf_counter()
     try:
+        lock.engage()
         session.call(dump_request(opts, -1), images_dir=images_dir, on_notify=on_notify, pid=pid)
     except OrthrosError as err:
         err.pid = err.pid or pid
+        lock.unlock()  # CRIU resumed the tree: its connections must flow again
+        raise
+    except BaseException:
+        lock.unlock()
         raise
     elapsed = (time.perf_counter() - start) * 1000
-    return DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
-                      opts.leave_running)
+    if opts.leave_running:
+        lock.unlock()
+    result = DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
+                        opts.leave_running)
+    result.extra["lock"] = lock.report.to_dict()
+    return result
 
 
 def _load_image(images_dir: Path, name: str) -> dict[str, Any]:
@@ -225,12 +251,22 @@ def restore_tree(
     *,
     session: CriuSession | None = None,
     on_notify: NotifyHook | None = None,
+    network_lock: NetworkLock | None = None,
 ) -> RestoreResult:
-    """Restore the checkpoint in ``images_dir``; the new root is orthros's child (rst_sibling)."""
+    """Restore the checkpoint in ``images_dir``; the new root is orthros's child (rst_sibling).
+
+    With the xdp lock, the checkpoint's connections (locked by the dump) are unlocked once the
+    tree runs again, and also if the restore fails: nothing of the lock is left behind.
+    """
     require_root("restore")
     images_dir = images_dir.resolve()
     pids = image_pids(images_dir)
     session = session or CriuSession()
+    lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
+    if network_lock is not None:
+        opts = dataclasses.replace(opts, network_lock=network_lock.criu)
+    if lock.active and opts.tcp_established:
+        lock.adopt(checkpoint_conns(images_dir))
     if opts.root is None:
         # A tree with its own mount namespace needs a root filesystem for it: without one
         # CRIU 4.2.1 crashes ("mnt: BUG at criu/mount.c:48"). The host's own is the right one
@@ -247,14 +283,28 @@ def restore_tree(
     if not own_pidns:
         wait_pids_free(pids)
     start = time.perf_counter()
-    resp = session.call(restore_request(opts, -1), images_dir=images_dir, on_notify=on_notify)
+    try:
+        resp = session.call(restore_request(opts, -1), images_dir=images_dir,
+                            on_notify=on_notify)
+    finally:
+        lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
     root = int(resp.restore.pid)
     if own_pidns:
         # The image holds the namespace's own PIDs (1, 2, ...): report the host's, which are
         # the ones a caller can signal.
         pids = host_pids(root)
-    return RestoreResult(root, images_dir, elapsed, read_restore_stats(images_dir), pids)
+    result = RestoreResult(root, images_dir, elapsed, read_restore_stats(images_dir), pids)
+    result.extra["lock"] = lock.report.to_dict()
+    return result
+
+
+def checkpoint_conns(images_dir: Path) -> list[Conn]:
+    """The established TCP connections a checkpoint holds, as lock entries."""
+    from orthros_py.criu.images import read_images
+
+    return [Conn.of(t.local, t.remote) for t in read_images(images_dir).tcp
+            if t.remote[1] != 0]
 
 
 def host_pids(root: int) -> list[int]:

@@ -116,7 +116,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="TCP echo server")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--ballast-mb", type=int, default=0,
+                    help="Hold this much touched memory, to make a checkpoint heavier.")
     args = ap.parse_args()
+    # Touched page by page so that every page is really resident and dumped.
+    ballast = bytearray(args.ballast_mb << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
     serve(args.host, args.port)
 
 

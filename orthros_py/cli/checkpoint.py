@@ -11,10 +11,11 @@ from rich.table import Table
 
 from orthros_py.checkpoint import DumpResult, RestoreResult, dump_tree, restore_tree, wait_exit
 from orthros_py.cli.context import Env
-from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
+from orthros_py.criu.request import CgroupMode, DumpOptions, RestoreOptions
+from orthros_py.netlock.tree import NetworkLock, default_method
 
 CG_MODES = [m.value for m in CgroupMode]
-LOCKS = [m.value for m in CriuNetworkLock]
+LOCKS = [m.value for m in NetworkLock]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -28,8 +29,9 @@ def common_options(f: F) -> F:
                      help="The tree was started from a shell (shares its session and tty)."),
         click.option("--manage-cgroups", type=click.Choice(CG_MODES), default="soft",
                      show_default=True, help="How CRIU saves and recreates cgroups."),
-        click.option("--network-lock", type=click.Choice(LOCKS), default="iptables",
-                     show_default=True, help="How connections are kept quiet meanwhile."),
+        click.option("--network-lock", type=click.Choice(LOCKS), default=None,
+                     help="How connections are kept silent meanwhile: xdp (orthros's BPF map; "
+                          "the default where BPF works), CRIU's iptables or nftables, or skip."),
         click.option("--log-level", type=click.IntRange(0, 4), default=2, show_default=True,
                      help="CRIU's log level (its log lands in the image directory)."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
@@ -38,25 +40,40 @@ def common_options(f: F) -> F:
     return f
 
 
+def _lock(name: str | None) -> NetworkLock:
+    return NetworkLock(name) if name else default_method()
+
+
+def _print_bpf(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from orthros_py.netlock.xdp import source_text
+
+    click.echo(source_text(), nl=False)
+    ctx.exit(0)
+
+
 @click.command()
 @click.argument("pid", type=int)
+@click.option("--dump-bpf", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_bpf, help="Print the BPF C source of the xdp lock and exit.")
 @click.option("-D", "--images-dir", type=click.Path(path_type=Path), required=True,
               help="Directory to write the checkpoint into (created if missing).")
 @click.option("--leave-running", is_flag=True, help="Keep the tree running after the dump.")
 @common_options
 @click.pass_obj
 def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_established: bool,
-         ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str,
+         ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str | None,
          log_level: int, as_json: bool) -> None:
     """Checkpoint the process tree rooted at PID into a directory of images."""
     opts = DumpOptions(
         pid=pid, leave_running=leave_running, tcp_established=tcp_established,
         ext_unix_sk=ext_unix_sk, shell_job=shell_job,
-        manage_cgroups=CgroupMode(manage_cgroups), network_lock=CriuNetworkLock(network_lock),
+        manage_cgroups=CgroupMode(manage_cgroups),
         log_level=log_level,
     )
     with env.console.status(f"dumping the tree of pid {pid}"):
-        result = dump_tree(pid, images_dir, opts)
+        result = dump_tree(pid, images_dir, opts, network_lock=_lock(network_lock))
     if as_json:
         env.emit_json(result.to_dict())
     else:
@@ -74,16 +91,16 @@ def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_establis
 @common_options
 @click.pass_obj
 def restore(env: Env, images_dir: Path, detach: bool, root: str | None, tcp_established: bool,
-            ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str,
+            ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str | None,
             log_level: int, as_json: bool) -> None:
     """Restore a checkpointed process tree."""
     opts = RestoreOptions(
         tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
-        manage_cgroups=CgroupMode(manage_cgroups), network_lock=CriuNetworkLock(network_lock),
+        manage_cgroups=CgroupMode(manage_cgroups),
         log_level=log_level, root=root,
     )
     with env.console.status(f"restoring from {images_dir}"):
-        result = restore_tree(images_dir, opts)
+        result = restore_tree(images_dir, opts, network_lock=_lock(network_lock))
     if as_json:
         env.emit_json(result.to_dict())
     else:
@@ -107,6 +124,18 @@ def _stats_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
+def _lock_rows(lock: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not lock:
+        return []
+    rows = [("network lock", f"{lock['method']} ({lock['conns']} connections)")]
+    for key, label in (("lock_ms", "lock"), ("unlock_ms", "unlock")):
+        if lock.get(key) is not None:
+            rows.append((label, f"{lock[key]:.2f} ms"))
+    if lock.get("held"):
+        rows.append(("connections", "stay locked until restore"))
+    return rows
+
+
 def render_dump(env: Env, r: DumpResult) -> None:
     live = r.live
     env.console.print(
@@ -126,6 +155,7 @@ def render_dump(env: Env, r: DumpResult) -> None:
                  ("memory dump", f"{s.memdump_ms:.2f} ms"),
                  ("memory write", f"{s.memwrite_ms:.2f} ms"),
                  ("pages scanned / written", f"{s.pages_scanned} / {s.pages_written}")]
+    rows += _lock_rows(r.extra.get("lock"))
     env.console.print(_stats_table("CRIU dump statistics", rows))
 
 
@@ -138,6 +168,7 @@ def render_restore(env: Env, r: RestoreResult) -> None:
         rows += [("forking", f"{r.stats.forking_ms:.2f} ms"),
                  ("restore", f"{r.stats.restore_ms:.2f} ms"),
                  ("pages restored", str(r.stats.pages_restored))]
+    rows += _lock_rows(r.extra.get("lock"))
     env.console.print(_stats_table("CRIU restore statistics", rows))
 
 

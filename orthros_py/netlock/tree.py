@@ -1,0 +1,142 @@
+"""orthros's network lock around one CRIU dump or restore of a process tree.
+
+CRIU's own methods (iptables, nftables) lock inside CRIU; for those this class does nothing and
+CRIU is told which. With ``xdp``, CRIU is told ``skip`` and this class writes the tree's
+connections into the pinned BPF map before the freeze, and removes them after the restore (or
+at once, when the dump failed or left the tree running). Needs root (CAP_BPF, CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from orthros_py.criu.request import CriuNetworkLock
+from orthros_py.errors import NetlockError
+from orthros_py.netlock.base import Conn
+
+if TYPE_CHECKING:
+    from orthros_py.netlock.xdp import XdpNetLock
+
+
+class NetworkLock(enum.StrEnum):
+    """How a tree's TCP connections are kept silent while it is frozen or away."""
+
+    XDP = "xdp"  # orthros's BPF map: N connections cost 2N map writes
+    IPTABLES = "iptables"  # CRIU's: two forks of sh + iptables per connection
+    NFTABLES = "nftables"  # CRIU's: libnftables, one set element per direction
+    SKIP = "skip"  # nobody locks: packets meanwhile may reset connections
+
+    @property
+    def criu(self) -> CriuNetworkLock:
+        """What CRIU itself is asked to do."""
+        if self in (NetworkLock.XDP, NetworkLock.SKIP):
+            return CriuNetworkLock.SKIP
+        return CriuNetworkLock(self.value)
+
+
+def default_method() -> NetworkLock:
+    """xdp where BCC and kernel headers are present (`orthros check` proves it loads), else
+    CRIU's iptables method."""
+    headers = f"/lib/modules/{os.uname().release}/build"
+    if importlib.util.find_spec("bcc") is not None and os.path.exists(headers):
+        return NetworkLock.XDP
+    return NetworkLock.IPTABLES
+
+
+@dataclass
+class LockReport:
+    method: NetworkLock
+    conns: int = 0
+    interfaces: list[str] = field(default_factory=list)
+    lock_ms: float | None = None
+    unlock_ms: float | None = None
+    # Still locked when the operation returned (a dump that killed its tree waits for restore).
+    held: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.value,
+            "conns": self.conns,
+            "interfaces": self.interfaces,
+            "lock_ms": None if self.lock_ms is None else round(self.lock_ms, 3),
+            "unlock_ms": None if self.unlock_ms is None else round(self.unlock_ms, 3),
+            "held": self.held,
+        }
+
+
+class TreeLock:
+    """The XDP lock of one tree's connections, for one dump or restore."""
+
+    def __init__(self, method: NetworkLock) -> None:
+        self.method = method
+        self.report = LockReport(method)
+        self.conns: list[Conn] = []
+        self._lock: XdpNetLock | None = None
+        self._netns: str | None = None  # where prepare_tree attached the programs
+
+    @property
+    def active(self) -> bool:
+        return self.method is NetworkLock.XDP
+
+    def _xdp(self) -> XdpNetLock:
+        if self._lock is None:
+            from orthros_py.netlock.xdp import XdpNetLock
+
+            self._lock = XdpNetLock()
+        return self._lock
+
+    def prepare_tree(self, pid: int) -> None:
+        """Find the tree's connections and have the programs on their interfaces: everything
+        slow (a compile, if nothing is pinned yet; netlink) happens here, before the dump."""
+        if not self.active:
+            return
+        from orthros_py.net.conns import discover_tree
+
+        found = discover_tree(pid)
+        if not found.conns:
+            return
+        lock = self._xdp()
+        lock.prepare()
+        lock.attach(found.interfaces, netns=found.netns)
+        self._netns = found.netns
+        self.conns = list(found.conns)
+        self.report.conns = len(self.conns)
+        self.report.interfaces = found.interfaces
+
+    def engage(self) -> None:
+        """Lock the prepared connections: map writes only."""
+        if not self.active or not self.conns:
+            return
+        start = time.perf_counter()
+        self._xdp().lock(self.conns)
+        self.report.lock_ms = (time.perf_counter() - start) * 1000
+        self.report.held = True
+
+    def adopt(self, conns: Sequence[Conn]) -> None:
+        """Take over connections a previous dump left locked (restore on the same host)."""
+        if self.active:
+            self.conns = list(conns)
+            self.report.conns = len(self.conns)
+
+    def unlock(self) -> None:
+        """Remove exactly this tree's entries; take the programs off the interfaces once no
+        connection is locked any more, so that nothing of orthros stays in the data path."""
+        if not self.active or not self.conns:
+            return
+        lock = self._xdp()
+        start = time.perf_counter()
+        lock.unlock(self.conns)
+        self.report.unlock_ms = (time.perf_counter() - start) * 1000
+        self.report.held = False
+        if not lock.locked():
+            try:
+                lock.detach(None, netns=self._netns)
+            except NetlockError:  # the tree's namespace went with the tree: ours, then
+                lock.detach(None, netns=None)
+        lock.close()
