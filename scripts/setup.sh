@@ -127,7 +127,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing orthros and pycriu into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q "$criu_src/lib"
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  "$VENV/bin/pip" install -q -e "$ROOT[test,bench]"
   echo "$want" > "$stamp"
 else
   say "virtual environment up to date"

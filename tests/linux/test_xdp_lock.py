@@ -178,3 +178,26 @@ def _is_criu(pid: int) -> bool:
             return f.read().strip() == "criu"
     except OSError:
         return False
+
+
+def test_bcc_missing_is_one_sentence_and_loads_nothing(tmp_path: Path) -> None:
+    run_orthros("netlock", "flush")  # no pinned program: the lock would have to compile
+    fake = tmp_path / "bcc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("libbcc.so.0: cannot open shared object")\n')
+    exe = str(Path(sys.executable).parent / "orthros")
+    res = subprocess.run([exe, "netlock", "prepare"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert res.returncode == 4, res.stderr
+    assert "BCC" in res.stderr and "Traceback" not in res.stderr
+    assert netlock_status()["loaded"] is False
+
+
+def test_no_bpf_permission_is_one_sentence_and_attaches_nothing() -> None:
+    exe = str(Path(sys.executable).parent / "orthros")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe,
+                          "netlock", "lock", "--iface", "lo", "--conn", "127.0.0.1:1,127.0.0.1:2"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 8, res.stderr
+    assert "no permission" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1

@@ -92,3 +92,13 @@ def test_requests_round_trip_through_the_wire() -> None:
 ])
 def test_parse_version(text: str, version: tuple[int, ...] | None) -> None:
     assert parse_version(text) == version
+
+
+def test_orthros_lock_methods_map_to_criu_methods() -> None:
+    from orthros_py.netlock.tree import NetworkLock
+
+    # xdp locks outside CRIU, so CRIU itself must lock nothing; skip means nobody locks.
+    assert NetworkLock.XDP.criu is CriuNetworkLock.SKIP
+    assert NetworkLock.SKIP.criu is CriuNetworkLock.SKIP
+    assert NetworkLock.IPTABLES.criu is CriuNetworkLock.IPTABLES
+    assert NetworkLock.NFTABLES.criu is CriuNetworkLock.NFTABLES
