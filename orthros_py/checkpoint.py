@@ -123,7 +123,7 @@ def dump_tree(
         try:
             lock.prepare_tree(pid)
         except BaseException:
-            lock.unlock()  # an attach may have happened: take it off again
+            lock.release()  # an attach may have happened: take it off again
             raise
     start = time.perf_counter()
     try:
@@ -131,14 +131,15 @@ def dump_tree(
         session.call(dump_request(opts, -1), images_dir=images_dir, on_notify=on_notify, pid=pid)
     except OrthrosError as err:
         err.pid = err.pid or pid
-        lock.unlock()  # CRIU resumed the tree: its connections must flow again
+        lock.release()  # CRIU resumed the tree: its connections must flow again
         raise
     except BaseException:
-        lock.unlock()
+        lock.release()
         raise
-    elapsed = (time.perf_counter() - start) * 1000
     if opts.leave_running:
         lock.unlock()
+    elapsed = (time.perf_counter() - start) * 1000
+    lock.tidy()  # detaches only once nothing is locked; a killed tree's lock waits for restore
     result = DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
                         opts.leave_running)
     result.extra["lock"] = lock.report.to_dict()
@@ -286,9 +287,12 @@ def restore_tree(
     try:
         resp = session.call(restore_request(opts, -1), images_dir=images_dir,
                             on_notify=on_notify)
-    finally:
-        lock.unlock()
+    except BaseException:
+        lock.release()  # the tree is not coming back here: leave nothing of the lock
+        raise
+    lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
+    lock.tidy()
     root = int(resp.restore.pid)
     if own_pidns:
         # The image holds the namespace's own PIDs (1, 2, ...): report the host's, which are
@@ -301,10 +305,9 @@ def restore_tree(
 
 def checkpoint_conns(images_dir: Path) -> list[Conn]:
     """The established TCP connections a checkpoint holds, as lock entries."""
-    from orthros_py.criu.images import read_images
+    from orthros_py.criu.images import read_tcp
 
-    return [Conn.of(t.local, t.remote) for t in read_images(images_dir).tcp
-            if t.remote[1] != 0]
+    return [Conn.of(t.local, t.remote) for t in read_tcp(images_dir) if t.remote[1] != 0]
 
 
 def host_pids(root: int) -> list[int]:

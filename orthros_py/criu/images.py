@@ -648,6 +648,13 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def read_tcp(path: Path) -> list[TcpSocket]:
+    """Only the TCP sockets of a checkpoint, from files.img alone: what a network lock needs,
+    without parsing every process's images (a restore waits for this, connections locked)."""
+    files = _Reader(path.resolve()).optional("files.img", "FILES") or []
+    return parse_tcp(files, {}, {})
+
+
 def read_images(path: Path) -> ImageSet:
     """Read the checkpoint in ``path``; BadImageError, in one sentence, if it cannot."""
     path = path.resolve()

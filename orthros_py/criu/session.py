@@ -95,6 +95,17 @@ class CriuSession:
             theirs.close()
             try:
                 resp = self._converse(ours, req, on_notify, what, pid)
+            except CriuError as err:
+                # CRIU died without answering (an abort): what it said on stderr is the reason.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                stderr.seek(0)
+                said = [ln.strip() for ln in stderr.read().decode(errors="replace").splitlines()
+                        if ln.strip()]
+                if said:
+                    err.msg = f"{err.msg}: {said[-1].strip('* ')}"
+                    err.log_tail = err.log_tail + said[-5:]
+                raise
             finally:
                 ours.close()
                 try:

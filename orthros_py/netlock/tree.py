@@ -125,18 +125,33 @@ class TreeLock:
             self.report.conns = len(self.conns)
 
     def unlock(self) -> None:
-        """Remove exactly this tree's entries; take the programs off the interfaces once no
-        connection is locked any more, so that nothing of orthros stays in the data path."""
-        if not self.active or not self.conns:
-            return
+        """Remove exactly this tree's entries (map deletes only)."""
+        if not self.active or not self.conns or self.report.unlock_ms is not None:
+            return  # nothing to do, or done already
         lock = self._xdp()
         start = time.perf_counter()
         lock.unlock(self.conns)
         self.report.unlock_ms = (time.perf_counter() - start) * 1000
         self.report.held = False
-        if not lock.locked():
-            try:
-                lock.detach(None, netns=self._netns)
-            except NetlockError:  # the tree's namespace went with the tree: ours, then
-                lock.detach(None, netns=None)
-        lock.close()
+
+    def tidy(self) -> None:
+        """Take the programs off the interfaces once no connection is locked any more, so that
+        nothing of orthros stays in the data path. Slow (netlink): after the timed part."""
+        if not self.active or self._lock is None:
+            return
+        lock = self._lock
+        try:
+            if not self.report.held and not lock.locked():
+                try:
+                    lock.detach(None, netns=self._netns)
+                except NetlockError:  # the tree's namespace went with the tree: ours, then
+                    lock.detach(None, netns=None)
+        finally:
+            lock.close()
+
+    def release(self) -> None:
+        """Unlock and tidy: every path that must leave nothing behind."""
+        try:
+            self.unlock()
+        finally:
+            self.tidy()

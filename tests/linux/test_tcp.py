@@ -56,7 +56,7 @@ def collect(socks: list[socket.socket], sent: dict[int, bytes]) -> None:
         assert got == want, f"connection {i} echoed {got!r} instead of {want!r}"
 
 
-@pytest.mark.parametrize("lock", ["iptables", "nftables"])
+@pytest.mark.parametrize("lock", ["xdp", "iptables", "nftables"])
 def test_established_connections_survive_dump_and_restore(
     spawner: Spawner, images: Path, tmp_path: Path, clients: list[socket.socket], lock: str
 ) -> None:
@@ -84,7 +84,7 @@ def test_established_connections_survive_dump_and_restore(
     collect(clients, request(clients, 2))
 
     ds, rs = dumped["stats"], restored["stats"]
-    print(f"\n{CLIENTS}-connection echo server, CRIU's own network lock ({lock}):")
+    print(f"\n{CLIENTS}-connection echo server, network lock {lock}:")
     print(f"  dump: orthros {dumped['elapsed_ms']:.1f} ms, frozen {ds['frozen_ms']:.1f} ms, "
           f"freezing {ds['freezing_ms']:.2f} ms, memdump {ds['memdump_ms']:.1f} ms, "
           f"memwrite {ds['memwrite_ms']:.1f} ms, pages written {ds['pages_written']}")

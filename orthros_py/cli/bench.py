@@ -1,0 +1,227 @@
+"""``orthros bench netlock``: network lock methods around a real dump and restore of nginx.
+
+The measurement lives in ``orthros_py.bench.netlock`` (``scripts/bench_netlock.py`` runs this
+same command); here are only the options, the progress lines and the rich tables (stderr).
+``--json`` prints results.json to stdout as well.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orthros_py.bench.netlock import (
+    DEFAULT_CONCURRENCY,
+    METHODS,
+    PAPER,
+    BenchConfig,
+    BenchResults,
+    NetlockBench,
+    RunRecord,
+    default_out,
+    fmt_ms,
+    fmt_ratio,
+    load_results,
+    notes_for,
+    parse_concurrency,
+    parse_methods,
+    plan,
+    write_outputs,
+)
+from orthros_py.cli.context import Env
+
+WIDE = 150
+
+
+class _ListOf(click.ParamType[Any]):
+    def __init__(self, name: str, parse: Any) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self._parse(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks on real workloads."""
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP stop the benchmark the way Ctrl-C does: cleanup runs, partial results
+    are written."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@bench.command("netlock")
+@click.option("--concurrency", type=_ListOf("LIST", parse_concurrency),
+              default=",".join(map(str, DEFAULT_CONCURRENCY)), show_default=True,
+              help="Connections ab keeps open, comma separated (3000, 5000 also work).")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True,
+              help="Repetitions of each (concurrency, method).")
+@click.option("--reps-slow", type=click.IntRange(1), default=None,
+              help="Repetitions of iptables from --slow-from connections on (minutes per run). "
+                   "[default: --reps]")
+@click.option("--slow-from", type=click.IntRange(0), default=1000, show_default=True,
+              help="Concurrency from which --reps-slow applies to iptables.")
+@click.option("--methods", type=_ListOf("LIST", parse_methods),
+              default=",".join(m.value for m in METHODS), show_default=True,
+              help="Methods to compare: iptables, nftables, xdp, none (nobody locks).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/netlock-<timestamp>].")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--subnet", default=None,
+              help="A private /24 for the veth pair [default: a free 10.99.x.0/24].")
+@click.option("--settle", "settle_s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds ab keeps running after the restore.")
+@click.option("--seed", type=int, default=None, help="Seed for the per-round method order.")
+@click.option("--keep-images", is_flag=True, help="Keep CRIU's images (logs are always kept).")
+@click.option("--micro-conns", type=click.IntRange(0), default=1000, show_default=True,
+              help="Connections in the XDP map microbenchmark (0: skip it).")
+@click.option("--micro-reps", type=click.IntRange(1), default=7, show_default=True)
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again "
+                                 "(markdown, plots, tables) into its directory.")
+@click.option("--json", "as_json", is_flag=True, help="Also print results.json on stdout.")
+@click.pass_obj
+def netlock(env: Env, concurrency: tuple[int, ...], reps: int, reps_slow: int | None,
+            slow_from: int, methods: tuple[Any, ...], out: Path | None, port: int,
+            subnet: str | None, settle_s: float, seed: int | None, keep_images: bool,
+            micro_conns: int, micro_reps: int, from_json: Path | None, as_json: bool) -> None:
+    """Dump and restore nginx under ApacheBench with each network lock method (seed 003's
+    Table 2): per concurrency, repetition and method, a fresh nginx, ab's connections, a
+    dump and a restore, timed in total, CRIU's part and the lock's part.
+
+    Needs root. Leaves nothing behind: the client namespace, veth, nginx, ab and any lock
+    rule a failed CRIU left are removed, also on Ctrl-C.
+    """
+    if from_json is not None:
+        res = load_results(from_json)
+        res.notes = notes_for(res.runs)
+        made = write_outputs(res, from_json.parent)
+        render(env, res)
+        _say_files(env, made)
+        if as_json:
+            env.emit_json(res.to_dict())
+        return
+    cfg = BenchConfig(concurrency=concurrency, reps=reps, reps_slow=reps_slow,
+                      slow_from=slow_from, methods=methods, out=out or default_out(),
+                      port=port, subnet=subnet, settle_s=settle_s, seed=seed,
+                      keep_images=keep_images, micro_conns=micro_conns, micro_reps=micro_reps)
+    runs = plan(cfg)
+    env.console.print(f"[bold]netlock benchmark[/]: {len(runs)} runs "
+                      f"({', '.join(m.value for m in cfg.methods)} at "
+                      f"{', '.join(map(str, cfg.concurrency))} connections) -> "
+                      f"{escape(str(cfg.out))}")
+
+    def progress(msg: str) -> None:
+        env.console.print(f"[dim]{escape(msg)}[/]")
+
+    def on_run(rec: RunRecord, i: int, n: int) -> None:
+        env.console.print(f"[{i}/{n}] {escape(run_line(rec))}", soft_wrap=True)
+
+    with _term_as_interrupt():
+        res = NetlockBench(cfg, progress=progress, on_run=on_run).run()
+    render(env, res)
+    _say_files(env, sorted(cfg.out.glob("*.*")))
+    if as_json:
+        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
+
+
+def run_line(rec: RunRecord) -> str:
+    head = f"{rec.concurrency} conns {rec.method:<8} rep {rec.rep + 1}:"
+    if not rec.ok:
+        return f"{head} FAILED at {rec.stage}: {rec.error}"
+    assert rec.dump and rec.restore
+    text = (f"{head} dump {rec.dump.total_ms:,.1f} ms (criu {rec.dump.criu_ms:,.1f}, lock "
+            f"{rec.dump.lock_ms:,.1f}), restore {rec.restore.total_ms:,.1f} ms (criu "
+            f"{rec.restore.criu_ms:,.1f}, lock {rec.restore.lock_ms:,.1f})")
+    if rec.ab:
+        text += f"; ab: {rec.ab.failed} failed"
+        if rec.ab.longest_ms is not None:
+            text += f", longest {rec.ab.longest_ms:,.0f} ms"
+        if rec.ab.aborted:
+            text += f", gave up ({rec.ab.aborted})"
+    return text
+
+
+def render(env: Env, res: BenchResults) -> None:
+    table = Table(title="dump and restore of nginx (medians, ms)", title_justify="left")
+    for col in ("conns", "method", "ok", "dump", "criu", "lock", "restore", "criu", "lock",
+                "dump+restore", "ab failed", "longest"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    cells = res.cells
+    for conc in sorted({c.concurrency for c in cells}):
+        for c in (c for c in cells if c.concurrency == conc):
+            style = "red" if c.ok < c.runs else None
+            table.add_row(f"{conc:,}", c.method, f"{c.ok}/{c.runs}", fmt_ms(c.dump_total_ms),
+                          fmt_ms(c.dump_criu_ms), fmt_ms(c.dump_lock_ms),
+                          fmt_ms(c.restore_total_ms), fmt_ms(c.restore_criu_ms),
+                          fmt_ms(c.restore_lock_ms), fmt_ms(c.sum_ms),
+                          str(c.ab_failed) if c.ok else "—", fmt_ms(c.ab_longest_ms),
+                          style=style)
+        p = PAPER.get(conc)
+        if p is not None:
+            table.add_row(f"{conc:,}", "paper: iptables", "", fmt_ms(p.dump_total),
+                          fmt_ms(p.dump_criu), fmt_ms(p.dump_lock), fmt_ms(p.restore_total),
+                          fmt_ms(p.restore_criu), fmt_ms(p.restore_lock), fmt_ms(p.total),
+                          "", "", style="dim italic")
+        table.add_section()
+    wide = _wide(env)
+    wide.print(table)
+    rt = Table(title="xdp against iptables and none (dump + restore)", title_justify="left")
+    for col in ("conns", "xdp", "iptables", "none", "xdp : iptables", "xdp : none"):
+        rt.add_column(col, justify="right")
+    for r in res.ratios:
+        rt.add_row(f"{r.concurrency:,}", fmt_ms(r.xdp_ms), fmt_ms(r.iptables_ms),
+                   fmt_ms(r.none_ms), fmt_ratio(r.xdp_iptables), fmt_ratio(r.xdp_none))
+    wide.print(rt)
+    if res.micro:
+        m = res.micro
+        env.console.print(f"XDP map alone: lock {m.conns:,} connections {m.lock_ms:.3f} ms, "
+                          f"unlock {m.unlock_ms:.3f} ms (median of {m.reps})")
+    for c in cells:
+        for e in c.errors:
+            env.console.print(f"[red]{c.concurrency} conns, {c.method}:[/] {escape(e)}",
+                              soft_wrap=True)
+
+
+def _wide(env: Env) -> Console:
+    """The tables have twelve columns: on a log file (no terminal to size them by) rich's
+    default of 80 would cut every number short."""
+    if env.console.is_terminal:
+        return env.console
+    return Console(file=env.stderr, width=WIDE, highlight=False)
+
+
+def _say_files(env: Env, paths: list[Path]) -> None:
+    for p in paths:
+        env.console.print(f"wrote {escape(str(p))}")
+
+
+COMMANDS = [bench]

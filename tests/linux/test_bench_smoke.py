@@ -1,0 +1,95 @@
+"""A tiny real run of the network lock benchmark through the ``orthros bench netlock`` command:
+nginx, ab in a client namespace, dump and restore with the xdp lock and with none, at 0 and 20
+connections, once each. It must write its three kinds of output with sane numbers and leave
+nothing behind (namespace, veth, processes, locked connections)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import run_orthros
+
+from orthros_py.bench.netlock import IF_PREFIX, NS_PREFIX
+
+# 4 runs of ~1.5 s each, plus a compile of the XDP program (~10 s) if nothing is pinned yet.
+TIMEOUT = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+def leftovers(out: Path) -> list[str]:
+    found = [p.name for p in Path("/run/netns").glob(NS_PREFIX + "*")] \
+        if Path("/run/netns").is_dir() else []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["name"] in ("nginx", "ab") and ("orthros-bench-" in cmd or str(out) in cmd):
+            found.append(f"{p.info['name']} {p.pid}")
+    return found
+
+
+@pytest.fixture
+def bench_run(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / "bench"
+    res = run_orthros("bench", "netlock", "--concurrency", "0,20", "--reps", "1",
+                      "--methods", "xdp,none", "--port", str(free_port()), "--micro-conns",
+                      "200", "--micro-reps", "3", "--out", str(out), "--json", timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads(res.stdout)
+
+
+def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    out, data = bench_run
+    assert leftovers(out) == []
+    # The XDP map is shared with whoever else runs here (a lab, a test): none of ours is left.
+    ours = ipaddress.IPv4Network(data["env"]["subnet"])
+    status = json.loads(run_orthros("netlock", "status", "--json").stdout)
+    assert not [c for c in status["conns"]
+                if ipaddress.IPv4Address(c["local"][0]) in ours
+                or ipaddress.IPv4Address(c["remote"][0]) in ours], status
+    assert not [a for a in status["attachments"] if a["iface"].startswith(IF_PREFIX)], status
+
+    # results.json: every run succeeded, numbers in range, medians for each cell.
+    assert json.loads((out / "results.json").read_text()) == data
+    runs = data["runs"]
+    assert sorted((r["concurrency"], r["method"]) for r in runs) == [
+        (0, "none"), (0, "xdp"), (20, "none"), (20, "xdp")]
+    for r in runs:
+        assert r["ok"], r
+        for phase in ("dump", "restore"):
+            p = r[phase]
+            assert 1 < p["total_ms"] < 10_000, r
+            assert 0 < p["criu_ms"] <= p["elapsed_ms"] <= p["total_ms"], r
+            assert p["lock_ms"] >= 0
+        assert r["conns"] == r["concurrency"]
+    xdp20 = next(r for r in runs if r["method"] == "xdp" and r["concurrency"] == 20)
+    assert xdp20["dump"]["lock_calls"] == 20  # the map held every connection
+    assert 0 < xdp20["dump"]["lock_ms"] < 100
+    assert xdp20["ab"]["complete"] > 0 and xdp20["ab"]["failed"] == 0, xdp20["ab"]
+    none0 = next(r for r in runs if r["method"] == "none" and r["concurrency"] == 0)
+    assert none0["dump"]["lock_ms"] == 0 and none0["ab"] is None
+    assert {(m["concurrency"], m["method"]) for m in data["medians"]} == {
+        (0, "xdp"), (0, "none"), (20, "xdp"), (20, "none")}
+    assert data["ratios"][1]["xdp_none"] is not None
+    assert data["micro"]["conns"] == 200 and 0 < data["micro"]["lock_ms"] < 100
+
+    # The markdown table and the plots.
+    md = (out / "results.md").read_text()
+    assert "| 20 | xdp | 1/1 |" in md and "| 20 | *paper: iptables* |" not in md
+    assert "*paper: iptables*" in md  # the 0-connection row of the paper
+    for name in ("dump.png", "restore.png", "total.png"):
+        head = (out / name).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n", name
+    # CRIU's logs stay for inspection, its bulky images do not.
+    run_dir = next((out / "runs").glob("*-c20-xdp-r0"))
+    assert (run_dir / "images" / "dump.log").exists()
+    assert not list((run_dir / "images").glob("pages-*.img"))
