@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from orthros_py.checkpoint import DumpResult, RestoreResult, dump_tree, restore_
 from orthros_py.cli.context import Env
 from orthros_py.criu.request import CgroupMode, DumpOptions, RestoreOptions
 from orthros_py.netlock.tree import NetworkLock, default_method
+from orthros_py.proc.tree import read_namespaces
 
 CG_MODES = [m.value for m in CgroupMode]
 LOCKS = [m.value for m in NetworkLock]
@@ -148,6 +150,15 @@ def render_dump(env: Env, r: DumpResult) -> None:
     for p in live.processes:
         procs.add_row(str(p.pid), str(p.ppid), " ".join(p.cmdline) or p.name)
     env.console.print(procs)
+    if live.processes:
+        root = live.processes[0]
+        mine = read_namespaces(os.getpid())
+        own = [ns for ns, ino in sorted(root.namespaces.items()) if mine.get(ns) != ino]
+        shared = "none (it shares the host's)"
+        env.console.print(f"namespaces of its own: {', '.join(own) or shared}", soft_wrap=True)
+        groups = sorted({f"{k or 'v2'}:{v}" for k, v in root.cgroups.items() if v != "/"})
+        env.console.print(f"cgroups: {', '.join(groups) or 'the root groups only'}",
+                          soft_wrap=True)
     rows = [("orthros wall time", f"{r.elapsed_ms:.1f} ms")]
     if r.stats:
         s = r.stats
