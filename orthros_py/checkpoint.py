@@ -121,7 +121,7 @@ def dump_tree(
         opts = dataclasses.replace(opts, network_lock=network_lock.criu)
     if opts.tcp_established:
         try:
-            lock.prepare_tree(pid)
+            lock.prepare_tree(pid, [Conn.of(c.local, c.remote) for c in live.tcp])
         except BaseException:
             lock.release()  # an attach may have happened: take it off again
             raise

@@ -91,23 +91,34 @@ class TreeLock:
             self._lock = XdpNetLock()
         return self._lock
 
-    def prepare_tree(self, pid: int) -> None:
+    def prepare_tree(self, pid: int, known: Sequence[Conn] | None = None) -> None:
         """Find the tree's connections and have the programs on their interfaces: everything
-        slow (a compile, if nothing is pinned yet; netlink) happens here, before the dump."""
+        slow (a compile, if nothing is pinned yet; netlink) happens here, before the dump.
+
+        ``known``: the tree's connections as the caller already listed them in the caller's
+        own network namespace (psutil); only valid when the tree shares that namespace.
+        """
         if not self.active:
             return
-        from orthros_py.net.conns import discover_tree
+        from orthros_py.net.conns import discover_tree, netns_of, route_interfaces
 
-        found = discover_tree(pid)
-        if not found.conns:
+        netns, nsid = netns_of(pid)
+        if known is not None and nsid == netns_of(os.getpid())[1]:
+            conns = sorted(set(known))
+            routes, _ = route_interfaces(None, conns)
+            interfaces = sorted(set(routes.values()))
+        else:
+            found = discover_tree(pid)
+            netns, conns, interfaces = found.netns, list(found.conns), found.interfaces
+        if not conns:
             return
         lock = self._xdp()
         lock.prepare()
-        lock.attach(found.interfaces, netns=found.netns)
-        self._netns = found.netns
-        self.conns = list(found.conns)
+        lock.attach(interfaces, netns=netns)
+        self._netns = netns
+        self.conns = list(conns)
         self.report.conns = len(self.conns)
-        self.report.interfaces = found.interfaces
+        self.report.interfaces = interfaces
 
     def engage(self) -> None:
         """Lock the prepared connections: map writes only."""
