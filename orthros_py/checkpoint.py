@@ -7,6 +7,7 @@ leaves the tree running as it was (CRIU resumes it), and every error says what a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from orthros_py.proc.tree import ProcessRef, TreeSnapshot, snapshot
 
 # How long a restore waits for a dumped tree's old PIDs to be reaped (PID 1 here took ~1.2 s).
 PID_FREE_TIMEOUT = 5.0
+# Beside CRIU's images: the connections a dump left locked, for the restore to unlock.
+LOCKED_CONNS = "orthros-locked-conns.json"
 
 
 def require_root(what: str) -> None:
@@ -138,6 +141,10 @@ def dump_tree(
         raise
     if opts.leave_running:
         lock.unlock()
+    elif lock.conns:
+        # The restore will unlock exactly these: saved here, so it need not parse files.img
+        # (slow in Python for thousands of sockets) while they wait locked.
+        (images_dir / LOCKED_CONNS).write_text(json.dumps([str(c) for c in lock.conns]))
     elapsed = (time.perf_counter() - start) * 1000
     lock.tidy()  # detaches only once nothing is locked; a killed tree's lock waits for restore
     result = DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
@@ -307,7 +314,10 @@ def checkpoint_conns(images_dir: Path) -> list[Conn]:
     """The established TCP connections a checkpoint holds, as lock entries."""
     from orthros_py.criu.images import read_tcp
 
-    return [Conn.of(t.local, t.remote) for t in read_tcp(images_dir) if t.remote[1] != 0]
+    try:
+        return [Conn.parse(text) for text in json.loads((images_dir / LOCKED_CONNS).read_text())]
+    except (OSError, ValueError):  # not dumped by orthros's xdp lock, or damaged: ask CRIU's
+        return [Conn.of(t.local, t.remote) for t in read_tcp(images_dir) if t.remote[1] != 0]
 
 
 def host_pids(root: int) -> list[int]:
