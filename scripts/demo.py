@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""The main job, as a user would run it: checkpoint a live TCP service while its clients talk to
-it, restore it, and show that no client noticed.
+"""The main job, as a user would run it: move a live TCP service to another host and back
+while its clients talk to it, and show that none of them noticed.
 
-Runs the real ``orthros`` commands (dump, inspect, restore) against a real echo server holding
-50 established connections with traffic on all of them. Needs root. Leaves nothing running.
+Runs the real ``orthros`` commands: ``orthros lab up`` (two hosts and a client as network
+namespaces on this machine, an agent on each host), a TCP echo server on alpha holding 200
+established connections from the client host with traffic on every one of them, ``orthros
+migrate`` alpha -> beta and beta -> alpha, then ``orthros lab down``. Prints each migration's
+phase timings and the clients' error count. Needs root. Leaves nothing behind, also when it
+fails or is interrupted (the lab's teardown kills every process in its namespaces).
 """
 
 from __future__ import annotations
@@ -11,11 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
+import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,96 +27,144 @@ from rich.console import Console
 from rich.table import Table
 
 from orthros_py.bench.echo import ClientPool
+from orthros_py.net.addr import in_netns
 
-CLIENTS = 50
-PORT = 18_470
+CLIENTS = 200
+PORT = 7000
+SERVICE_IP = "10.77.0.100"
+ROWS = ("lock", "dump", "transfer", "address move", "restore", "unlock", "total")
 console = Console(stderr=True)
 ORTHROS = str(Path(sys.executable).parent / "orthros")
 
 
-def orthros(*args: str) -> dict[str, Any]:
+class DemoError(Exception):
+    pass
+
+
+def orthros(*args: str, data: bool = True, timeout: float = 300) -> dict[str, Any]:
+    """Run ``orthros ARGS`` (with --json when ``data``), showing the command line."""
     console.print(f"[bold cyan]$ orthros {' '.join(args)}[/]")
-    proc = subprocess.run([ORTHROS, *args, "--json"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=300)
+    proc = subprocess.run([ORTHROS, *args, *(["--json"] if data else [])], text=True,
+                          capture_output=data, stdin=subprocess.DEVNULL, timeout=timeout)
     if proc.returncode != 0:
-        console.print(proc.stderr.strip())
-        raise SystemExit(f"demo: 'orthros {args[0]}' failed (exit {proc.returncode})")
-    data: dict[str, Any] = json.loads(proc.stdout)
-    return data
+        if data:
+            console.print(proc.stderr.strip())
+        raise DemoError(f"'orthros {args[0]}' failed (exit {proc.returncode})")
+    return dict(json.loads(proc.stdout)) if data else {}
 
 
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    import socket
-
+def wait(cond: Any, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while not cond():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out waiting for {what}")
         time.sleep(0.05)
-    raise SystemExit("demo: the echo server did not start listening")
+
+
+def answers(client_netns: str) -> bool:
+    """A fresh connection from the client host to the service gets its echo."""
+    try:
+        with in_netns(client_netns):
+            s = socket.socket()
+        with s:
+            s.settimeout(2)
+            s.connect((SERVICE_IP, PORT))
+            s.sendall(b"hello")
+            return bool(s.recv(16) == b"hello")
+    except OSError:
+        return False
 
 
 def main() -> int:
     if os.geteuid() != 0:
-        raise SystemExit("demo: run as root (CRIU needs it)")
-    workdir = Path(tempfile.mkdtemp(prefix="orthros-demo-"))
-    images = workdir / "images"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "orthros_py.bench.echo", "--port", str(PORT)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    restored: int | None = None
+        raise SystemExit("demo: run as root (namespaces, CRIU, BPF)")
+    status = orthros("lab", "status")
+    if status.get("up"):
+        raise SystemExit("demo: a lab is already up; the demo builds and removes its own: "
+                         "run 'orthros lab down' first")
+    server: subprocess.Popen[bytes] | None = None
     pool: ClientPool | None = None
     try:
-        wait_listening(PORT)
-        pool = ClientPool("127.0.0.1", PORT, CLIENTS)
-        pool.start()
-        console.print(f"echo server pid {server.pid} with {CLIENTS} clients, traffic on every "
-                      "connection")
+        lab = orthros("lab", "up", "--hosts", "2")
+        alpha = next(h for h in lab["hosts"] if h["name"] == "alpha")
+        client_netns = lab["client"]["netns"]
+        # The service runs inside alpha's network namespace, listening on the service address.
+        server = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{alpha['netns']}", "--", sys.executable, "-m",
+             "orthros_py.bench.echo", "--host", SERVICE_IP, "--port", str(PORT)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        pid = server.pid
+        # Reap it the moment the migration's end kills it on alpha: its PID must be free for
+        # the restore on beta (the lab's hosts share one PID space).
+        threading.Thread(target=server.wait, daemon=True).start()
+        wait(lambda: answers(client_netns), "the echo server to answer")
+        with in_netns(client_netns):
+            pool = ClientPool(SERVICE_IP, PORT, CLIENTS, timeout=30)
+        pool.start(interval=0.005)
+        wait(lambda: pool is not None and pool.stats.requests >= 5 * CLIENTS,
+             "traffic on every connection")
+        console.print(f"echo server pid {pid} on alpha ({SERVICE_IP}:{PORT}), {CLIENTS} "
+                      "clients on the client host, a request on every connection all the time")
+        results = []
+        for src, dst in (("alpha", "beta"), ("beta", "alpha")):
+            time.sleep(1)
+            before = pool.stats.requests
+            out = orthros("migrate", str(pid), "--from", src, "--to", dst)
+            pid = int(out["new_pid"])
+            results.append(out)
+            console.print(f"  pid {pid} runs on {dst}; {out['counts']['connections']} "
+                          f"connections moved, {out['counts']['established_after']} "
+                          "established there")
+            wait(lambda b=before: pool is not None and pool.stats.requests > b + 2 * CLIENTS,
+                 f"the clients to get answers from {dst}")
         time.sleep(1)
-        before = pool.stats.requests
-        dumped = orthros("dump", str(server.pid), "-D", str(images), "--tcp-established")
-        server.wait()  # CRIU killed the original; reap it so its PID is free for the restore
-        console.print(f"  checkpoint holds {len(dumped['tcp'])} TCP connections "
-                      f"({dumped['elapsed_ms']} ms)")
-        inspected = orthros("inspect", str(images))
-        console.print(f"  inspect: {len(inspected.get('tcp', []))} TCP connections in the images")
-        time.sleep(0.5)  # the service is down: clients wait, nothing resets
-        rest = orthros("restore", "-D", str(images), "--tcp-established", "--detach")
-        restored = int(rest["pid"])
-        time.sleep(1.5)
         stats = pool.stop()
-        dstats = dumped.get("stats") or {}
-        rstats = rest.get("stats") or {}
-        table = Table(title="checkpoint/restore of a live TCP service", title_justify="left")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for name, value in [
-            ("established connections", str(CLIENTS)),
-            ("CRIU frozen time (dump)", f"{dstats.get('frozen_ms', 0):.1f} ms"),
-            ("CRIU memory dump", f"{dstats.get('memdump_ms', 0):.1f} ms"),
-            ("CRIU restore time", f"{rstats.get('restore_ms', 0):.1f} ms"),
-            ("orthros dump wall time", f"{dumped['elapsed_ms']} ms"),
-            ("orthros restore wall time", f"{rest['elapsed_ms']} ms"),
-            ("requests before / after", f"{before} / {stats.requests}"),
-            ("longest client wait", f"{stats.max_gap_s * 1000:.0f} ms"),
-            ("client errors", str(stats.errors)),
-        ]:
-            table.add_row(name, value)
+
+        table = Table(title="orthros migrate, phase timings (ms)", title_justify="left")
+        table.add_column("phase")
+        for r in results:
+            table.add_column(f"{r['source']} -> {r['dest']}", justify="right")
+        for row in ROWS:
+            if row == "total":
+                table.add_section()
+            table.add_row(row, *(f"{r['timings_ms'].get(row, 0.0):.1f}" for r in results))
+        table.add_section()
+        table.add_row("[dim]clients waited (lock to unlock)[/]",
+                      *(f"[dim]{r['timings_ms'].get('downtime', 0.0):.1f}[/]"
+                        for r in results))
+        for name, key in (("processes", "processes"), ("connections", "connections"),
+                          ("pages", "pages")):
+            table.add_row(name, *(str(r["counts"][key]) for r in results))
         console.print(table)
+        clients = Table(title="the clients", title_justify="left", show_header=False)
+        clients.add_column(style="bold")
+        clients.add_column(justify="right")
+        clients.add_row("connections", str(CLIENTS))
+        clients.add_row("requests answered", str(stats.requests))
+        clients.add_row("longest wait for an answer", f"{stats.max_gap_s * 1000:.0f} ms")
+        clients.add_row("errors (resets, timeouts, wrong answers)", str(stats.errors))
+        console.print(clients)
         for sample in stats.error_samples:
             console.print(f"  [red]{sample}[/]")
-        return 0 if stats.errors == 0 and stats.requests > before else 1
+        if stats.errors:
+            console.print("[red]some clients saw errors[/]")
+            return 1
+        console.print("[green]no client noticed: every request answered, and answered right[/]")
+        return 0
+    except DemoError as err:
+        console.print(f"[red]demo: {err}[/]")
+        return 1
     finally:
         if pool is not None:
             pool.close()
-        for pid in (server.pid, restored):
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        server.poll()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if server is not None and server.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                server.kill()
+        # Kills whatever runs in the lab (agents, the service wherever it went), removes the
+        # namespaces, the bridge, the locks and the state.
+        with contextlib.suppress(Exception):
+            orthros("lab", "down", data=False, timeout=120)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ version) raises AgentRefused, all with ``host`` set.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orthros_py.agent.auth import load_key
-from orthros_py.agent.errors import AGENT_ERRORS, AgentError, AgentUnreachable
+from orthros_py.agent.errors import AGENT_ERRORS, AgentError, AgentUnreachable, ProtocolError
 from orthros_py.agent.protocol import (
     DEFAULT_PORT,
     EMPTY_SHA256,
@@ -53,6 +55,9 @@ CALL_TIMEOUT = 30.0
 CRIU_TIMEOUT = 600.0  # dump and restore: as long as CriuSession waits for CRIU
 TRANSFER_TIMEOUT = 600.0  # per file; a socket timeout, so it bounds stalls, not file size
 CONNECT_TIMEOUT = 5.0
+# Files sent in one request by upload_files, held in memory meanwhile: a checkpoint's small
+# files (its memory goes through a page server, or in files of its own).
+BUNDLE_LIMIT = 64 << 20
 _BASE_ERROR_KEYS = frozenset({"type", "msg", "host", "pid", "stage", "hint", "exit_status"})
 # Extra context some errors carry (CriuError, ProtocolError); restored onto the rebuilt error.
 _EXTRA_ERROR_KEYS = frozenset({"errno", "log_tail", "log_path", "code"})
@@ -334,9 +339,20 @@ class AgentClient:
         return self._result("page_server_stop", {"image": validate_name(image)})
 
     def kill(self, pid: int, *, signal: str = "KILL", wait: float = 5.0) -> KillResult:
-        """Signal a tree the agent restored (any other pid is refused)."""
+        """Signal a tree the agent restored, or kill one it holds stopped after a dump (any
+        other pid is refused)."""
         return KillResult.from_dict(self._result(
             "kill", {"pid": pid, "signal": signal, "wait": wait}, timeout=wait + CALL_TIMEOUT))
+
+    def resume(self, pid: int) -> dict[str, Any]:
+        """Resume a tree the agent left stopped after a ``leave_stopped`` dump: its TCP sockets
+        out of repair mode, SIGCONT. Lifting its network lock is the caller's job."""
+        return self._result("resume", {"pid": pid})
+
+    def tree(self, pid: int) -> dict[str, Any]:
+        """The tree of ``pid`` on the agent's host: processes, TCP connections (``conns``: all
+        a lock must cover; ``established``), the interfaces they use."""
+        return self._result("tree", {"pid": pid})
 
     # -- image files ----------------------------------------------------------------------
 
@@ -365,6 +381,47 @@ class AgentClient:
         files = sorted(p for p in local_dir.iterdir()
                        if p.is_file() and not p.is_symlink() and not p.name.startswith("."))
         return [self.upload_file(image, p, overwrite=overwrite, timeout=timeout) for p in files]
+
+    def upload_files(self, image: str, paths: Iterable[Path], *, overwrite: bool = False,
+                     timeout: float = TRANSFER_TIMEOUT) -> list[FileInfo]:
+        """Copy local files into image ``image`` on the agent: the small ones (up to
+        ``BUNDLE_LIMIT`` bytes in all) in one ``recv_files`` request, the rest one by one.
+        An agent without ``recv_files`` gets them all one by one."""
+        small: list[Path] = []
+        large: list[Path] = []
+        total = 0
+        for p in paths:
+            size = p.stat().st_size
+            if total + size <= BUNDLE_LIMIT:
+                small.append(p)
+                total += size
+            else:
+                large.append(p)
+        out: list[FileInfo] = []
+        if len(small) > 1:
+            try:
+                out += self._upload_bundle(image, small, overwrite=overwrite, timeout=timeout)
+                small = []
+            except ProtocolError as err:
+                if str(err.code) != "bad_request" or "unknown operation" not in err.msg:
+                    raise  # an older agent lacks recv_files: anything else is a real refusal
+        for p in [*small, *large]:
+            out.append(self.upload_file(image, p, overwrite=overwrite, timeout=timeout))
+        return out
+
+    def _upload_bundle(self, image: str, paths: list[Path], *, overwrite: bool,
+                       timeout: float) -> list[FileInfo]:
+        manifest: list[dict[str, Any]] = []
+        bundle = io.BytesIO()
+        for p in paths:
+            data = p.read_bytes()
+            manifest.append({"filename": validate_name(p.name, "file name"), "size": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest()})
+            bundle.write(data)
+        bundle.seek(0)
+        resp = self.call("recv_files", {"image": validate_name(image), "files": manifest,
+                                        "overwrite": overwrite}, timeout=timeout, payload=bundle)
+        return [FileInfo.from_dict(f) for f in (resp.result or {}).get("files", [])]
 
     def download_file(self, image: str, filename: str, local: Path, *,
                       timeout: float = TRANSFER_TIMEOUT) -> FileInfo:
@@ -397,11 +454,17 @@ class AgentClient:
 
     def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
                     dest_name: str | None = None, overwrite: bool = False,
-                    timeout: float = TRANSFER_TIMEOUT) -> list[FileInfo]:
-        """Have the agent send image ``image`` straight to the agent at ``host``:``port`` (as
-        that agent's host sees it), so the files never pass through this caller."""
+                    timeout: float = TRANSFER_TIMEOUT, files: Iterable[str] | None = None,
+                    prefixes: Iterable[str] | None = None) -> list[FileInfo]:
+        """Have the agent send image ``image`` (all of it, or the ``files`` named, or those
+        whose names start with one of ``prefixes``) straight to the agent at ``host``:``port``
+        (as that agent's host sees it), so the files never pass through this caller."""
         args: dict[str, Any] = {"image": validate_name(image), "host": host, "port": port,
                                 "overwrite": overwrite, "timeout": timeout}
+        if files is not None:
+            args["files"] = [validate_name(f, "file name") for f in files]
+        if prefixes is not None:
+            args["prefixes"] = list(prefixes)
         if dest_image is not None:
             args["dest_image"] = validate_name(dest_image)
         if dest_name is not None:
@@ -427,14 +490,23 @@ class AgentClient:
         return [str(c) for c in data["locked"]]
 
     def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
-                       netns: str | None = None) -> list[str]:
-        data = self._result("netlock_unlock", {"backend": backend,
-                                               "conns": [str(c) for c in conns],
-                                               "netns": netns})
+                       netns: str | None = None, detach: Iterable[str] = (),
+                       tidy: bool = False) -> list[str]:
+        """Unlock ``conns``; then, if nothing is locked any more on the agent's host, XDP takes
+        its programs off the interfaces in ``detach`` and (``tidy``) nftables its table."""
+        args: dict[str, Any] = {"backend": backend, "conns": [str(c) for c in conns],
+                                "netns": netns, "detach": list(detach)}
+        if tidy:
+            args["tidy"] = True  # only then: an older agent refuses arguments it lacks
+        data = self._result("netlock_unlock", args)
         return [str(c) for c in data["unlocked"]]
 
     def netlock_status(self, backend: str, *, netns: str | None = None) -> dict[str, Any]:
         return self._result("netlock_status", {"backend": backend, "netns": netns})
+
+    def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]:
+        """The agent's interfaces: ``ifname``, ``state`` and IPv4 ``addresses`` (ip/prefix)."""
+        return list(self._result("addr_list", {"netns": netns})["interfaces"])
 
     def addr_add(self, ifname: str, address: str, *, netns: str | None = None) -> bool:
         """Put ``address`` on ``ifname`` on the agent's host; False if it was there already."""

@@ -10,8 +10,11 @@ Interfaces and privileges, per operation:
 
 - ``dump``, ``restore``, ``page_server``: CRIU through ``orthros_py.checkpoint`` and
   ``orthros_py.criu.session`` (``criu swrk``): root.
-- ``kill``, ``page_server_stop``: kill(2), only on processes this agent restored or started
-  (checked by pid and start time): root, as the agent runs.
+- ``kill``, ``page_server_stop``: kill(2), only on processes this agent restored or started,
+  or left stopped after a dump (checked by pid and start time): root, as the agent runs.
+- ``resume``: ``orthros_py.agent.held`` (pidfd_getfd, TCP_REPAIR, SIGCONT) on a tree this agent
+  left stopped after a dump (``leave_stopped``); ``tree``: /proc and sock_diag through
+  ``orthros_py.net.conns``; ``addr_list``: rtnetlink through ``orthros_py.net.addr``.
 - ``recv_file``, ``send_file``, ``list_images``, ``remove_image``, ``push_images``: files below
   the images root (created mode 0700), and a TCP connection to another agent for ``push_images``.
 - ``check``: ``orthros_py.host.probe`` (see there); ``netlock_*``: ``orthros_py.netlock``;
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import logging
@@ -54,6 +58,7 @@ from typing import Any, TypeVar, get_type_hints
 import psutil
 
 from orthros_py import __version__
+from orthros_py.agent import held as held_trees
 from orthros_py.agent.errors import ProtocolError, Refusal
 from orthros_py.agent.protocol import (
     EMPTY_SHA256,
@@ -157,6 +162,8 @@ class Agent:
         self.started = time.time()
         self.restored: dict[int, RestoredTree] = {}
         self.page_servers: dict[str, PageServer] = {}
+        # Trees dumped with leave_stopped, by root pid: resumed or killed on request.
+        self.held: dict[int, held_trees.HeldTree] = {}
         self.netlocks: dict[str, Any] = {}  # backend -> NetLock kept (XDP: the loaded program)
         self.netlock_mutex = threading.Lock()  # serializes the netlock_* operations
         self.mutex = threading.Lock()  # guards restored, page_servers and the busy marks
@@ -401,6 +408,8 @@ def op_status(call: Call) -> dict[str, Any]:
     with a.mutex:
         restored = [t.to_dict() for t in a.restored.values()]
         servers = list(a.page_servers.values())
+        held = list(a.held.values())
+        busy = dict(a._busy)
     with a.netlock_mutex:
         netlocks = sorted(a.netlocks)
     return {
@@ -410,8 +419,21 @@ def op_status(call: Call) -> dict[str, Any]:
         "criu": a.criu_info(), "started": a.started, "uptime_s": round(time.time() - a.started, 3),
         "images_root": str(a.images_root), "images": _image_names(a),
         "restored": restored, "page_servers": [s.to_dict() for s in servers],
-        "netlocks_loaded": netlocks, "ops": sorted(OPS),
+        "held": [t.to_dict() for t in held], "busy": busy,
+        "netlocks_loaded": netlocks, "ops": sorted(OPS), **_pid_space(),
     }
+
+
+def _pid_space() -> dict[str, Any]:
+    """Which PID space this agent's processes live in: the boot and the PID namespace. Two
+    agents that report the same share one PID space (network-namespace hosts on one machine),
+    so a tree dumped by one holds the PIDs that a restore by the other needs."""
+    out: dict[str, Any] = {"boot_id": None, "pid_ns": None}
+    with contextlib.suppress(OSError):
+        out["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        out["pid_ns"] = os.stat("/proc/self/ns/pid").st_ino
+    return out
 
 
 @op("check")
@@ -441,8 +463,13 @@ def op_dump(call: Call, pid: int, image: str,
     path = a.image_path(image)
     with a.busy(image, "dump"):
         result = dump_tree(pid, path, opts)
+        if opts.leave_stopped:
+            tree = held_trees.HeldTree.of(pid, image, result.live.pids)
+            with a.mutex:
+                a.held[pid] = tree
     data = result.to_dict()
     data["image"] = image
+    data["held"] = opts.leave_stopped
     return data
 
 
@@ -455,12 +482,41 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
     a = call.agent
     path = a.image_path(image, must_exist=True)
     with a.busy(image, "restore"):
-        result = restore_tree(path, opts)
+        try:
+            result = restore_tree(path, opts)
+        except BaseException:
+            _reap_failed_restore(a, path)
+            raise
         # Adopted under the busy mark, before any other request can ask to kill it.
         a.adopt(result.pid, image, result.pids)
     data = result.to_dict()
     data["image"] = image
     return data
+
+
+def _reap_failed_restore(a: Agent, path: Path, timeout: float = 2.0) -> None:
+    """Collect what a failed restore left as our children: CRIU kills the tasks it forked,
+    but the root, forked as our child (rst_sibling), stays a zombie holding its PID (which a
+    restore of the same tree elsewhere on this PID space needs) until we wait for it. A pid
+    that belongs to a tree this agent restored before is that tree's: its waiter reaps it."""
+    from orthros_py.checkpoint import image_pids
+
+    try:
+        pids = image_pids(path)
+    except OrthrosError:
+        return
+    with a.mutex:
+        ours = {t.pid for t in a.restored.values() if not t.exited.is_set()}
+    deadline = time.monotonic() + timeout
+    for pid in (p for p in pids if p not in ours):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break  # not our child (or reaped): nothing to collect
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
 
 
 def page_server_request(address: str, port: int, log_level: int) -> Any:
@@ -546,10 +602,23 @@ def op_page_server_stop(call: Call, image: str) -> dict[str, Any]:
 @op("kill")
 def op_kill(call: Call, pid: int, signal: str = "KILL", wait: float = 5.0) -> dict[str, Any]:
     """Signal a tree this agent restored (root and descendants); wait up to ``wait`` s for the
-    root to exit. Any other pid is refused."""
+    root to exit. A tree this agent left stopped after a dump can only be killed (SIGKILL).
+    Any other pid is refused."""
     sig = SIGNALS.get(signal.upper().removeprefix("SIG"))
     if sig is None:
         raise _bad_request(f"signal {signal!r} is not one of {', '.join(SIGNALS)}")
+    with call.agent.mutex:
+        stopped = call.agent.held.get(pid)
+    if stopped is not None:
+        if sig is not signals.SIGKILL:
+            raise _bad_request(f"pid {pid} is held stopped after a dump: it can be resumed "
+                               "(resume) or killed (signal KILL), nothing else")
+        done = held_trees.kill(stopped, wait=min(wait, 60.0))
+        if done["exited"]:
+            with call.agent.mutex:
+                call.agent.held.pop(pid, None)
+        return {"pid": pid, "signal": sig.name, "signaled": done["signaled"],
+                "exited": done["exited"], "exit_status": None, "held": True}
     tree = call.agent.restored_tree(pid)
     signaled: list[int] = []
     if not tree.exited.is_set():
@@ -568,6 +637,50 @@ def op_kill(call: Call, pid: int, signal: str = "KILL", wait: float = 5.0) -> di
             tree.exited.wait(min(wait, 60.0))
     return {"pid": pid, "signal": sig.name, "signaled": signaled,
             "exited": tree.exited.is_set(), "exit_status": tree.exit_status}
+
+
+@op("resume")
+def op_resume(call: Call, pid: int) -> dict[str, Any]:
+    """Resume a tree this agent left stopped after a dump (``leave_stopped``): its TCP sockets
+    out of repair mode, then SIGCONT. Its network lock is the caller's to lift."""
+    a = call.agent
+    with a.mutex:
+        tree = a.held.get(pid)
+    if tree is None:
+        raise NoSuchProcessError(f"pid {pid} is not held stopped by this agent: it resumes "
+                                 "only trees it dumped with leave_stopped", pid=pid)
+    with a.busy(tree.image, "resume"):
+        result = held_trees.resume(tree)
+        with a.mutex:
+            a.held.pop(pid, None)
+    log.info("resumed the tree of pid %d (image %s): %d processes, %d sockets out of repair",
+             pid, tree.image, len(result["resumed"]), result["sockets"])
+    return result
+
+
+@op("tree")
+def op_tree(call: Call, pid: int) -> dict[str, Any]:
+    """The processes of the tree of ``pid`` on this host and its TCP connections (all that a
+    lock must cover, and those established), with the interfaces they leave by."""
+    conns_mod = _feature("orthros_py.net.conns", "find a tree's connections")
+    pids = conns_mod.tree_pids(pid)
+    procs = []
+    for p in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(p)
+            procs.append({"pid": p, "name": proc.name(), "status": proc.status(),
+                          "threads": proc.num_threads()})
+    found = conns_mod.discover(pids)
+    established = conns_mod.discover(pids, (conns_mod.TCP_ESTABLISHED,))
+    return {"pid": pid, "processes": procs, "conns": [str(c) for c in found.conns],
+            "established": [str(c) for c in established.conns],
+            "interfaces": found.interfaces, "routes": {str(c): i for c, i in found.routes.items()},
+            "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id}
+
+
+def _own_netns_id() -> tuple[int, int]:
+    st = os.stat("/proc/self/ns/net")
+    return (st.st_dev, st.st_ino)
 
 
 # --- image files -------------------------------------------------------------------------------
@@ -663,8 +776,12 @@ def op_recv_file(call: Call, image: str, filename: str,
                             hint="pass overwrite to replace it")
     # A leading dot makes an invalid name: a partial file is never listed, sent or restored.
     tmp = path / f".{filename}.{os.getpid()}.{threading.get_ident()}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as err:
+        raise BadImageError(f"cannot write {filename} into image {image!r} at {path}: "
+                            f"{err.strerror}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             size = call.payload.copy_to(f)
@@ -680,6 +797,85 @@ def op_recv_file(call: Call, image: str, filename: str,
             tmp.unlink()
     return {"image": image, "filename": filename, "size": size,
             "sha256": call.payload.sha256}
+
+
+@op("recv_files", payload=True)
+def op_recv_files(call: Call, image: str, files: list[dict[str, Any]],
+                  overwrite: bool = False) -> dict[str, Any]:
+    """Store the payload, the concatenation of several files, as the files ``files`` names
+    (``filename``, ``size``, ``sha256`` each, in payload order) of image ``image``: one request
+    for a whole checkpoint's small files. Every file and the whole payload are checked before
+    any file appears; then they appear one by one, each whole."""
+    assert call.payload is not None
+    a = call.agent
+    manifest: list[tuple[str, int, str]] = []
+    for f in files:
+        try:
+            name = validate_name(f["filename"], "file name")
+            size, digest = int(f["size"]), str(f["sha256"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _bad_request(f"bad entry in files: {f!r}") from err
+        if size < 0:
+            raise _bad_request(f"negative size for {name}")
+        manifest.append((name, size, digest))
+    if sum(m[1] for m in manifest) != call.payload.length:
+        raise _bad_request("the sizes in files do not add up to the payload's length")
+    if len({m[0] for m in manifest}) != len(manifest):
+        raise _bad_request("a file is named twice in files")
+    other = a.busy_with(image)
+    if other is not None:
+        raise BadImageError(f"image {image!r} is busy with a {other}")
+    path = a.image_path(image, create=True)
+    if not overwrite:
+        present = [m[0] for m in manifest if (path / m[0]).exists() or (path / m[0]).is_symlink()]
+        if present:
+            raise BadImageError(f"image {image!r} already has a file {present[0]}",
+                                hint="pass overwrite to replace it")
+    tag = f"{os.getpid()}.{threading.get_ident()}"
+    tmps = [path / f".{name}.{tag}.part" for name, _, _ in manifest]
+    try:
+        chunks = call.payload.chunks()
+        chunk = memoryview(b"")
+        at = 0  # how much of ``chunk`` is used (a view: slicing copies nothing)
+        for (name, size, digest), tmp in zip(manifest, tmps, strict=True):
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                raise BadImageError(f"cannot write {name} into image {image!r} at {path}: "
+                                    f"{err.strerror}") from err
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                left = size
+                while left:
+                    if at == len(chunk):
+                        chunk, at = memoryview(next(chunks)), 0
+                    piece = chunk[at:at + left]
+                    out.write(piece)
+                    h.update(piece)
+                    at += len(piece)
+                    left -= len(piece)
+            if h.hexdigest() != digest:
+                raise BadImageError(f"{name} arrived damaged (its SHA-256 does not match)")
+        for _ in chunks:  # the end of the payload: checks its SHA-256 against the header
+            pass
+        for (name, _, _), tmp in zip(manifest, tmps, strict=True):
+            if overwrite:
+                os.replace(tmp, path / name)
+            else:
+                try:
+                    os.link(tmp, path / name)
+                except FileExistsError as err:
+                    raise BadImageError(f"image {image!r} already has a file {name}") from err
+    except OSError as err:
+        raise BadImageError(f"cannot store files into image {image!r} at {path}: "
+                            f"{err.strerror}") from err
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return {"image": image, "files": [{"image": image, "filename": n, "size": z, "sha256": d}
+                                      for n, z, d in manifest]}
 
 
 @op("send_file")
@@ -708,9 +904,11 @@ def op_send_file(call: Call, image: str, filename: str) -> Reply:
 @op("push_images")
 def op_push_images(call: Call, image: str, host: str, port: int, dest_image: str | None = None,
                    dest_name: str | None = None, overwrite: bool = False,
-                   timeout: float = 600.0) -> dict[str, Any]:
-    """Send every file of image ``image`` straight to the agent at ``host``:``port`` (into
-    ``dest_image``, by default the same name), so images never detour through the caller."""
+                   timeout: float = 600.0, files: tuple[str, ...] | None = None,
+                   prefixes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Send every file of image ``image`` (or those named in ``files``, or whose names start
+    with one of ``prefixes``) straight to the agent at ``host``:``port`` (into ``dest_image``,
+    by default the same name), so images never detour through the caller."""
     from orthros_py.agent.client import AgentClient
 
     a = call.agent
@@ -719,10 +917,18 @@ def op_push_images(call: Call, image: str, host: str, port: int, dest_image: str
     other = a.busy_with(image)
     if other is not None:
         raise BadImageError(f"image {image!r} is busy with a {other}")
+    chosen = _image_files(path)
+    if files is not None:
+        wanted = {validate_name(f, "file name") for f in files}
+        missing = sorted(wanted - {p.name for p in chosen})
+        if missing:
+            raise BadImageError(f"image {image!r} has no file(s) {', '.join(missing)}")
+        chosen = [p for p in chosen if p.name in wanted]
+    if prefixes is not None:
+        chosen = [p for p in chosen if p.name.startswith(tuple(prefixes))]
     client = AgentClient(host, port, a.key, name=dest_name, timeout=timeout)
     start = time.perf_counter()
-    sent = [client.upload_file(dest, p, overwrite=overwrite).to_dict()
-            for p in _image_files(path)]
+    sent = [f.to_dict() for f in client.upload_files(dest, chosen, overwrite=overwrite)]
     return {"image": image, "dest_image": dest, "dest": client.name, "files": sent,
             "bytes": sum(int(f["size"]) for f in sent),
             "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}
@@ -786,12 +992,42 @@ def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
 
 @op("netlock_unlock")
 def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
-                      netns: str | None = None) -> dict[str, Any]:
-    """Let connections through again (locked here or by any earlier process)."""
+                      netns: str | None = None, detach: tuple[str, ...] = (),
+                      tidy: bool = False) -> dict[str, Any]:
+    """Let connections through again (locked here or by any earlier process). Then, unless a
+    connection of this host is still locked: XDP takes its programs off the interfaces in
+    ``detach`` (the map is shared by every namespace of the machine, so "of this host" means
+    with an address of this namespace); with ``tidy``, nftables and iptables remove what holds
+    their rules (nftables' table)."""
     wanted = _conns(conns)
+    detached: list[str] = []
+    tidied = False
     with call.agent.netlock_mutex:
-        unlocked = _netlock(call.agent, backend, netns).unlock(wanted)
-    return {"backend": backend, "unlocked": [str(c) for c in unlocked]}
+        lock = _netlock(call.agent, backend, netns)
+        unlocked = lock.unlock(wanted)
+        if hasattr(lock, "detach"):
+            if detach:
+                here = _addresses(netns)
+                busy = [lc for lc in lock.locked()
+                        if lc.conn.local_ip in here or lc.conn.remote_ip in here]
+                if not busy:
+                    done = lock.detach(list(detach), netns=netns)
+                    detached = [att.iface for att in done.detached]
+        elif tidy and not lock.status().conns:
+            lock.flush()
+            tidied = True
+    return {"backend": backend, "unlocked": [str(c) for c in unlocked], "detached": detached,
+            "tidied": tidied}
+
+
+def _addresses(netns: str | None) -> set[str]:
+    """Every IP address (v4 and v6, compressed text) on an interface of the namespace."""
+    import ipaddress
+
+    mod = _addr()
+    with mod.iproute(netns) as ipr:
+        return {ipaddress.ip_address(str(a.get("IFA_ADDRESS"))).compressed
+                for a in ipr.get_addr()}
 
 
 @op("netlock_status")
@@ -805,6 +1041,25 @@ def op_netlock_status(call: Call, backend: str, netns: str | None = None) -> dic
 
 def _addr() -> ModuleType:
     return _feature("orthros_py.net.addr", "manage service addresses")
+
+
+@op("addr_list")
+def op_addr_list(call: Call, netns: str | None = None) -> dict[str, Any]:
+    """This host's interfaces and their IPv4 addresses (address/prefix)."""
+    mod = _addr()
+    out = []
+    with mod.iproute(netns) as ipr:
+        links = list(ipr.get_links())
+        names = {int(link["index"]): str(link.get("IFLA_IFNAME")) for link in links}
+        states = {int(link["index"]): str(link.get("IFLA_OPERSTATE")) for link in links}
+        addrs: dict[int, list[str]] = {}
+        for a in ipr.get_addr(family=socket.AF_INET):
+            addrs.setdefault(int(a["index"]), []).append(
+                f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+    for idx, name in sorted(names.items()):
+        out.append({"ifname": name, "index": idx, "state": states.get(idx, "UNKNOWN"),
+                    "addresses": addrs.get(idx, [])})
+    return {"interfaces": out}
 
 
 @op("addr_add")

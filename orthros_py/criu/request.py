@@ -69,6 +69,9 @@ class CommonOptions:
 class DumpOptions(CommonOptions):
     pid: int = 0
     leave_running: bool = False
+    # Keep the tree stopped (SIGSTOP) after a successful dump, its TCP sockets still in repair
+    # mode: it can be resumed if what follows fails, or killed without a word to its peers.
+    leave_stopped: bool = False
     tcp_skip_in_flight: bool = False
     # Memory goes to a CRIU page server at (address, port) instead of the image directory.
     page_server: tuple[str, int] | None = None
@@ -114,6 +117,9 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
     _common(req.opts, o, images_dir_fd, DUMP_LOG)
     req.opts.pid = o.pid
     req.opts.leave_running = o.leave_running
+    if o.leave_running and o.leave_stopped:
+        raise ValueError("a dump cannot both leave the tree running and leave it stopped")
+    req.opts.leave_stopped = o.leave_stopped
     req.opts.tcp_skip_in_flight = o.tcp_skip_in_flight
     req.opts.track_mem = o.track_mem
     if o.page_server is not None:

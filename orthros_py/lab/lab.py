@@ -736,11 +736,39 @@ def teardown(inventory: Inventory | Path | str | None = None,
         inv = load_inventory(path) if (inventory is not None or path.exists()) else None
     sdir = state_dir or (inv.lab.state_dir if inv else LabSettings().state_dir)
     report = DownReport()
+    # Before the lab's own lock: the XDP lock serializes on the same directory (/run/orthros).
+    _xdp_detach(sdir, report)
     with _locked(sdir):
         _teardown(inv, sdir, report)
     with contextlib.suppress(OSError):
         sdir.parent.rmdir()  # /run/orthros, if nothing else lives there (nor starts to)
     return report
+
+
+def _xdp_detach(state_dir: Path, report: DownReport) -> None:
+    """Take the XDP lock's programs off the interfaces of the lab that is up (a migration
+    that could not finish its unlock may have left them), so that its record goes with it.
+    The pinned programs and map stay: they are machine-wide, other users of this machine may
+    hold locks in them, and keeping them spares the next lab a compile (``orthros netlock
+    flush`` removes them)."""
+    try:
+        lab = Lab._load_state(state_dir)
+        from orthros_py.netlock.xdp import XdpNetLock
+    except Exception:
+        return
+    if lab is None:
+        return
+    lock = XdpNetLock()
+    try:
+        if not lock.state_file.exists():
+            return
+        for name in [h.netns for h in lab.all_hosts]:
+            if netns_exists(name):
+                lock.detach(None, netns=name)  # by the namespace's identity
+    except Exception as err:
+        report.warnings.append(f"could not take the XDP lock off the lab: {err}")
+    finally:
+        lock.close()
 
 
 def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> None:
@@ -784,7 +812,8 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
     _stop(list(victims.values()), report)
 
     # 2. Network locks some test or migration may have left in those namespaces.
-    _netlock_flush(names, report)
+    subnets = [x.subnet for x in (lab, inv) if x is not None]
+    _netlock_flush(names, report, subnets)
 
     # 3. Links: the bridge side of every veth (the peer goes with it), the bridge, and the
     # controller veth in this namespace if it carries the lab's alias.
@@ -882,15 +911,18 @@ def _stop(procs: list[psutil.Process], report: DownReport) -> None:
         report.warnings.append(f"process {p.pid} survived SIGKILL")
 
 
-def _netlock_flush(names: Sequence[str], report: DownReport) -> None:
+def _netlock_flush(names: Sequence[str], report: DownReport,
+                   subnets: Sequence[ipaddress.IPv4Network] = ()) -> None:
     """Clear network locks while the lab's interfaces still exist: ``orthros_py.netlock.flush``
-    once per namespace if it takes one, else once; nothing if there is no such function."""
+    once per namespace if it takes one, else once; without such a function, the XDP lock's
+    part that is the lab's (``_xdp_release``)."""
     try:
         netlock = importlib.import_module("orthros_py.netlock")
     except Exception:  # not written yet, or broken: not the lab's problem
         return
     flush = getattr(netlock, "flush", None)
     if not callable(flush):
+        _xdp_release(subnets, report)
         return
     try:
         per_netns = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
@@ -905,6 +937,30 @@ def _netlock_flush(names: Sequence[str], report: DownReport) -> None:
                 flush(n)
         except Exception as err:
             report.warnings.append(f"netlock flush{f' in {n}' if n else ''} failed: {err}")
+
+
+def _xdp_release(subnets: Sequence[ipaddress.IPv4Network],
+                 report: DownReport) -> None:
+    """Unlock the XDP lock's connections of the lab's subnets (map writes: no lock file is
+    taken, which ``_locked`` holds). Its programs came off the lab's interfaces before
+    (``_xdp_detach``); the pins stay."""
+    try:
+        from orthros_py.netlock.xdp import PIN_DIR, XdpNetLock
+    except Exception:
+        return
+    lock = XdpNetLock()
+    if not PIN_DIR.exists():
+        return
+    try:
+        ours = [lc.conn for lc in lock.locked()
+                if any(ipaddress.ip_address(ip) in net for net in subnets
+                       for ip in (lc.conn.local_ip, lc.conn.remote_ip))]
+        if ours:
+            lock.unlock(ours)
+    except Exception as err:
+        report.warnings.append(f"could not release the XDP lock of the lab: {err}")
+    finally:
+        lock.close()
 
 
 def _delete_links(netns: str | None, report: DownReport, *, only_alias: bool,

@@ -1,0 +1,189 @@
+"""``orthros hosts``: every host of the inventory as its agent reports it (reachable, versions,
+what ``orthros check`` says there, the service addresses it holds); and ``Cluster``, how the
+commands that talk to agents (this one, ``orthros migrate``) reach them.
+
+Which key and which path: when a lab of this inventory is up, its agents hold the lab's own key
+(``STATE_DIR/authkey``) and are reached through the lab's controller address (or from inside
+each host's network namespace if the lab has none); otherwise the inventory's ``key_file``
+and the hosts' addresses as they are. ``--key`` overrides the key either way.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from orthros_py.cli.context import Env
+from orthros_py.errors import OrthrosError
+from orthros_py.inventory import INVENTORY_ENV, Inventory, load_inventory
+
+if TYPE_CHECKING:
+    from orthros_py.agent.client import AgentClient
+    from orthros_py.policies.migrate import Host
+
+inventory_option = click.option(
+    "--inventory", type=click.Path(path_type=Path, dir_okay=False), envvar=INVENTORY_ENV,
+    default=None, help=f"Inventory file (default: vagrant/inventory.toml, or ${INVENTORY_ENV}).")
+key_option = click.option(
+    "--key", "key_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="Cluster key file [default: the lab's key when a lab is up, else the inventory's "
+         "key_file].")
+
+
+@dataclass
+class Cluster:
+    """The inventory's hosts and how to call their agents from here."""
+
+    inventory: Inventory
+    key_path: Path
+    lab_netns: dict[str, str] | None  # host -> network namespace, if a lab without controller
+
+    def connector(self, name: str) -> Callable[[tuple[str, int], float], socket.socket] | None:
+        if not self.lab_netns or name not in self.lab_netns:
+            return None
+        netns = self.lab_netns[name]
+
+        def connect(address: tuple[str, int], timeout: float) -> socket.socket:
+            from orthros_py.net.addr import in_netns
+
+            with in_netns(netns):
+                return socket.create_connection(address, timeout=timeout)
+
+        return connect
+
+    def client(self, name: str, *, timeout: float | None = None) -> AgentClient:
+        from orthros_py.agent.client import CALL_TIMEOUT, AgentClient
+
+        host = self.inventory.host(name)
+        return AgentClient(host.address, host.agent_port, self.key_path, name=name,
+                           timeout=timeout or CALL_TIMEOUT, connector=self.connector(name))
+
+    def host(self, name: str) -> Host:
+        from orthros_py.policies.migrate import Host
+
+        h = self.inventory.host(name)
+        return Host(name, self.client(name), h.address, h.agent_port)
+
+    def candidates(self, source: str, dest: str) -> list[str]:
+        """Service addresses both hosts may hold."""
+        return [s.cidr for s in self.inventory.services
+                if source in s.hosts and dest in s.hosts]
+
+
+def open_cluster(inventory: Path | None, key_path: Path | None) -> Cluster:
+    inv = load_inventory(inventory)
+    lab_netns: dict[str, str] | None = None
+    key = key_path
+    try:
+        from orthros_py.lab import Lab
+
+        lab = Lab.find(inv)
+    except (ImportError, OrthrosError):
+        lab = None
+    if lab is not None:
+        key = key or lab.key_file
+        if lab.controller is None:
+            lab_netns = {h.name: h.netns for h in lab.hosts}
+    return Cluster(inv, key or inv.key_file, lab_netns)
+
+
+# --- orthros hosts -------------------------------------------------------------------------------
+
+
+def probe_host(cluster: Cluster, name: str, *, check: bool) -> dict[str, Any]:
+    """What one host's agent says; never raises (an unreachable host is a row too)."""
+    h = cluster.inventory.host(name)
+    row: dict[str, Any] = {"name": name, "address": h.address, "agent_port": h.agent_port,
+                           "reachable": False, "error": None}
+    try:
+        client = cluster.client(name, timeout=10.0)
+        start = time.perf_counter()
+        ping = client.ping()
+        row["rtt_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        row["reachable"] = True
+        status = client.status()
+        criu = status.get("criu") or {}
+        row.update(orthros=ping.version, protocol=ping.protocol, hostname=ping.hostname,
+                   kernel=status.get("kernel"), python=status.get("python"),
+                   criu=criu.get("version"), criu_error=criu.get("error"),
+                   images=len(status.get("images", [])),
+                   restored=[t["pid"] for t in status.get("restored", []) if t.get("running")],
+                   held=[t["pid"] for t in status.get("held", [])])
+        addrs = {a.split("/")[0] for i in client.addr_list() for a in i["addresses"]}
+        row["services"] = [s.name for s in cluster.inventory.services if s.address in addrs]
+        row["foreign_services"] = [s.name for s in cluster.inventory.services
+                                   if s.address in addrs and name not in s.hosts]
+        if check:
+            report = client.check(quick=True)
+            probes = report.get("probes", {})
+            row["check"] = {"ok": bool(report.get("ok")),
+                            "missing_required": list(report.get("missing_required", [])),
+                            "missing_optional": sorted(
+                                n for n, r in probes.items()
+                                if not r.get("required") and not r.get("ok")),
+                            "default_network_lock": report.get("default_network_lock")}
+    except OrthrosError as err:
+        row["error"] = str(err)
+    return row
+
+
+@click.command()
+@inventory_option
+@key_option
+@click.option("--no-check", is_flag=True, help="Skip running 'orthros check' on each host.")
+@click.option("--json", "as_json", is_flag=True, help="Print the hosts as JSON.")
+@click.pass_obj
+def hosts(env: Env, inventory: Path | None, key_path: Path | None, no_check: bool,
+          as_json: bool) -> None:
+    """Show every inventory host: reachable, versions, check summary, services held."""
+    cluster = open_cluster(inventory, key_path)
+    names = [h.name for h in cluster.inventory.hosts]
+    with env.console.status(f"asking the agents of {len(names)} hosts"), \
+            ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        rows = list(pool.map(lambda n: probe_host(cluster, n, check=not no_check), names))
+    if as_json:
+        env.emit_json({"inventory": str(cluster.inventory.source), "key": str(cluster.key_path),
+                       "hosts": rows})
+        return
+    table = Table(title=f"hosts of {cluster.inventory.source}", title_justify="left")
+    for col in ("host", "address", "agent", "orthros", "CRIU", "kernel", "check", "services"):
+        table.add_column(col)
+    for r in rows:
+        if not r["reachable"]:
+            table.add_row(r["name"], f"{r['address']}:{r['agent_port']}",
+                          "[red]unreachable[/]", "-", "-", "-", "-", "-")
+            continue
+        chk = r.get("check")
+        if chk is None:
+            check_text = "-" if no_check else "?"
+        elif chk["ok"]:
+            check_text = "[green]ok[/]" + (f" ({len(chk['missing_optional'])} optional "
+                                           "missing)" if chk["missing_optional"] else "")
+        else:
+            check_text = f"[red]missing: {escape(', '.join(chk['missing_required']))}[/]"
+        services = ", ".join(r.get("services", [])) or "-"
+        if r.get("restored"):
+            services += f" (restored pids {', '.join(map(str, r['restored']))})"
+        table.add_row(r["name"], f"{r['address']}:{r['agent_port']}",
+                      f"[green]up[/] {r['rtt_ms']} ms", str(r.get("orthros")),
+                      str(r.get("criu") or f"[red]{escape(str(r.get('criu_error')))}[/]"),
+                      str(r.get("kernel")), check_text, escape(services))
+    env.console.print(table)
+    for r in rows:
+        if r.get("error"):
+            env.console.print(f"[yellow]{r['name']}:[/] {escape(r['error'])}")
+        for s in r.get("foreign_services", []):
+            env.console.print(f"[yellow]{r['name']} holds {s}, which the inventory does not "
+                              "give it[/]")
+
+
+COMMANDS = [hosts]

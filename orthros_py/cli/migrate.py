@@ -1,0 +1,163 @@
+"""``orthros migrate PID --from HOST --to HOST``: the policy ``orthros_py.policies.migrate`` with
+the inventory's agents as transport, its progress on stderr (rich) and its result as tables or,
+with ``--json``, as data on stdout."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from orthros_py.cli.context import Env
+from orthros_py.cli.hosts import inventory_option, key_option, open_cluster
+
+if TYPE_CHECKING:
+    from orthros_py.policies.migrate import Event, MigrationResult
+
+LOCKS = ("xdp", "nftables", "iptables", "skip")
+# The rows of the timings table (the policy measures a few more; --json has them all).
+TABLE_ROWS = ("lock", "dump", "transfer", "address move", "restore", "unlock", "total")
+EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "criu restore")
+
+
+class ProgressView:
+    """Renders the policy's events: a spinner on the running stage, a line per finished one."""
+
+    def __init__(self, env: Env, quiet: bool) -> None:
+        self.env = env
+        self.quiet = quiet
+        self.status = env.console.status("starting")
+
+    def __enter__(self) -> ProgressView:
+        if not self.quiet:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.status.stop()
+
+    def __call__(self, ev: Event) -> None:
+        from orthros_py.policies.migrate import Stage
+
+        if self.quiet:
+            return
+        con = self.env.console
+        name = ev.stage.value
+        if ev.kind == "start":
+            if ev.stage is Stage.ROLLBACK:
+                con.print(f"[bold red]rolling back[/]: {escape(ev.message)}")
+            self.status.update(f"{name} ...")
+        elif ev.kind == "done" and ev.stage is not Stage.DONE:
+            ms = f"{ev.elapsed_ms:9.1f} ms" if ev.elapsed_ms is not None else ""
+            colour = "yellow" if ev.stage in (Stage.ROLLED_BACK, Stage.FAILED) else "green"
+            con.print(f"[{colour}]\u2713[/] {name:<13} {ms}")
+        elif ev.kind == "failed":
+            con.print(f"[red]\u2717[/] {name:<13} {escape(ev.message)}")
+        elif ev.kind == "note":
+            where = f"{ev.host}: " if ev.host else ""
+            con.print(f"  [dim]{escape(where + ev.message)}[/]")
+
+
+@click.command()
+@click.argument("pid", type=click.IntRange(min=1))
+@click.option("--from", "source", required=True, metavar="HOST",
+              help="The inventory host the tree runs on (PID is a pid there).")
+@click.option("--to", "dest", required=True, metavar="HOST",
+              help="The inventory host to move it to.")
+@click.option("--service-ip", default=None, metavar="IP",
+              help="The service address to move with it [default: the one its connections "
+                   "use, or the one service address of the inventory the source holds].")
+@click.option("--network-lock", type=click.Choice(LOCKS), default="xdp", show_default=True,
+              help="How the connections are kept silent on both hosts meanwhile.")
+@inventory_option
+@key_option
+@click.option("--shell-job", is_flag=True,
+              help="The tree was started from a shell (it shares the shell's session and tty).")
+@click.option("--ext-unix-sk", is_flag=True,
+              help="Allow UNIX sockets whose peer is outside the tree.")
+@click.option("--keep-images", is_flag=True,
+              help="Keep the images (and CRIU's logs) on both hosts afterwards, also after a "
+                   "rollback.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result (timings, counts, the new PID) as JSON.")
+@click.pass_obj
+def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
+            network_lock: str, inventory: Path | None, key_path: Path | None,
+            shell_job: bool, ext_unix_sk: bool, keep_images: bool, as_json: bool) -> None:
+    """Move the live process tree of PID, with its TCP connections and its service address,
+    from one host to another; roll back if anything fails before the restore succeeded."""
+    from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration
+
+    cluster = open_cluster(inventory, key_path)
+    src, dst = cluster.host(source), cluster.host(dest)
+    if service_ip is not None:
+        try:
+            ip = ipaddress.IPv4Interface(service_ip if "/" in service_ip else f"{service_ip}/32")
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--service-ip") from err
+        if cluster.inventory.services and not cluster.inventory.may_hold(dest, str(ip.ip)):
+            raise click.BadParameter(f"the inventory does not let {dest} hold {ip.ip}",
+                                     param_hint="--service-ip")
+    config = MigrateConfig(network_lock=LockMethod(network_lock), service_ip=service_ip,
+                           shell_job=shell_job, ext_unix_sk=ext_unix_sk,
+                           keep_images=keep_images)
+    job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest))
+    if not as_json:
+        env.console.print(f"migrating pid {pid} from [bold]{source}[/] to [bold]{dest}[/] "
+                          f"({network_lock} lock)")
+    # SIGTERM (a service manager, a `timeout`) rolls back like Ctrl-C instead of leaving the
+    # tree stopped and locked half way.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with ProgressView(env, quiet=as_json) as view:
+            job.observer = view
+            result = job.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if as_json:
+        env.emit_json(result.to_dict())
+    else:
+        render_result(env, result)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def render_result(env: Env, r: MigrationResult) -> None:
+    con = env.console
+    svc = f" with {r.plan.service.ip}" if r.plan.service else ""
+    con.print(f"[green]pid {r.pid} now runs on {r.dest} as pid {r.new_pid}{svc}[/]")
+    timings = Table(title="phase timings", title_justify="left")
+    timings.add_column("phase")
+    timings.add_column("ms", justify="right")
+    for row in TABLE_ROWS:
+        if row == "total":
+            timings.add_section()
+        timings.add_row(row, f"{r.timings_ms.get(row, 0.0):.1f}")
+    timings.add_section()
+    for row in EXTRA_ROWS:
+        if row in r.timings_ms:
+            timings.add_row(f"[dim]{row}[/]", f"[dim]{r.timings_ms[row]:.1f}[/]")
+    counts = Table(title="counts", title_justify="left")
+    counts.add_column("what")
+    counts.add_column("", justify="right")
+    for name, value in (("processes", r.processes), ("connections", r.connections),
+                        ("established after", r.established), ("pages", r.pages),
+                        ("image bytes sent", r.bytes_transferred),
+                        ("CRIU frozen ms", "-" if r.frozen_ms is None else f"{r.frozen_ms:.1f}"),
+                        ("new pid", r.new_pid)):
+        counts.add_row(name, str(value))
+    con.print(timings)
+    con.print(counts)
+    for w in r.warnings:
+        con.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+COMMANDS = [migrate]

@@ -1,0 +1,1186 @@
+"""Live migration of a process tree, its TCP connections and its service address between two
+hosts, through their agents: the policy behind ``orthros migrate``.
+
+The stages, in order (``Stage``)::
+
+    PREPARE   ask both agents what they are and hold; find the tree, its connections and the
+              service address; plan (``plan``, pure); load the lock on both hosts, attach it on
+              the source; start the destination's CRIU page server
+    LOCK      silence the tree's connections on the source (XDP: map writes only)
+    DUMP      CRIU dump on the source, memory streamed to the destination's page server, the
+              tree left *stopped* (``leave_stopped``), its sockets in TCP repair mode
+    TRANSFER  the source's agent pushes the other image files to the destination's agent
+    ADDRESS   lock the connections on the destination too, move the service address (off the
+              source's interface, onto the destination's, gratuitous ARP)
+    RESTORE   free the tree's PIDs if both hosts share a PID space (kill the stopped source
+              tree), CRIU restore on the destination
+              --- point of no return: the tree runs on the destination ---
+    UNLOCK    kill the stopped source tree (silently: its sockets are in repair mode), unlock
+              both hosts, take the lock programs off their interfaces
+    VERIFY    the restored tree runs and holds its connections, established
+    CLEANUP   remove the images on both hosts
+
+Why the source tree is left stopped rather than killed by the dump: its memory went to the
+destination only (written once, as the page server receives it), so the source has no complete
+checkpoint. Keeping the stopped tree keeps what a rollback needs: resuming it (TCP repair off,
+SIGCONT: ``orthros_py.agent.held``) undoes the dump in a few milliseconds, without a restore.
+Hosts that share a PID space (the lab's network-namespace hosts) cannot keep it that long: the
+destination's restore needs the very PIDs the stopped tree holds, so the tree is killed just
+before the restore, and a failed restore is rolled back by fetching the pages back from the
+destination (the source kept every other image file) and restoring on the source.
+
+Any failure before the point of no return rolls back (``rollback_plan``, pure): the page server
+stops, the address returns to the source, the tree is resumed (or restored) there, both locks
+are lifted, the images are removed. Steps on a destination that cannot be reached are retried
+for ``MigrateConfig.dest_retry_s`` after the source's own steps are done, so that the service
+comes back first. ``MigrationError`` then says in one sentence what failed where and what the
+rollback did; failures after the point of no return leave the tree on the destination and are
+reported as warnings (unlock, cleanup) or as an error that says so (verify).
+
+No privileges here and no I/O but the agent calls: the agents do the work (see
+``orthros_py.agent.ops``). Never prints: progress goes to an observer callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import ipaddress
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from orthros_py.agent.errors import AgentError, AgentUnreachable
+from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
+from orthros_py.errors import (
+    CriuError,
+    ExitStatus,
+    NoSuchProcessError,
+    OperationTimeout,
+    OrthrosError,
+)
+from orthros_py.netlock.base import Conn
+
+# --- stages, methods, configuration --------------------------------------------------------------
+
+
+class Stage(enum.Enum):
+    """Where a migration is. The forward stages run in this order; ROLLBACK replaces the rest
+    when one of them before the point of no return fails."""
+
+    PREPARE = "prepare"
+    LOCK = "lock"
+    DUMP = "dump"
+    TRANSFER = "transfer"
+    ADDRESS = "address move"
+    RESTORE = "restore"
+    UNLOCK = "unlock"
+    VERIFY = "verify"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    ROLLBACK = "rollback"
+    ROLLED_BACK = "rolled back"
+    FAILED = "failed"
+
+    @property
+    def before_point_of_no_return(self) -> bool:
+        return self in _BEFORE_PONR
+
+
+FORWARD = (Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS, Stage.RESTORE,
+           Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP)
+# A failure in one of these rolls back. RESTORE is the last: only its success passes the point
+# of no return.
+_BEFORE_PONR = frozenset({Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
+                          Stage.RESTORE})
+
+
+class LockMethod(enum.StrEnum):
+    """Who keeps the tree's connections silent while it moves. Every method is orthros's own
+    backend (``orthros_py.netlock``) run by the agents on both hosts; CRIU itself is always told
+    ``skip``, so that the lock spans dump, move and restore on two hosts, which CRIU's
+    per-process methods cannot."""
+
+    XDP = "xdp"  # one pinned BPF map per host: N connections cost 2N map writes
+    NFTABLES = "nftables"
+    IPTABLES = "iptables"
+    SKIP = "skip"  # nothing is locked: packets meanwhile may reset connections
+
+    @property
+    def backend(self) -> str | None:
+        return None if self is LockMethod.SKIP else self.value
+
+
+# Timing rows, in the order a table shows them; "total" is the whole run's wall time and
+# "downtime" the span from the lock to the unlock (what the clients wait through).
+TIMING_ROWS = ("prepare", "lock", "dump", "transfer", "address move", "restore", "unlock",
+               "verify", "cleanup", "downtime", "total")
+# Parts of "restore", shown apart: killing the stopped source tree (before the restore when the
+# hosts share a PID space, after it otherwise: then it counts in "unlock"), and CRIU's own
+# restore time (the rest is waiting for the tree's PIDs to be free, and the RPC).
+DETAIL_ROWS = ("release source", "criu restore")
+
+
+@dataclass(frozen=True)
+class MigrateConfig:
+    """The thresholds and choices of one migration."""
+
+    network_lock: LockMethod = LockMethod.XDP
+    service_ip: str | None = None  # None: found from the tree's connections (see ``plan``)
+    # CRIU options for the dump and the restore.
+    tcp_established: bool = True
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    manage_cgroups: CgroupMode = CgroupMode.SOFT
+    criu_log_level: int = 2
+    # Kill the stopped source tree before the restore (True), after it (False), or decide from
+    # whether the two hosts share a PID space (None).
+    release_source_first: bool | None = None
+    garp_count: int = 1
+    prepare_timeout_s: float = 120.0  # the first XDP load compiles for ~10 s
+    dump_timeout_s: float = 120.0
+    transfer_timeout_s: float = 60.0
+    restore_timeout_s: float = 120.0
+    verify_timeout_s: float = 5.0  # for the restored connections to show as established
+    kill_wait_s: float = 10.0
+    # How long a rollback keeps trying to reach a destination that does not answer.
+    dest_retry_s: float = 15.0
+    retry_interval_s: float = 0.5
+    keep_images: bool = False  # leave the images on both hosts, after a rollback too
+
+    def __post_init__(self) -> None:
+        for name in ("prepare_timeout_s", "dump_timeout_s", "transfer_timeout_s",
+                     "restore_timeout_s", "verify_timeout_s", "kill_wait_s", "dest_retry_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if not 0 <= self.criu_log_level <= 4:
+            raise ValueError("criu_log_level must be 0-4")
+        if self.service_ip is not None:
+            parse_service_ip(self.service_ip)
+
+    def dump_options(self, page_server: tuple[str, int]) -> DumpOptions:
+        return DumpOptions(
+            tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
+            shell_job=self.shell_job, file_locks=self.file_locks,
+            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
+            log_level=self.criu_log_level, leave_stopped=True, page_server=page_server)
+
+    def restore_options(self) -> RestoreOptions:
+        return RestoreOptions(
+            tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
+            shell_job=self.shell_job, file_locks=self.file_locks,
+            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
+            log_level=self.criu_log_level)
+
+
+def parse_service_ip(text: str) -> ipaddress.IPv4Interface:
+    """``10.0.0.5`` or ``10.0.0.5/32`` -> IPv4Interface; PlanError otherwise."""
+    try:
+        return ipaddress.IPv4Interface(text if "/" in text else f"{text}/32")
+    except ValueError as err:
+        raise PlanError(f"{text!r} is not an IPv4 service address") from err
+
+
+# --- the hosts, as the policy sees them ----------------------------------------------------------
+
+
+class AgentAPI(Protocol):
+    """What the policy calls on an agent (``orthros_py.agent.client.AgentClient`` has it all;
+    unit tests hand in fakes)."""
+
+    name: str
+
+    def status(self) -> dict[str, Any]: ...
+    def tree(self, pid: int) -> dict[str, Any]: ...
+    def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]: ...
+    def netlock_prepare(self, backend: str = "xdp", *, timeout: float = 120.0
+                        ) -> dict[str, Any]: ...
+    def netlock_lock(self, backend: str, *, conns: Iterable[str | Conn] = (),
+                     pids: Iterable[int] = (), ifaces: Iterable[str] = (),
+                     netns: str | None = None, timeout: float = 120.0) -> list[str]: ...
+    def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
+                       netns: str | None = None, detach: Iterable[str] = (),
+                       tidy: bool = False) -> list[str]: ...
+    def page_server(self, image: str, *, address: str | None = None, port: int = 0,
+                    log_level: int = 2) -> Any: ...
+    def page_server_stop(self, image: str) -> dict[str, Any]: ...
+    def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
+             timeout: float = 600.0) -> Any: ...
+    def restore(self, image: str, opts: RestoreOptions | None = None, *,
+                timeout: float = 600.0) -> Any: ...
+    def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
+                    dest_name: str | None = None, overwrite: bool = False,
+                    timeout: float = 600.0, files: Iterable[str] | None = None,
+                    prefixes: Iterable[str] | None = None) -> list[Any]: ...
+    def kill(self, pid: int, *, signal: str = "KILL", wait: float = 5.0) -> Any: ...
+    def resume(self, pid: int) -> dict[str, Any]: ...
+    def remove_image(self, image: str) -> bool: ...
+    def addr_add(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
+    def addr_del(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
+    def garp(self, ifname: str, address: str, *, count: int = 1,
+             netns: str | None = None) -> int: ...
+
+
+@dataclass(frozen=True)
+class Host:
+    """One end of a migration: its name, its agent (the transport, opened by the caller), and
+    where the *other* host reaches it (agent port, page server)."""
+
+    name: str
+    agent: AgentAPI
+    address: str
+    agent_port: int
+
+
+# --- facts and the plan (pure) -------------------------------------------------------------------
+
+
+class PlanError(OrthrosError):
+    """The migration cannot be planned as asked; nothing was touched."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    name: str
+    address: str  # the host's own cluster address
+    interfaces: Mapping[str, tuple[ipaddress.IPv4Interface, ...]]  # ifname -> addresses
+    boot_id: str | None = None
+    pid_ns: int | None = None
+
+    @classmethod
+    def from_agent(cls, name: str, address: str, status: Mapping[str, Any],
+                   interfaces: Sequence[Mapping[str, Any]]) -> HostFacts:
+        return cls(name, address,
+                   {str(i["ifname"]): tuple(ipaddress.IPv4Interface(a) for a in i["addresses"])
+                    for i in interfaces},
+                   status.get("boot_id"), status.get("pid_ns"))
+
+    def holder_of(self, ip: ipaddress.IPv4Address) -> tuple[str, ipaddress.IPv4Interface] | None:
+        """(ifname, address/prefix) of the interface holding ``ip``, or None."""
+        for ifname, addrs in sorted(self.interfaces.items()):
+            for a in addrs:
+                if a.ip == ip:
+                    return ifname, a
+        return None
+
+
+@dataclass(frozen=True)
+class TreeFacts:
+    pid: int
+    pids: tuple[int, ...]
+    conns: tuple[Conn, ...]  # everything a lock must cover
+    interfaces: tuple[str, ...] = ()  # where their packets leave
+    in_agent_netns: bool = True
+
+    @classmethod
+    def from_agent(cls, data: Mapping[str, Any]) -> TreeFacts:
+        return cls(int(data["pid"]), tuple(int(p["pid"]) for p in data["processes"]),
+                   tuple(Conn.parse(c) for c in data["conns"]),
+                   tuple(str(i) for i in data.get("interfaces", [])),
+                   bool(data.get("agent_netns", True)))
+
+
+@dataclass(frozen=True)
+class Facts:
+    source: HostFacts
+    dest: HostFacts
+    tree: TreeFacts
+    # Service addresses the inventory lets both hosts hold (used when neither the caller nor
+    # the tree's connections name one).
+    candidates: tuple[str, ...] = ()
+
+
+def shared_pid_space(a: HostFacts, b: HostFacts) -> bool | None:
+    """Whether processes of ``a`` and ``b`` draw from one PID space; None if unknown."""
+    if None in (a.boot_id, b.boot_id, a.pid_ns, b.pid_ns):
+        return None
+    return a.boot_id == b.boot_id and a.pid_ns == b.pid_ns
+
+
+@dataclass(frozen=True)
+class Plan:
+    pid: int
+    image: str
+    source: str
+    dest: str
+    service: ipaddress.IPv4Interface | None  # with the prefix it has on the source
+    src_ifname: str | None  # where the service address is on the source
+    dst_ifname: str  # where it goes on the destination, and where its lock attaches
+    src_lock_ifaces: tuple[str, ...]  # where the source's lock attaches
+    lock: LockMethod
+    release_first: bool
+    conns: tuple[Conn, ...]
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "image": self.image, "source": self.source, "dest": self.dest,
+                "service_ip": self.service.with_prefixlen if self.service else None,
+                "src_ifname": self.src_ifname, "dst_ifname": self.dst_ifname,
+                "src_lock_ifaces": list(self.src_lock_ifaces), "network_lock": self.lock.value,
+                "release_source_first": self.release_first, "conns": len(self.conns),
+                "notes": list(self.notes)}
+
+
+def _dest_ifname(dest: HostFacts, service: ipaddress.IPv4Interface | None) -> str:
+    """The destination's interface for the service address: the one holding its own cluster
+    address, else the one on the service address's network, else its only non-loopback one."""
+    own = dest.holder_of(ipaddress.IPv4Address(dest.address))
+    if own is not None:
+        return own[0]
+    if service is not None:
+        for ifname, addrs in sorted(dest.interfaces.items()):
+            if any(service.ip in a.network for a in addrs):
+                return ifname
+    others = [i for i, addrs in dest.interfaces.items() if i != "lo" and addrs]
+    if len(others) == 1:
+        return others[0]
+    raise PlanError(f"cannot tell which interface of {dest.name} should take the service "
+                    f"address: none holds its address {dest.address}")
+
+
+def plan(facts: Facts, config: MigrateConfig, image: str) -> Plan:
+    """Decide the migration from what the agents said; PlanError if it cannot work."""
+    src, dst, tree = facts.source, facts.dest, facts.tree
+    if src.name == dst.name:
+        raise PlanError(f"the source and the destination are the same host ({src.name})")
+    if not tree.in_agent_netns:
+        raise PlanError(f"pid {tree.pid} lives in another network namespace than {src.name}'s "
+                        "agent: orthros migrates trees of the host's own network namespace")
+    notes: list[str] = []
+    local_ips = {ipaddress.ip_address(c.local_ip) for c in tree.conns}
+    movable = {ip for ip in local_ips if not ip.is_loopback}
+
+    service: ipaddress.IPv4Interface | None = None
+    if config.service_ip is not None:
+        wanted = parse_service_ip(config.service_ip)
+        held = src.holder_of(wanted.ip)
+        if held is None:
+            raise PlanError(f"{src.name} does not hold the service address {wanted.ip}")
+        service = held[1]
+    elif movable:
+        if len(movable) > 1:
+            raise PlanError(f"the tree of pid {tree.pid} has connections on several addresses "
+                            f"({', '.join(sorted(map(str, movable)))}): name the one to move "
+                            "with --service-ip")
+        (ip,) = movable
+        held = src.holder_of(ipaddress.IPv4Address(str(ip)))
+        if held is None:
+            raise PlanError(f"the connections of pid {tree.pid} use {ip}, which no interface "
+                            f"of {src.name} holds")
+        service = held[1]
+    else:
+        options = []
+        for cand in facts.candidates:
+            held = src.holder_of(parse_service_ip(cand).ip)
+            if held is not None:
+                options.append(held[1])
+        if len(options) > 1:
+            raise PlanError(f"{src.name} holds several service addresses "
+                            f"({', '.join(a.with_prefixlen for a in options)}): name the one "
+                            "to move with --service-ip")
+        if options:
+            service = options[0]
+        else:
+            notes.append("no service address to move: the tree has no connections and "
+                         f"{src.name} holds none that {dst.name} may take")
+
+    if service is not None:
+        if str(service.ip) == src.address:
+            raise PlanError(f"{service.ip} is {src.name}'s own address, which cannot move; give "
+                            "the service an address of its own (a [[service]] in the inventory)")
+        if dst.holder_of(service.ip) is not None:
+            raise PlanError(f"{dst.name} already holds {service.ip}")
+        stray = [c for c in tree.conns if not ipaddress.ip_address(c.local_ip).is_loopback
+                 and ipaddress.ip_address(c.local_ip) != service.ip]
+        if stray:
+            raise PlanError(f"the connection {stray[0]} of pid {tree.pid} uses {stray[0].local_ip}"
+                            f", which stays on {src.name}: only connections to the service "
+                            f"address {service.ip} can move")
+    elif movable:  # pragma: no cover - the branches above always chose one
+        raise PlanError("no service address for the tree's connections")
+
+    src_if = src.holder_of(service.ip)[0] if service is not None else None  # type: ignore[index]
+    dst_if = _dest_ifname(dst, service)
+    lock_ifaces = tuple(sorted({*tree.interfaces, *([src_if] if src_if else [])}))
+    shared = shared_pid_space(src, dst)
+    if config.release_source_first is not None:
+        release = config.release_source_first
+    else:
+        release = shared is not False  # unknown: the safe choice for the restore
+        if shared is None:
+            notes.append("the agents did not say whether they share a PID space: the source "
+                         "tree is killed before the restore")
+    if config.network_lock is LockMethod.SKIP and tree.conns:
+        notes.append(f"no network lock: packets meanwhile may reset the {len(tree.conns)} "
+                     "connections")
+    return Plan(pid=tree.pid, image=image, source=src.name, dest=dst.name, service=service,
+                src_ifname=src_if, dst_ifname=dst_if, src_lock_ifaces=lock_ifaces,
+                lock=config.network_lock, release_first=release, conns=tree.conns,
+                notes=tuple(notes))
+
+
+def new_image_name(pid: int) -> str:
+    return f"migrate-{pid}-{secrets.token_hex(4)}"
+
+
+# --- what has been done, and how to undo it (pure) -----------------------------------------------
+
+
+@dataclass
+class Done:
+    """What the forward path has done so far: the rollback undoes exactly this."""
+
+    page_server: bool = False  # started on the destination (may still wait there)
+    dest_image: bool = False  # the destination has an image directory for this migration
+    src_image: bool = False
+    src_attached: tuple[str, ...] = ()  # interfaces of the source the lock was attached to
+    src_locked: tuple[str, ...] = ()
+    dst_attached: tuple[str, ...] = ()
+    dst_locked: tuple[str, ...] = ()
+    held: bool = False  # the dumped tree is held stopped on the source
+    address_off_source: bool = False
+    address_on_dest: bool = False
+    released: bool = False  # the held source tree was killed
+    restored_pid: int | None = None
+    restore_in_doubt: bool = False  # the destination may have restored it: it did not say
+
+
+class Undo(enum.Enum):
+    """One rollback step, and the host that performs it."""
+
+    STOP_PAGE_SERVER = ("dest", "stop the page server")
+    ADDRESS_OFF_DEST = ("dest", "take the service address off the destination")
+    ADDRESS_ON_SOURCE = ("source", "put the service address back on the source")
+    RESUME_SOURCE = ("source", "resume the stopped tree on the source")
+    RESTORE_SOURCE = ("source", "restore the tree on the source")
+    UNLOCK_SOURCE = ("source", "unlock the connections on the source")
+    UNLOCK_DEST = ("dest", "unlock the connections on the destination")
+    REMOVE_IMAGE_DEST = ("dest", "remove the images on the destination")
+    REMOVE_IMAGE_SOURCE = ("source", "remove the images on the source")
+
+    @property
+    def side(self) -> str:
+        return str(self.value[0])
+
+    @property
+    def what(self) -> str:
+        return str(self.value[1])
+
+    @property
+    def brings_tree(self) -> bool:
+        """Brings the tree back on the source."""
+        return self in (Undo.RESUME_SOURCE, Undo.RESTORE_SOURCE)
+
+    @property
+    def needs_tree(self) -> bool:
+        """Only once the tree runs on the source again: unlocked before, its connections would
+        meet an address without a socket (resets); the images are all there is of it."""
+        return self in (Undo.UNLOCK_SOURCE, Undo.UNLOCK_DEST, Undo.REMOVE_IMAGE_DEST,
+                        Undo.REMOVE_IMAGE_SOURCE)
+
+    @property
+    def leaves_litter(self) -> bool:
+        """Failing it leaves files or records, not a lock, an address or a stopped tree."""
+        return self in (Undo.STOP_PAGE_SERVER, Undo.REMOVE_IMAGE_DEST, Undo.REMOVE_IMAGE_SOURCE)
+
+
+def rollback_plan(done: Done) -> list[Undo]:
+    """The steps that undo ``done``, in order: address back and tree back first (the service
+    returns), locks lifted after that (its connections flow again only once it is there),
+    images last. The images stay if the tree cannot be brought back (see ``Migration``)."""
+    steps: list[Undo] = []
+    if done.page_server:
+        steps.append(Undo.STOP_PAGE_SERVER)
+    if done.address_on_dest:
+        steps.append(Undo.ADDRESS_OFF_DEST)
+    if done.address_off_source:
+        steps.append(Undo.ADDRESS_ON_SOURCE)
+    if done.held and done.released:
+        steps.append(Undo.RESTORE_SOURCE)
+    elif done.held:
+        steps.append(Undo.RESUME_SOURCE)
+    if done.src_locked or done.src_attached:
+        steps.append(Undo.UNLOCK_SOURCE)
+    if done.dst_locked or done.dst_attached:
+        steps.append(Undo.UNLOCK_DEST)
+    if done.dest_image:
+        steps.append(Undo.REMOVE_IMAGE_DEST)
+    if done.src_image:
+        steps.append(Undo.REMOVE_IMAGE_SOURCE)
+    return steps
+
+
+# --- progress, results, errors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """A progress report: a stage started or ended, or a note within one."""
+
+    stage: Stage
+    kind: str  # "start", "done", "note", "failed"
+    message: str = ""
+    elapsed_ms: float | None = None
+    host: str | None = None
+
+
+Observer = Callable[[Event], None]
+
+
+@dataclass
+class MigrationResult:
+    pid: int
+    new_pid: int
+    source: str
+    dest: str
+    plan: Plan
+    timings_ms: dict[str, float]
+    processes: int
+    connections: int
+    established: int
+    pages: int
+    bytes_transferred: int
+    frozen_ms: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid, "new_pid": self.new_pid, "source": self.source, "dest": self.dest,
+            "service_ip": self.plan.service.with_prefixlen if self.plan.service else None,
+            "network_lock": self.plan.lock.value, "image": self.plan.image,
+            "release_source_first": self.plan.release_first,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "counts": {"processes": self.processes, "connections": self.connections,
+                       "established_after": self.established, "pages": self.pages,
+                       "bytes_transferred": self.bytes_transferred},
+            "criu_frozen_ms": None if self.frozen_ms is None else round(self.frozen_ms, 3),
+            "warnings": list(self.warnings), "notes": list(self.plan.notes),
+        }
+
+
+class MigrationError(OrthrosError):
+    """A migration failed. ``rolled_back``: the tree runs on the source again with its address
+    and no lock is left; ``problems`` lists what the rollback could not undo of those,
+    ``leftovers`` the files it could not remove (images on a host that does not answer)."""
+
+    def __init__(self, msg: str, *, cause: BaseException | None = None,
+                 rolled_back: bool = False, problems: Sequence[str] = (),
+                 leftovers: Sequence[str] = (), service_down: bool = False,
+                 **context: Any) -> None:
+        super().__init__(msg, **context)
+        self.cause = cause
+        self.rolled_back = rolled_back
+        self.problems = list(problems)
+        self.leftovers = list(leftovers)
+        self.service_down = service_down
+
+    def __str__(self) -> str:
+        return self.msg  # one sentence that already says where
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.update(rolled_back=self.rolled_back, problems=self.problems,
+                    leftovers=self.leftovers, service_down=self.service_down,
+                    cause=self.cause.to_dict() if isinstance(self.cause, OrthrosError) else
+                    (repr(self.cause) if self.cause else None))
+        return data
+
+
+def _is_transport(err: BaseException) -> bool:
+    """Did the call fail to reach the agent or to hear back (rather than being refused)?"""
+    return isinstance(err, AgentUnreachable | OperationTimeout) or type(err) is AgentError
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OrthrosError):
+        text = err.msg
+        if err.hint and not isinstance(err, MigrationError):
+            text += f" ({err.hint})"
+        return text
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(err).__name__}: {err}"
+
+
+# --- the state machine ---------------------------------------------------------------------------
+
+
+class Migration:
+    """One migration of the tree of ``pid`` from ``source`` to ``dest``; ``run()`` once."""
+
+    def __init__(self, pid: int, source: Host, dest: Host,
+                 config: MigrateConfig | None = None, *, observer: Observer | None = None,
+                 candidates: Sequence[str] = (), image: str | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.pid = pid
+        self.source = source
+        self.dest = dest
+        self.config = config or MigrateConfig()
+        self.observer = observer
+        self.candidates = tuple(candidates)
+        self.image = image or new_image_name(pid)
+        self.clock = clock
+        self.sleep = sleep
+        self.stage = Stage.PREPARE
+        self.done = Done()
+        self.plan: Plan | None = None
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self._failed_on: str | None = None
+        self._dumped: Any = None
+        self._restored: Any = None
+        self._bytes = 0
+        self._established = 0
+        self._lock_started: float | None = None
+        self._page_server: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _emit(self, stage: Stage, kind: str, message: str = "",
+              elapsed_ms: float | None = None, host: str | None = None) -> None:
+        if self.observer is not None:
+            self.observer(Event(stage, kind, message, elapsed_ms, host))
+
+    def _note(self, message: str, host: str | None = None) -> None:
+        self._emit(self.stage, "note", message, host=host)
+
+    @contextlib.contextmanager
+    def _enter(self, stage: Stage) -> Iterator[None]:
+        self.stage = stage
+        self._emit(stage, "start")
+        start = self.clock()
+        yield
+        self._emit(stage, "done", elapsed_ms=(self.clock() - start) * 1000)
+
+    @contextlib.contextmanager
+    def _timed(self, row: str) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.timings[row] = self.timings.get(row, 0.0) + (self.clock() - start) * 1000
+
+    @contextlib.contextmanager
+    def _on(self, host: Host) -> Iterator[None]:
+        """Calls to ``host``'s agent: an error is marked with the host and the stage."""
+        try:
+            yield
+        except OrthrosError as err:
+            err.host = err.host or host.name
+            err.stage = err.stage or self.stage.value
+            self._failed_on = err.host
+            raise
+        except BaseException:
+            self._failed_on = host.name
+            raise
+
+    @property
+    def _backend(self) -> str | None:
+        assert self.plan is not None
+        return self.plan.lock.backend
+
+    # -- the forward path -------------------------------------------------------------------
+
+    def run(self) -> MigrationResult:
+        """Migrate; MigrationError (after a rollback, when one is possible) if it fails."""
+        total_start = self.clock()
+        try:
+            with self._enter(Stage.PREPARE), self._timed("prepare"):
+                self._prepare()
+            with self._enter(Stage.LOCK), self._timed("lock"):
+                self._lock_started = self.clock()
+                self._lock_source()
+            with self._enter(Stage.DUMP), self._timed("dump"):
+                self._dump()
+            with self._enter(Stage.TRANSFER), self._timed("transfer"):
+                self._transfer()
+            with self._enter(Stage.ADDRESS):
+                self._lock_dest()
+                with self._timed("address move"):
+                    self._move_address()
+            with self._enter(Stage.RESTORE), self._timed("restore"):
+                self._restore()
+        except BaseException as err:
+            self.timings["total"] = (self.clock() - total_start) * 1000
+            failure = self._rollback(err)
+            if failure is err:
+                raise  # nothing was touched: the error as it came
+            raise failure from err
+
+        # === POINT OF NO RETURN: the tree runs on the destination. From here on nothing is
+        # rolled back; what fails is reported (warnings), and the tree stays where it is.
+        with self._enter(Stage.UNLOCK), self._timed("unlock"):
+            self._release_source_after()
+            self._unlock()
+        if self._lock_started is not None:
+            self.timings["downtime"] = (self.clock() - self._lock_started) * 1000
+        with self._enter(Stage.VERIFY), self._timed("verify"):
+            self._verify()
+        with self._enter(Stage.CLEANUP), self._timed("cleanup"):
+            self._cleanup()
+        self.stage = Stage.DONE
+        self.timings["total"] = (self.clock() - total_start) * 1000
+        self._emit(Stage.DONE, "done", elapsed_ms=self.timings["total"])
+        return self._result()
+
+    def _prepare(self) -> None:
+        cfg, src, dst = self.config, self.source, self.dest
+        with self._on(src):
+            src_status = src.agent.status()
+            tree = TreeFacts.from_agent(src.agent.tree(self.pid))
+            src_ifaces = src.agent.addr_list()
+        with self._on(dst):
+            dst_status = dst.agent.status()
+            dst_ifaces = dst.agent.addr_list()
+        for host, status in ((src, src_status), (dst, dst_status)):
+            criu = status.get("criu") or {}
+            if not criu.get("version"):
+                raise OrthrosError(f"CRIU is not usable on {host.name}: "
+                                   f"{criu.get('error') or 'not found'}", host=host.name,
+                                   stage=self.stage.value, hint="run scripts/setup.sh there")
+        facts = Facts(HostFacts.from_agent(src.name, src.address, src_status, src_ifaces),
+                      HostFacts.from_agent(dst.name, dst.address, dst_status, dst_ifaces),
+                      tree, self.candidates)
+        self.plan = plan(facts, cfg, self.image)
+        for note in self.plan.notes:
+            self._note(note)
+        self._note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
+                   + (f", service address {self.plan.service.with_prefixlen}"
+                      if self.plan.service else ""))
+        backend = self._backend
+        if backend is not None:
+            for host in (src, dst):
+                with self._on(host):
+                    info = host.agent.netlock_prepare(backend, timeout=cfg.prepare_timeout_s)
+                if info.get("compiled"):
+                    self._note(f"compiled the {backend} lock on {host.name} in "
+                               f"{info.get('compile_seconds') or 0:.1f} s", host=host.name)
+            if self.plan.src_lock_ifaces and backend == "xdp":
+                self.done.src_attached = self.plan.src_lock_ifaces
+                with self._on(src):
+                    src.agent.netlock_lock(backend, ifaces=self.plan.src_lock_ifaces,
+                                           timeout=cfg.prepare_timeout_s)
+        self.done.page_server = self.done.dest_image = True
+        with self._on(dst):
+            self._page_server = dst.agent.page_server(
+                self.image, address=dst.address, log_level=cfg.criu_log_level)
+
+    def _lock_source(self) -> None:
+        assert self.plan is not None
+        backend = self._backend
+        if backend is None:
+            return
+        # Found again by the agent now: the connections of this very moment.
+        self.done.src_locked = tuple(str(c) for c in self.plan.conns)  # at least these
+        with self._on(self.source):
+            locked = self.source.agent.netlock_lock(
+                backend, pids=[self.pid], ifaces=self.plan.src_lock_ifaces,
+                timeout=self.config.prepare_timeout_s)
+        self.done.src_locked = tuple(dict.fromkeys([*locked, *self.done.src_locked]))
+
+    def _dump(self) -> None:
+        cfg, src = self.config, self.source
+        ps = self._page_server
+        opts = cfg.dump_options((str(ps.address or self.dest.address), int(ps.port)))
+        self.done.src_image = True
+        try:
+            with self._on(src):
+                self._dumped = src.agent.dump(self.pid, self.image, opts,
+                                              timeout=cfg.dump_timeout_s)
+        except BaseException as err:
+            # A dump that failed leaves the tree running (CRIU resumes it). One whose answer
+            # was lost may have succeeded: ask whether the tree is held stopped.
+            if _is_transport(err):
+                self.done.held = self._source_holds()
+            raise
+        self.done.held = True
+        # The page server serves one dump and exits.
+        self.done.page_server = False
+        stats = self._dumped.stats or {}
+        self._note(f"dumped {len(self._dumped.pids)} processes, "
+                   f"{stats.get('pages_written', 0)} pages sent to {self.dest.name}")
+
+    def _source_holds(self) -> bool:
+        with contextlib.suppress(BaseException):
+            held = self.source.agent.status().get("held", [])
+            return any(int(t["pid"]) == self.pid for t in held)
+        return True  # cannot tell: assume it is held, so that the rollback tries to resume it
+
+    def _transfer(self) -> None:
+        src, dst = self.source, self.dest
+        with self._on(src):
+            sent = src.agent.push_images(self.image, dst.address, dst.agent_port,
+                                         dest_name=dst.name,
+                                         timeout=self.config.transfer_timeout_s)
+        self._bytes = sum(int(getattr(f, "size", 0)) for f in sent)
+        self._note(f"{len(sent)} image files ({self._bytes} bytes) sent to {dst.name}")
+
+    def _lock_dest(self) -> None:
+        assert self.plan is not None
+        backend = self._backend
+        if backend is None or not self.done.src_locked:
+            return
+        ifaces = (self.plan.dst_ifname,) if backend == "xdp" else ()
+        self.done.dst_attached = ifaces
+        self.done.dst_locked = self.done.src_locked
+        with self._timed("lock"), self._on(self.dest):
+            self.dest.agent.netlock_lock(backend, conns=self.done.src_locked, ifaces=ifaces,
+                                         timeout=self.config.prepare_timeout_s)
+
+    def _move_address(self) -> None:
+        p, src, dst = self.plan, self.source, self.dest
+        assert p is not None
+        if p.service is None:
+            return
+        assert p.src_ifname is not None
+        self.done.address_off_source = True
+        with self._on(src):
+            src.agent.addr_del(p.src_ifname, p.service.with_prefixlen)
+        self.done.address_on_dest = True
+        with self._on(dst):
+            dst.agent.addr_add(p.dst_ifname, p.service.with_prefixlen)
+            if self.config.garp_count > 0:
+                dst.agent.garp(p.dst_ifname, str(p.service.ip), count=self.config.garp_count)
+
+    def _restore(self) -> None:
+        assert self.plan is not None
+        cfg, dst = self.config, self.dest
+        if self.plan.release_first:
+            self._release_source()
+        try:
+            with self._on(dst):
+                self._restored = dst.agent.restore(self.image, cfg.restore_options(),
+                                                   timeout=cfg.restore_timeout_s)
+        except BaseException as err:
+            if not (_is_transport(err) or isinstance(err, KeyboardInterrupt)):
+                raise
+            # No answer (or we stopped listening): the restore may have happened all the same,
+            # or still be under way there. Ask before undoing.
+            known, found = self._restored_on_dest()
+            if found is None:
+                self.done.restore_in_doubt = not known
+                raise
+            self._note(f"{dst.name} did not answer the restore, but runs the tree as pid "
+                       f"{found}: going on", host=dst.name)
+            self._restored = _Restored(found)
+        self.done.restored_pid = int(self._restored.pid)
+        criu_ms = getattr(self._restored, "elapsed_ms", None)
+        if criu_ms is not None:
+            # The restore call also waits for the tree's PIDs to be free (one PID space).
+            self.timings["criu restore"] = float(criu_ms)
+        self._note(f"restored on {dst.name} as pid {self._restored.pid}")
+
+    def _release_source(self) -> None:
+        """Kill the held source tree (its sockets are in repair mode: its peers hear nothing)."""
+        self.done.released = True  # SIGKILL is on its way: from now on it cannot be resumed
+        with self._timed("release source"), self._on(self.source):
+            killed = self.source.agent.kill(self.pid, wait=self.config.kill_wait_s)
+        if not killed.exited:
+            raise OrthrosError(f"the stopped tree of pid {self.pid} did not exit after SIGKILL",
+                               host=self.source.name, pid=self.pid, stage=self.stage.value)
+
+    def _restored_on_dest(self) -> tuple[bool, int | None]:
+        """(whether the destination could be asked, the pid of a running tree it restored
+        from our image); asked again while it does not answer or is still restoring."""
+        deadline = self.clock() + self.config.dest_retry_s
+        while True:
+            try:
+                status = self.dest.agent.status()
+            except Exception as err:
+                if not _is_transport(err) or self.clock() >= deadline:
+                    return False, None
+                self.sleep(self.config.retry_interval_s)
+                continue
+            for t in status.get("restored", []):
+                if t.get("image") == self.image and t.get("running"):
+                    return True, int(t["pid"])
+            busy = self.image in (status.get("busy") or {})  # the restore still runs
+            if not busy or self.clock() >= deadline:
+                return True, None
+            self.sleep(self.config.retry_interval_s)
+
+    # -- after the point of no return -------------------------------------------------------
+
+    def _warn(self, what: str, err: BaseException, host: Host) -> None:
+        self.warnings.append(f"{what} on {host.name} failed: {_reason(err)}")
+        self._note(self.warnings[-1], host=host.name)
+
+    def _release_source_after(self) -> None:
+        assert self.plan is not None
+        if self.plan.release_first or not self.done.held:
+            return
+        try:
+            self._release_source()
+        except Exception as err:
+            self._warn(f"killing the stopped tree of pid {self.pid}", err, self.source)
+
+    def _unlock(self) -> None:
+        backend = self._backend
+        # The destination first: the restored tree talks as soon as its side is open.
+        for host, conns, ifaces in ((self.dest, self.done.dst_locked, self.done.dst_attached),
+                                    (self.source, self.done.src_locked, self.done.src_attached)):
+            if backend is None or not (conns or ifaces):
+                continue
+            try:
+                host.agent.netlock_unlock(backend, conns, detach=ifaces, tidy=True)
+            except Exception as err:
+                self._warn("unlocking the connections", err, host)
+        # Announce the address once more, now that nothing is in a hurry (one frame went out
+        # with the move; a switch that missed it learns it now).
+        p = self.plan
+        if p is not None and p.service is not None and self.config.garp_count > 0:
+            try:
+                self.dest.agent.garp(p.dst_ifname, str(p.service.ip), count=1)
+            except Exception as err:
+                self._warn("announcing the address again", err, self.dest)
+
+    def _verify(self) -> None:
+        assert self._restored is not None
+        new_pid = int(self._restored.pid)
+        assert self.plan is not None
+        # What was locked (found again at the lock), or without a lock what the plan found.
+        expected = {str(c) for c in (self.done.src_locked or self.plan.conns)}
+        deadline = self.clock() + self.config.verify_timeout_s
+        while True:
+            try:
+                tree = self.dest.agent.tree(new_pid)
+            except NoSuchProcessError as err:
+                raise MigrationError(
+                    f"pid {self.pid} was restored on {self.dest.name} as pid {new_pid} but is "
+                    f"not running there any more; there is no going back (the source tree is "
+                    f"gone)", cause=err, host=self.dest.name, pid=new_pid,
+                    stage=Stage.VERIFY.value) from err
+            except Exception as err:
+                self._warn(f"checking the restored tree of pid {new_pid}", err, self.dest)
+                return
+            established = set(tree.get("established", []))
+            missing = expected - established
+            if not missing or self.clock() >= deadline:
+                break
+            self.sleep(0.05)
+        self._established = len(expected & established)
+        procs = tree.get("processes", [])
+        if self._dumped is not None and len(procs) < len(self._dumped.pids):
+            self.warnings.append(f"{len(procs)} of {len(self._dumped.pids)} processes run "
+                                 f"on {self.dest.name}")
+        if missing:
+            self.warnings.append(f"{len(missing)} of {len(expected)} connections are not "
+                                 f"established on {self.dest.name} (closed meanwhile?), e.g. "
+                                 f"{sorted(missing)[0]}")
+        self._note(f"pid {new_pid} runs on {self.dest.name} with {self._established} "
+                   "established connections")
+
+    def _cleanup(self) -> None:
+        # The page server exited after the dump; this only drops the agent's record of it.
+        with contextlib.suppress(Exception):
+            self.dest.agent.page_server_stop(self.image)
+        if self.config.keep_images:
+            return
+        for host in (self.dest, self.source):
+            try:
+                host.agent.remove_image(self.image)
+            except Exception as err:
+                self._warn(f"removing image {self.image}", err, host)
+
+    def _result(self) -> MigrationResult:
+        assert self.plan is not None and self._dumped is not None and self._restored is not None
+        stats = self._dumped.stats or {}
+        raw = getattr(self._dumped, "raw", {}) or {}
+        return MigrationResult(
+            pid=self.pid, new_pid=int(self._restored.pid), source=self.source.name,
+            dest=self.dest.name, plan=self.plan, timings_ms=dict(self.timings),
+            processes=len(self._dumped.pids),
+            connections=len(raw.get("tcp", [])) or len(self.done.src_locked),
+            established=self._established, pages=int(stats.get("pages_written", 0)),
+            bytes_transferred=self._bytes,
+            frozen_ms=float(stats["frozen_ms"]) if "frozen_ms" in stats else None,
+            warnings=list(self.warnings))
+
+    # -- rollback ---------------------------------------------------------------------------
+
+    def _rollback(self, err: BaseException) -> BaseException:
+        """Undo what ``self.done`` records; the error to raise, saying what happened."""
+        failed_stage = self.stage
+        where = self._failed_on or (err.host if isinstance(err, OrthrosError) else None)
+        head = (f"migration of pid {self.pid} from {self.source.name} to {self.dest.name} "
+                f"failed during {failed_stage.value}" + (f" on {where}" if where else "")
+                + f": {_reason(err)}")
+        steps = rollback_plan(self.done)
+        if not steps and not self.done.held:
+            return err  # nothing was touched: the plain error says it all
+        if self.config.keep_images:
+            steps = [s for s in steps if s not in (Undo.REMOVE_IMAGE_DEST,
+                                                   Undo.REMOVE_IMAGE_SOURCE)]
+        self.stage = Stage.ROLLBACK
+        self._emit(Stage.ROLLBACK, "start", _reason(err))
+        start = self.clock()
+        out = self._undo(steps)
+        self.timings["rollback"] = (self.clock() - start) * 1000
+        if self.done.restore_in_doubt:
+            out.problems.append(f"{self.dest.name} did not answer the restore and could not be "
+                                "asked afterwards: it may hold a restored copy of the tree, "
+                                "whose connections stay locked there")
+        complete = out.tree_back and not out.problems
+        self.stage = Stage.ROLLED_BACK if complete else Stage.FAILED
+        self._emit(self.stage, "done" if complete else "failed",
+                   "; ".join(out.problems + out.leftovers), elapsed_ms=self.timings["rollback"])
+        if out.tree_back:
+            pid_text = (f"pid {self.pid}" if out.pid in (None, self.pid)
+                        else f"pid {self.pid} (now {out.pid})")
+            state = f"rolled back: {pid_text} runs on {self.source.name} again"
+            if self.plan is not None and self.plan.service is not None:
+                state += f" with {self.plan.service.ip}"
+        else:
+            state = (f"the service is DOWN: the tree could not be brought back on "
+                     f"{self.source.name}; its checkpoint is kept as image {self.image}")
+        if out.problems:
+            state += "; rollback incomplete: " + "; ".join(out.problems)
+        if out.leftovers:
+            state += "; left behind: " + "; ".join(out.leftovers)
+        if complete and not out.leftovers:
+            state += (f", its images {self.image} are kept on both hosts"
+                      if self.config.keep_images else ", nothing of the migration is left")
+        if isinstance(err, CriuError) and err.log_path and not self.config.keep_images:
+            state += " (CRIU's log went with the images: --keep-images keeps them)"
+        return MigrationError(f"{head}; {state}", cause=err, rolled_back=complete,
+                              problems=out.problems, leftovers=out.leftovers,
+                              service_down=not out.tree_back, host=where, pid=self.pid,
+                              stage=failed_stage.value)
+
+    def _undo(self, steps: list[Undo]) -> _UndoOutcome:
+        """Run the rollback steps in order, retrying those whose host does not answer until
+        ``dest_retry_s`` runs out (a host found silent is skipped for the rest of a pass, so
+        that the other host's steps, the service's return first, are not held up). Locks are
+        lifted and images removed only once the tree runs on the source again."""
+        out = _UndoOutcome(tree_back=not self.done.held,  # never dumped, or CRIU resumed it
+                           pid=None if self.done.held else self.pid)
+        tree_lost = False
+        pending = list(steps)
+        deadline: float | None = None
+        while pending:
+            silent: set[str] = set()
+            still: list[Undo] = []
+            for step in pending:
+                if step.needs_tree and not out.tree_back:
+                    if not tree_lost:
+                        still.append(step)
+                    continue
+                # RESTORE_SOURCE fetches the memory from the destination: it needs both.
+                sides = {"source", "dest"} if step is Undo.RESTORE_SOURCE else {step.side}
+                if sides & silent:
+                    still.append(step)
+                    continue
+                try:
+                    pid = self._undo_one(step)
+                except BaseException as err:
+                    if _is_transport(err):
+                        silent.add("dest" if isinstance(err, OrthrosError)
+                                   and err.host == self.dest.name else step.side)
+                        still.append(step)
+                        self._emit(Stage.ROLLBACK, "note", f"no answer; will try again to "
+                                   f"{step.what}: {_reason(err)}")
+                        continue
+                    out.fail(step, _reason(err))
+                    tree_lost = tree_lost or step.brings_tree
+                    continue
+                if step.brings_tree:
+                    out.tree_back, out.pid = True, pid
+            if not still or (tree_lost and all(s.needs_tree for s in still)):
+                break
+            if deadline is None:
+                deadline = self.clock() + self.config.dest_retry_s
+            if self.clock() >= deadline:
+                for step in still:
+                    out.fail(step, f"no answer for {self.config.dest_retry_s:g} s")
+                break
+            self.sleep(self.config.retry_interval_s)
+            pending = still
+        if not out.tree_back and any(s in (Undo.UNLOCK_SOURCE, Undo.UNLOCK_DEST) for s in steps):
+            out.problems.append("the connections stay locked, so that a restore from the kept "
+                                "checkpoint can still take them over")
+        return out
+
+    def _undo_one(self, step: Undo) -> int | None:
+        """One rollback step; the tree's pid for the steps that bring it back."""
+        p, src, dst, backend = self.plan, self.source.agent, self.dest.agent, None
+        if p is not None:
+            backend = p.lock.backend
+        self._emit(Stage.ROLLBACK, "note", step.what,
+                   host=self.dest.name if step.side == "dest" else self.source.name)
+        if step is Undo.STOP_PAGE_SERVER:
+            with contextlib.suppress(NoSuchProcessError):
+                dst.page_server_stop(self.image)
+        elif step is Undo.ADDRESS_OFF_DEST:
+            assert p is not None and p.service is not None
+            dst.addr_del(p.dst_ifname, p.service.with_prefixlen)
+        elif step is Undo.ADDRESS_ON_SOURCE:
+            assert p is not None and p.service is not None and p.src_ifname is not None
+            src.addr_add(p.src_ifname, p.service.with_prefixlen)
+            if self.config.garp_count > 0:
+                src.garp(p.src_ifname, str(p.service.ip), count=self.config.garp_count)
+        elif step is Undo.RESUME_SOURCE:
+            try:
+                src.resume(self.pid)
+            except NoSuchProcessError:
+                # Not held: the dump failed and CRIU resumed it, or it was never stopped.
+                src.tree(self.pid)  # raises if it does not run either
+            return self.pid
+        elif step is Undo.RESTORE_SOURCE:
+            # The source kept every image file but the memory, which only the destination's
+            # page server received: fetch it back, then restore here.
+            dst.push_images(self.image, self.source.address, self.source.agent_port,
+                            dest_name=self.source.name, overwrite=True,
+                            prefixes=("pages-", "pagemap-"),
+                            timeout=self.config.transfer_timeout_s)
+            restored = src.restore(self.image, self.config.restore_options(),
+                                   timeout=self.config.restore_timeout_s)
+            return int(restored.pid)
+        elif step is Undo.UNLOCK_SOURCE:
+            if backend is not None:
+                src.netlock_unlock(backend, self.done.src_locked, detach=self.done.src_attached,
+                                   tidy=True)
+        elif step is Undo.UNLOCK_DEST:
+            if backend is not None:
+                dst.netlock_unlock(backend, self.done.dst_locked, detach=self.done.dst_attached,
+                                   tidy=True)
+        elif step is Undo.REMOVE_IMAGE_DEST:
+            with contextlib.suppress(NoSuchProcessError):
+                dst.page_server_stop(self.image)  # drops the agent's record of it
+            dst.remove_image(self.image)
+        elif step is Undo.REMOVE_IMAGE_SOURCE:
+            src.remove_image(self.image)
+        return None
+
+
+@dataclass
+class _UndoOutcome:
+    tree_back: bool
+    pid: int | None
+    problems: list[str] = field(default_factory=list)  # a lock, an address, the tree
+    leftovers: list[str] = field(default_factory=list)  # files and records
+
+    def fail(self, step: Undo, why: str) -> None:
+        (self.leftovers if step.leaves_litter else self.problems).append(
+            f"could not {step.what} ({why})")
+
+
+@dataclass(frozen=True)
+class _Restored:
+    """A restore learnt of from the destination's status rather than its answer."""
+
+    pid: int
+    stats: dict[str, Any] | None = None
+
+
+def migrate(pid: int, source: Host, dest: Host, config: MigrateConfig | None = None, *,
+            observer: Observer | None = None, candidates: Sequence[str] = ()
+            ) -> MigrationResult:
+    """Migrate the tree of ``pid`` from ``source`` to ``dest`` (see the module docstring)."""
+    return Migration(pid, source, dest, config, observer=observer,
+                     candidates=candidates).run()

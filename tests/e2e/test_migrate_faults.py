@@ -1,0 +1,229 @@
+"""Migrations that fail part way, on the lab, under clients that check every answer: the
+destination's agent SIGKILLed, the link to the destination cut, the destination's image
+directory unwritable, CRIU failing on restore. Each time the migration rolls back: the service
+keeps running on the source with its clients connected and answered, and no lock, rule,
+address or stray process is left anywhere.
+
+Faults are injected through the policy's observer when a stage starts (the policy is run
+in-process for that; test_migrate.py runs the real command). Security of the agents (a wrong
+key, a replayed request, a malformed message: refused, logged, the agent keeps serving) is
+tested on real agents in tests/linux/test_agent.py; here, the same refusals by a lab agent in
+the middle of the cluster, and that a migration with the wrong key touches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import wait_for
+from migrate_kit import (
+    SERVICE_IP,
+    Service,
+    answers,
+    assert_nothing_left,
+    at_stage,
+    client,
+    echo_server,
+    established,
+    host,
+    set_link,
+)
+
+from orthros_py.agent.client import AgentClient
+from orthros_py.agent.errors import AgentRefused
+from orthros_py.agent.protocol import build_request, encode_request, read_frame
+from orthros_py.bench.echo import ClientPool
+from orthros_py.lab import Lab
+from orthros_py.policies.migrate import (
+    Done,
+    Event,
+    Host,
+    MigrateConfig,
+    Migration,
+    MigrationError,
+    Stage,
+)
+
+PORT = 7100
+CLIENTS = 50
+
+
+@contextmanager
+def echo_with_clients(lab: Lab) -> Iterator[tuple[Service, ClientPool]]:
+    svc = echo_server(lab, "alpha", PORT)
+    with lab.in_netns("client"):
+        pool = ClientPool(SERVICE_IP, PORT, CLIENTS, timeout=60)
+    try:
+        pool.start(interval=0.005)
+        wait_for(lambda: established(lab, "alpha", svc.pid) == CLIENTS, timeout=20,
+                 what="the clients' connections on alpha")
+        wait_for(lambda: pool.stats.requests >= 5 * CLIENTS, what="traffic on every connection")
+        yield svc, pool
+    finally:
+        pool.close()
+
+
+def fail_migration(lab: Lab, svc: Service, observer: Callable[[Event], None],
+                   config: MigrateConfig | None = None) -> MigrationError:
+    job = Migration(svc.pid, host(lab, "alpha"), host(lab, "beta"),
+                    config or MigrateConfig(dest_retry_s=5.0), observer=observer)
+    with pytest.raises(MigrationError) as exc:
+        job.run()
+    return exc.value
+
+
+def assert_service_stayed(lab: Lab, svc: Service, pool: ClientPool, err: MigrationError) -> None:
+    """The tree runs on alpha under its pid, holds every client's connection, and the clients
+    get answers again, none of them ever wrong or reset."""
+    print(f"\n{err}")
+    assert svc.alive(), "the service's tree is gone"
+    assert lab.holder(SERVICE_IP) == lab.host("alpha")
+    assert answers(lab, PORT)
+    before = pool.stats.requests
+    wait_for(lambda: pool.stats.requests >= before + 3 * CLIENTS, timeout=30,
+             what="the clients to get answers on alpha again")
+    assert established(lab, "alpha", svc.pid) == CLIENTS
+    assert pool.stats.errors == 0, pool.stats.error_samples
+
+
+def test_destination_agent_killed_mid_migration(lab: Lab) -> None:
+    beta_agent = lab.host("beta").agent_pid
+    assert beta_agent is not None
+
+    def kill_beta() -> None:  # the tree is dumped, stopped on alpha, its memory on beta
+        os.kill(beta_agent, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(beta_agent)
+                 or psutil.Process(beta_agent).status() == psutil.STATUS_ZOMBIE,
+                 what="beta's agent to die")
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(beta_agent, 0)  # the lab started it: reap it here
+
+    with echo_with_clients(lab) as (svc, pool):
+        err = fail_migration(lab, svc, at_stage(Stage.TRANSFER, kill_beta),
+                             MigrateConfig(dest_retry_s=2.0))
+        assert err.stage == "transfer" and err.host == "beta"
+        assert "rolled back: pid" in str(err) and "runs on alpha again" in str(err)
+        # Nothing on beta can be cleaned without its agent: only its image files are left.
+        assert err.rolled_back and not err.problems
+        assert err.leftovers and "images on the destination" in err.leftovers[0]
+        assert_service_stayed(lab, svc, pool, err)
+        assert_nothing_left(lab, holder="alpha", service=svc, dead_agents=["beta"])
+
+
+def test_link_to_destination_cut_during_transfer(lab: Lab) -> None:
+    down_for = 7.0  # longer than an agent connection waits (5 s): the transfer fails
+
+    def cut() -> None:
+        set_link(lab, "beta", up=False)
+
+        def heal() -> None:
+            time.sleep(down_for)
+            set_link(lab, "beta", up=True)
+
+        threading.Thread(target=heal, daemon=True).start()
+
+    with echo_with_clients(lab) as (svc, pool):
+        err = fail_migration(lab, svc, at_stage(Stage.TRANSFER, cut),
+                             MigrateConfig(dest_retry_s=20.0))
+        assert err.stage == "transfer" and err.host == "beta" and "not reachable" in str(err)
+        # The rollback waited for beta to come back and cleaned up there too.
+        assert err.rolled_back and not err.problems and not err.leftovers, str(err)
+        assert "nothing of the migration is left" in str(err)
+        assert_service_stayed(lab, svc, pool, err)
+        assert_nothing_left(lab, holder="alpha", service=svc)
+
+
+def test_destination_image_directory_unwritable(lab: Lab) -> None:
+    images = lab.host("beta").images_root
+    assert images is not None
+    # Root ignores file modes: a read-only bind mount is what stops it.
+    subprocess.run(["mount", "--bind", str(images), str(images)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(images)], check=True)
+        with echo_with_clients(lab) as (svc, pool):
+            err = fail_migration(lab, svc, lambda ev: None)
+            assert err.stage == "prepare" and err.host == "beta"
+            assert "Read-only file system" in str(err)
+            assert err.rolled_back and not err.problems and not err.leftovers, str(err)
+            assert_service_stayed(lab, svc, pool, err)
+            assert_nothing_left(lab, holder="alpha", service=svc)
+    finally:
+        subprocess.run(["umount", str(images)], check=False)
+
+
+def test_criu_failing_on_restore(lab: Lab) -> None:
+    images = lab.host("beta").images_root
+    assert images is not None
+
+    def break_images() -> None:
+        # A socket's image goes missing on beta: CRIU fails part way into the restore, after
+        # it has forked the tree. alpha keeps its own copy of every file but the memory.
+        (image,) = glob.glob(f"{images}/migrate-*")
+        victims = glob.glob(f"{image}/tcp-stream-*.img")
+        assert victims
+        for path in victims[:1]:
+            Path(path).unlink()
+
+    with echo_with_clients(lab) as (svc, pool):
+        err = fail_migration(lab, svc, at_stage(Stage.RESTORE, break_images))
+        assert err.stage == "restore" and err.host == "beta"
+        assert "CRIU" in str(err) and "restore.log" in str(err)  # CRIU's word, where its log is
+        # Both hosts share one PID space here, so alpha's stopped tree had gone to free its
+        # PIDs: the rollback fetched the memory back from beta and restored it on alpha.
+        assert err.rolled_back and not err.problems and not err.leftovers, str(err)
+        assert_service_stayed(lab, svc, pool, err)
+        restored = [t for t in client(lab, "alpha").status()["restored"] if t["running"]]
+        assert [t["pid"] for t in restored] == [svc.pid]
+        assert_nothing_left(lab, holder="alpha", service=svc)
+
+
+def test_agents_refuse_a_wrong_key_a_replay_and_garbage(lab: Lab) -> None:
+    """The refusals of tests/linux/test_agent.py, by an agent of the lab; and a migration
+    with the wrong key stops before it touches anything."""
+    h = lab.host("beta")
+    assert h.agent_port is not None
+    key = lab.key_file.read_bytes()
+
+    def raw(data: bytes) -> dict[str, object]:
+        with socket.create_connection((h.address, h.agent_port), timeout=10) as s:
+            s.sendall(data)
+            frame = read_frame(s)
+        assert frame is not None
+        return dict(json.loads(frame))
+
+    with pytest.raises(AgentRefused) as exc:
+        AgentClient(h.address, h.agent_port, bytes(32), name="beta").ping()
+    assert exc.value.code == "auth"
+    captured = encode_request(key, build_request("status"))
+    assert raw(captured)["kind"] == "resp"
+    again = raw(captured)
+    assert again["kind"] == "refusal" and again["code"] == "replay"
+    assert raw(struct.pack("!I", 9) + b"not json!")["code"] == "malformed"
+    assert client(lab, "beta").ping().name == "beta"  # still serving
+    log = (h.agent_log or Path("/nonexistent")).read_text(errors="replace")
+    assert "refused a frame (auth)" in log and "refused a frame (replay)" in log
+
+    with echo_with_clients(lab) as (svc, pool):
+        wrong = host(lab, "beta")
+        wrong_key = AgentClient(wrong.address, wrong.agent_port, bytes(32), name="beta")
+        job = Migration(svc.pid, host(lab, "alpha"),
+                        Host("beta", wrong_key, wrong.address, wrong.agent_port))
+        with pytest.raises(AgentRefused):
+            job.run()
+        assert job.done == Done()  # nothing was done, so nothing to undo
+        assert pool.stats.errors == 0
+        assert_nothing_left(lab, holder="alpha", service=svc)
