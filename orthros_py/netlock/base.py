@@ -11,6 +11,7 @@ Pure Python, no privileges: the backends' modules say what they need.
 from __future__ import annotations
 
 import abc
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Self
 _FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
-def _endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def _endpoint(text: str) -> tuple[str, int]:
     """``IP:PORT`` or ``[IPv6]:PORT`` -> (address, port); ValueError saying what is wrong."""
     text = text.strip()
     if text.startswith("["):
@@ -35,12 +36,12 @@ def _endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address,
         if ":" in host:
             raise ValueError(f"{text!r}: write an IPv6 endpoint as [ADDRESS]:PORT")
     try:
-        addr = ipaddress.ip_address(host)
+        _normal_ip(host)
     except ValueError as err:
         raise ValueError(f"{host!r} is not an IP address") from err
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{port!r} is not a TCP port (1-65535)")
-    return addr, int(port)
+    return host, int(port)
 
 
 def _unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -50,6 +51,14 @@ def _unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_ip(text: str) -> tuple[int, str]:
+    """(IP version, compressed text) of an address, IPv4-mapped IPv6 as IPv4. Cached: a tree's
+    thousands of connections share a handful of addresses, and ipaddress is slow."""
+    addr = _unmapped(ipaddress.ip_address(text))
+    return addr.version, addr.compressed
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -67,18 +76,18 @@ class Conn:
     remote_port: int
 
     def __post_init__(self) -> None:
-        local = _unmapped(ipaddress.ip_address(self.local_ip))
-        remote = _unmapped(ipaddress.ip_address(self.remote_ip))
-        if local.version != remote.version:
+        lver, local = _normal_ip(self.local_ip)
+        rver, remote = _normal_ip(self.remote_ip)
+        if lver != rver:
             raise ValueError(f"{local} and {remote} are not of the same IP version")
-        family = int(socket.AF_INET if local.version == 4 else socket.AF_INET6)
+        family = int(socket.AF_INET if lver == 4 else socket.AF_INET6)
         for port in (self.local_port, self.remote_port):
             if not 0 < int(port) < 65536:
                 raise ValueError(f"{port} is not a TCP port (1-65535)")
         # Frozen, so normalize through object.__setattr__ (the documented dataclass idiom).
         object.__setattr__(self, "family", family)
-        object.__setattr__(self, "local_ip", local.compressed)
-        object.__setattr__(self, "remote_ip", remote.compressed)
+        object.__setattr__(self, "local_ip", local)
+        object.__setattr__(self, "remote_ip", remote)
         object.__setattr__(self, "local_port", int(self.local_port))
         object.__setattr__(self, "remote_port", int(self.remote_port))
 
@@ -95,11 +104,9 @@ class Conn:
         if not sep:
             raise ValueError(f"{text!r} is not SRC:PORT,DST:PORT")
         (laddr, lport), (raddr, rport) = _endpoint(src), _endpoint(dst)
-        laddr, raddr = _unmapped(laddr), _unmapped(raddr)
-        if laddr.version != raddr.version:
+        if _normal_ip(laddr)[0] != _normal_ip(raddr)[0]:
             raise ValueError(f"{text!r} mixes IPv4 and IPv6")
-        fam = socket.AF_INET if laddr.version == 4 else socket.AF_INET6
-        return cls(fam, str(laddr), lport, str(raddr), rport)
+        return cls(socket.AF_INET, laddr, lport, raddr, rport)  # the family follows the addresses
 
     @property
     def local(self) -> tuple[str, int]:

@@ -154,10 +154,7 @@ class TreeLock:
         try:
             # The map is host-wide: keep the programs while another tree's connections on the
             # same addresses are locked (they may share our interfaces); otherwise detach.
-            mine = {c.local_ip for c in self.conns}
-            others = [lc.conn for lc in lock.locked()
-                      if lc.conn.local_ip in mine or lc.conn.remote_ip in mine]
-            if not self.report.held and not others:
+            if not self.report.held and not lock.locks_on({c.local_ip for c in self.conns}):
                 try:
                     lock.detach(None, netns=self._netns)
                 except NetlockError:  # the tree's namespace went with the tree: ours, then

@@ -29,7 +29,7 @@ import platform
 import socket
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -886,6 +886,22 @@ class XdpNetLock(NetLock):
             raise _bpf_error(err, "clear the lock map") from err
         self._held.clear()
         return len(keys) // 2
+
+    def locks_on(self, ips: Iterable[str]) -> bool:
+        """Whether any connection with an end on one of ``ips`` is locked. Compares raw keys:
+        a tree's tidy asks this with thousands of entries in the map."""
+        objs = self._objects(create=False)
+        if objs is None:
+            return False
+        wanted = set()
+        for ip in ips:
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            wanted.add(_addr16(ip, fam))
+        try:
+            keys = objs.conns.list_keys()
+        except OSError as err:
+            raise _bpf_error(err, "read the lock map") from err
+        return any(k[:16] in wanted or k[16:32] in wanted for k in keys)
 
     def locked(self) -> list[LockedConn]:
         """Every locked connection (local end first) with its packets dropped so far."""
