@@ -16,7 +16,17 @@ from typing import Any
 
 import psutil
 
-from orthros_py.criu.request import DumpOptions, RestoreOptions, dump_request, restore_request
+from orthros_py.cgroup.fs import CgroupFs, remove_dirs, wait_empty
+from orthros_py.cgroup.model import FILE_NAME as CGROUP_FILE
+from orthros_py.cgroup.model import RESTORED_FILE_NAME as CGROUP_RESTORED_FILE
+from orthros_py.cgroup.model import CgroupFile, diff
+from orthros_py.criu.request import (
+    CgroupMode,
+    DumpOptions,
+    RestoreOptions,
+    dump_request,
+    restore_request,
+)
 from orthros_py.criu.session import CriuSession, NotifyHook
 from orthros_py.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
 from orthros_py.errors import BadImageError, NotRootError, OrthrosError
@@ -119,6 +129,7 @@ def dump_tree(
     images_dir = prepare_images_dir(images_dir)
     live = snapshot(ref)
     opts = dataclasses.replace(opts, pid=pid)
+    cgroups = _save_cgroups(live.pids, images_dir, opts.manage_cgroups)
     lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
     if network_lock is not None:
         opts = dataclasses.replace(opts, network_lock=network_lock.criu)
@@ -150,7 +161,34 @@ def dump_tree(
     result = DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
                         opts.leave_running)
     result.extra["lock"] = lock.report.to_dict()
+    if cgroups is not None:
+        result.extra["cgroups"] = cgroups
     return result
+
+
+def _save_cgroups(pids: list[int], images_dir: Path, mode: CgroupMode) -> dict[str, Any] | None:
+    """Write the tree's cgroup migration file beside the images (CRIU keeps no cgroup v2
+    limits); returns what was carried and how long reading took."""
+    if mode is CgroupMode.IGNORE:
+        return None
+    start = time.perf_counter()
+    cgf = CgroupFs.here().read_tree(pids)
+    read_ms = (time.perf_counter() - start) * 1000
+    (images_dir / CGROUP_FILE).write_text(cgf.to_text())
+    return {"groups": len(cgf.groups), "limits": len(cgf.limits()),
+            "hierarchies": sorted({g.hierarchy for g in cgf.groups}), "read_ms": round(read_ms, 3)}
+
+
+def load_cgroup_file(images_dir: Path) -> CgroupFile | None:
+    """The checkpoint's cgroup migration file, None if it has none; BadImageError if corrupt."""
+    path = images_dir / CGROUP_FILE
+    if not path.exists():
+        return None
+    try:
+        return CgroupFile.from_text(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {CGROUP_FILE}: "
+                            f"{err}") from err
 
 
 def _load_image(images_dir: Path, name: str) -> dict[str, Any]:
@@ -260,15 +298,36 @@ def restore_tree(
     session: CriuSession | None = None,
     on_notify: NotifyHook | None = None,
     network_lock: NetworkLock | None = None,
+    host: str | None = None,
 ) -> RestoreResult:
     """Restore the checkpoint in ``images_dir``; the new root is orthros's child (rst_sibling).
 
     With the xdp lock, the checkpoint's connections (locked by the dump) are unlocked once the
     tree runs again, and also if the restore fails: nothing of the lock is left behind.
+
+    The tree's cgroups (the dump's migration file) are checked against this host first (a
+    CgroupError, before CRIU runs, if a limit cannot be honoured), created with their limits,
+    and read back after the restore. ``opts.cgroup_roots`` ({hierarchy: path}) moves a
+    hierarchy's top group elsewhere, for a host whose layout differs from the source's.
     """
     require_root("restore")
     images_dir = images_dir.resolve()
     pids = image_pids(images_dir)
+    expected = None if opts.manage_cgroups is CgroupMode.IGNORE else load_cgroup_file(images_dir)
+    cg: dict[str, Any] = {}
+    created: list[Path] = []
+    cgfs = CgroupFs.here()
+    if expected is not None:
+        if opts.cgroup_roots:
+            expected = expected.rebased(expected.new_roots(opts.cgroup_roots))
+        t0 = time.perf_counter()
+        cgfs.require(expected, host)
+        t1 = time.perf_counter()
+        if opts.manage_cgroups is not CgroupMode.STRICT:  # strict: CRIU must create them
+            created = cgfs.apply(expected)
+        cg = {"groups": len(expected.groups), "check_ms": round((t1 - t0) * 1000, 3),
+              "apply_ms": round((time.perf_counter() - t1) * 1000, 3),
+              "created": [str(d) for d in created]}
     session = session or CriuSession()
     lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
     if network_lock is not None:
@@ -288,14 +347,17 @@ def restore_tree(
                     stage="restore", hint="give its root filesystem with --root DIR")
             opts = dataclasses.replace(opts, root="/")
     own_pidns = image_has_own_pidns(images_dir, pids[0])
-    if not own_pidns:
-        wait_pids_free(pids)
     start = time.perf_counter()
     try:
+        if not own_pidns:
+            wait_pids_free(pids)
+        start = time.perf_counter()
         resp = session.call(restore_request(opts, -1), images_dir=images_dir,
                             on_notify=on_notify)
     except BaseException:
         lock.release()  # the tree is not coming back here: leave nothing of the lock
+        wait_empty(created)
+        remove_dirs(created)
         raise
     lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
@@ -307,7 +369,33 @@ def restore_tree(
         pids = host_pids(root)
     result = RestoreResult(root, images_dir, elapsed, read_restore_stats(images_dir), pids)
     result.extra["lock"] = lock.report.to_dict()
+    if expected is not None:
+        result.extra["cgroups"] = {**cg, **_verify_cgroups(
+            cgfs, expected, root, images_dir,
+            write_first=opts.manage_cgroups is CgroupMode.STRICT)}
     return result
+
+
+def _verify_cgroups(cgfs: CgroupFs, expected: CgroupFile, root: int, images_dir: Path, *,
+                    write_first: bool) -> dict[str, Any]:
+    """Read the restored tree's cgroups back (strict mode: write the limits CRIU cannot, v2's,
+    first), save them beside the images for an operator to diff, and say what differs."""
+    start = time.perf_counter()
+    if write_first and not expected.empty:
+        try:
+            cgfs.apply(expected)  # writes only the values that differ
+        except OrthrosError as err:
+            return {"mismatches": [str(err)]}
+    try:
+        top = psutil.Process(root)
+        procs = [root, *(p.pid for p in top.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return {"mismatches": [f"the restored tree (pid {root}) exited before its cgroups "
+                               "could be read"]}
+    actual = cgfs.read_tree(procs)
+    (images_dir / CGROUP_RESTORED_FILE).write_text(actual.to_text())
+    return {"mismatches": diff(expected, actual),
+            "verify_ms": round((time.perf_counter() - start) * 1000, 3)}
 
 
 def checkpoint_conns(images_dir: Path) -> list[Conn]:

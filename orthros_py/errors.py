@@ -25,6 +25,7 @@ class ExitStatus(enum.IntEnum):
     CRIU_FAILED = 7  # CRIU refused a dump/restore
     NETLOCK_FAILED = 8
     TIMEOUT = 9
+    CANNOT_HONOUR = 10  # the destination cannot give the tree its cgroup limits
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 

@@ -354,6 +354,25 @@ class AgentClient:
         a lock must cover; ``established``), the interfaces they use."""
         return self._result("tree", {"pid": pid})
 
+    # -- cgroups --------------------------------------------------------------------------
+
+    def cgroup_read(self, pid: int) -> dict[str, Any]:
+        """The cgroup migration file of the live tree of ``pid`` (``text``), and the host's
+        ``cgroup_root``."""
+        return self._result("cgroup_read", {"pid": pid})
+
+    def cgroup_check(self, text: str, roots: Mapping[str, str] | None = None) -> list[str]:
+        """Why the agent's host cannot honour a migration file moved to ``roots`` (none: it
+        can)."""
+        args: dict[str, Any] = {"text": text}
+        if roots:
+            args["roots"] = dict(roots)
+        return [str(p) for p in self._result("cgroup_check", args).get("problems", [])]
+
+    def cgroup_release(self, image: str) -> dict[str, Any]:
+        """Remove the empty cgroups of a tree the agent dumped into ``image``."""
+        return self._result("cgroup_release", {"image": validate_name(image)})
+
     # -- image files ----------------------------------------------------------------------
 
     def list_images(self, image: str | None = None, *, sha256: bool = False) -> list[ImageInfo]:

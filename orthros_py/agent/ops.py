@@ -146,9 +146,12 @@ class Agent:
     servers it started, and the network locks it keeps loaded. Shared by all connections."""
 
     def __init__(self, name: str, images_root: Path, key: bytes, *,
-                 listen_host: str = "") -> None:
+                 listen_host: str = "", cgroup_root: str = "/") -> None:
         validate_name(name, "agent name")
         self.name = name
+        # Where this host keeps its containers' cgroups: a tree migrated here from a host with
+        # another root is recreated below this one (lab hosts share one cgroup filesystem).
+        self.cgroup_root = cgroup_root
         self.key = key
         try:
             images_root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -420,7 +423,8 @@ def op_status(call: Call) -> dict[str, Any]:
         "images_root": str(a.images_root), "images": _image_names(a),
         "restored": restored, "page_servers": [s.to_dict() for s in servers],
         "held": [t.to_dict() for t in held], "busy": busy,
-        "netlocks_loaded": netlocks, "ops": sorted(OPS), **_pid_space(),
+        "netlocks_loaded": netlocks, "ops": sorted(OPS), "cgroup_root": a.cgroup_root,
+        **_pid_space(),
     }
 
 
@@ -483,7 +487,7 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
     path = a.image_path(image, must_exist=True)
     with a.busy(image, "restore"):
         try:
-            result = restore_tree(path, opts)
+            result = restore_tree(path, opts, host=a.name)
         except BaseException:
             _reap_failed_restore(a, path)
             raise
@@ -676,6 +680,59 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
             "established": [str(c) for c in established.conns],
             "interfaces": found.interfaces, "routes": {str(c): i for c, i in found.routes.items()},
             "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id}
+
+
+# --- cgroups ------------------------------------------------------------------------------------
+
+
+@op("cgroup_read")
+def op_cgroup_read(call: Call, pid: int) -> dict[str, Any]:
+    """The cgroup migration file of the live tree of ``pid`` (text), as a dump would write it."""
+    conns_mod = _feature("orthros_py.net.conns", "list a tree's processes")
+    from orthros_py.cgroup.fs import CgroupFs
+
+    start = time.perf_counter()
+    cgf = CgroupFs.here().read_tree(conns_mod.tree_pids(pid))
+    return {"text": cgf.to_text(), "groups": len(cgf.groups), "cgroup_root": call.agent.cgroup_root,
+            "read_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+
+@op("cgroup_check")
+def op_cgroup_check(call: Call, text: str, roots: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
+    """Whether this host can honour a tree's cgroups (a migration file's ``text``) moved to
+    ``roots`` ({hierarchy: top group}): the problems found, none if it can. Reads only."""
+    from orthros_py.cgroup.fs import CgroupFs
+    from orthros_py.cgroup.model import CgroupFile, check_path
+
+    try:
+        cgf = CgroupFile.from_text(text)
+        for path in (roots or {}).values():
+            check_path(path)
+    except ValueError as err:
+        raise _bad_request(f"bad cgroup migration file: {err}") from err
+    if roots:
+        cgf = cgf.rebased(cgf.new_roots(roots))
+    start = time.perf_counter()
+    problems = CgroupFs.here().check(cgf)
+    return {"problems": problems, "groups": len(cgf.groups),
+            "check_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+
+@op("cgroup_release")
+def op_cgroup_release(call: Call, image: str) -> dict[str, Any]:
+    """Remove the (now empty) cgroups of a tree this agent dumped into ``image``: its own
+    record of them, never paths from the request."""
+    from orthros_py.cgroup.fs import CgroupFs, wait_empty
+    from orthros_py.checkpoint import load_cgroup_file
+
+    cgf = load_cgroup_file(call.agent.image_path(image, must_exist=True))
+    if cgf is None or cgf.empty:
+        return {"removed": 0, "left": []}
+    fs = CgroupFs.here()
+    wait_empty([fs.dir(g.hierarchy, g.path) for g in cgf.groups])
+    left = fs.remove(cgf)
+    return {"removed": len(cgf.groups) - len(left), "left": left}
 
 
 def _own_netns_id() -> tuple[int, int]:

@@ -56,10 +56,13 @@ def _log_to(env: Env, verbose: bool) -> logging.Logger:
 @click.option("--replay-window", type=click.FloatRange(min=1.0), default=REPLAY_WINDOW,
               show_default=True,
               help="Seconds a request stays valid; the hosts' clocks must agree within it.")
+@click.option("--cgroup-root", envvar="ORTHROS_AGENT_CGROUP_ROOT", default="/", show_default=True,
+              help="Where this host keeps its containers' cgroups: trees migrated here from a "
+                   "host with another root are recreated below this one.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request, pings included.")
 @click.pass_obj
 def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | None,
-          replay_window: float, verbose: bool) -> None:
+          replay_window: float, cgroup_root: str, verbose: bool) -> None:
     """Run this host's agent in the foreground, logging to stderr, until SIGTERM or Ctrl-C."""
     from orthros_py.agent.ops import OPS, Agent
     from orthros_py.agent.server import AgentServer
@@ -70,7 +73,10 @@ def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | 
         raise click.BadParameter(str(err), param_hint="--listen") from err
     log = _log_to(env, verbose)
     key = load_key(key_path)
-    state = Agent(name or socket.gethostname().split(".")[0], images_root, key, listen_host=host)
+    if not cgroup_root.startswith("/") or ".." in cgroup_root.split("/"):
+        raise click.BadParameter("give an absolute cgroup path", param_hint="--cgroup-root")
+    state = Agent(name or socket.gethostname().split(".")[0], images_root, key, listen_host=host,
+                  cgroup_root=cgroup_root)
     server = AgentServer(state, (host, port), replay_window=replay_window)
 
     stop = threading.Event()

@@ -90,16 +90,22 @@ def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_establis
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
               help="Root filesystem for a tree with its own mount namespace "
                    "(default: this host's /, when the tree's namespace was a copy of it).")
+@click.option("--cgroup-root", "cgroup_roots", multiple=True, metavar="HIERARCHY=PATH",
+              callback=lambda _c, _p, v: _cgroup_roots(v),
+              help="Recreate the tree's top group of a cgroup hierarchy at PATH instead of "
+                   "its dumped path (HIERARCHY: controllers as in /proc/PID/cgroup, e.g. "
+                   "cpu,cpuacct; 'unified' for cgroup v2). Repeatable.")
 @common_options
 @click.pass_obj
-def restore(env: Env, images_dir: Path, detach: bool, root: str | None, tcp_established: bool,
-            ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str | None,
-            log_level: int, as_json: bool) -> None:
+def restore(env: Env, images_dir: Path, detach: bool, root: str | None,
+            cgroup_roots: dict[str, str], tcp_established: bool, ext_unix_sk: bool,
+            shell_job: bool, manage_cgroups: str, network_lock: str | None, log_level: int,
+            as_json: bool) -> None:
     """Restore a checkpointed process tree."""
     opts = RestoreOptions(
         tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
         manage_cgroups=CgroupMode(manage_cgroups),
-        log_level=log_level, root=root,
+        log_level=log_level, root=root, cgroup_roots=cgroup_roots,
     )
     with env.console.status(f"restoring from {images_dir}"):
         result = restore_tree(images_dir, opts, network_lock=_lock(network_lock))
@@ -115,6 +121,33 @@ def restore(env: Env, images_dir: Path, detach: bool, root: str | None, tcp_esta
             env.console.print(f"pid {result.pid} keeps running")
             raise
         raise SystemExit(status)
+
+
+def _cgroup_roots(values: tuple[str, ...]) -> dict[str, str]:
+    from orthros_py.cgroup.model import parse_hierarchy_label
+
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not path.startswith("/"):
+            raise click.BadParameter(f"{v!r} is not HIERARCHY=/PATH", param_hint="--cgroup-root")
+        out[parse_hierarchy_label(name)] = path
+    return out
+
+
+def _cgroup_rows(cg: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not cg:
+        return []
+    rows = [("cgroups carried", f"{cg.get('groups', 0)} groups")]
+    for key, label in (("read_ms", "cgroup read"), ("check_ms", "cgroup check"),
+                       ("apply_ms", "cgroup create"), ("verify_ms", "cgroup verify")):
+        if cg.get(key) is not None:
+            rows.append((label, f"{cg[key]:.2f} ms"))
+    if "mismatches" in cg:
+        bad = cg["mismatches"]
+        rows.append(("cgroup limits", "as dumped" if not bad else f"[red]{len(bad)} differ[/]: "
+                     + "; ".join(bad[:3])))
+    return rows
 
 
 def _stats_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -167,6 +200,7 @@ def render_dump(env: Env, r: DumpResult) -> None:
                  ("memory write", f"{s.memwrite_ms:.2f} ms"),
                  ("pages scanned / written", f"{s.pages_scanned} / {s.pages_written}")]
     rows += _lock_rows(r.extra.get("lock"))
+    rows += _cgroup_rows(r.extra.get("cgroups"))
     env.console.print(_stats_table("CRIU dump statistics", rows))
 
 
@@ -180,6 +214,7 @@ def render_restore(env: Env, r: RestoreResult) -> None:
                  ("restore", f"{r.stats.restore_ms:.2f} ms"),
                  ("pages restored", str(r.stats.pages_restored))]
     rows += _lock_rows(r.extra.get("lock"))
+    rows += _cgroup_rows(r.extra.get("cgroups"))
     env.console.print(_stats_table("CRIU restore statistics", rows))
 
 

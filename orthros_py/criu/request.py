@@ -47,6 +47,7 @@ _NET_LOCK = {
 }
 
 DUMP_LOG = "dump.log"
+GLOBAL_CG_ROOT = "*"  # a cgroup root for every hierarchy not named otherwise
 RESTORE_LOG = "restore.log"
 
 
@@ -88,7 +89,8 @@ class RestoreOptions(CommonOptions):
     leave_stopped: bool = False
     lazy_pages: bool = False
     tcp_close: bool = False
-    # Restore cgroups under this root instead of the dumped paths: {controller or "": path}.
+    # Restore cgroups under these roots instead of the dumped paths: {hierarchy: path}, where
+    # a hierarchy is named by its controllers ("cpu,cpuacct"), "" is cgroup v2 and "*" all.
     cgroup_roots: dict[str, str] = field(default_factory=dict)
     # Root filesystem for a tree that has its own mount namespace (CRIU's --root).
     root: str | None = None
@@ -143,8 +145,8 @@ def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:
     for ctrl, path in sorted(o.cgroup_roots.items()):
         root = req.opts.cg_root.add()
         root.path = path
-        if ctrl:
-            root.ctrl = ctrl
+        if ctrl != GLOBAL_CG_ROOT:
+            root.ctrl = ctrl  # "" names CRIU's cgroup v2 hierarchy
     return req
 
 

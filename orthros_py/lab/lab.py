@@ -64,6 +64,9 @@ STATE_FILE = "state.json"
 MARKER = ".orthros-lab"  # the lab made this directory: down may delete it whole
 KEY_FILE = "authkey"
 ETH = "eth0"
+# The lab hosts share one cgroup filesystem: each keeps its containers' groups below its own
+# root here, so that a migrated container's groups are really made anew on the destination.
+CGROUP_ROOT = "/orthros-lab"
 ALIAS = "orthros-lab:"  # ifalias of every link the lab makes: NAME after the colon
 CONTROLLER_PORT = "c-root"
 AGENT_START_TIMEOUT = 30.0
@@ -592,7 +595,8 @@ class Lab:
         images.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = home / "agent.log"
         argv = [*command, "--listen", f"{h.address}:{h.agent_port}",
-                "--key", str(self.key_file), "--images-root", str(images), "--name", h.name]
+                "--key", str(self.key_file), "--images-root", str(images), "--name", h.name,
+                "--cgroup-root", cgroup_root(h.name)]
         with open(log, "ab") as out:
             # nsenter execs the agent: the pid recorded is the agent's own.
             proc = self.popen(h, argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -810,6 +814,7 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
     for p in _processes_in(names):
         victims.setdefault(p.pid, p)
     _stop(list(victims.values()), report)
+    _remove_cgroups(report)
 
     # 2. Network locks some test or migration may have left in those namespaces.
     subnets = [x.subnet for x in (lab, inv) if x is not None]
@@ -846,6 +851,31 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
     if left:
         raise OrthrosError(f"namespaces left behind: {', '.join(left)}", stage="lab down",
                            hint="; ".join(report.warnings) or None)
+
+
+def cgroup_root(host: str) -> str:
+    """Where lab host ``host`` keeps its containers' cgroups (its agent's --cgroup-root)."""
+    return f"{CGROUP_ROOT}/{host}"
+
+
+def _remove_cgroups(report: DownReport) -> None:
+    """Kill what still sits in the lab's cgroups (containers of its hosts), then remove them."""
+    from orthros_py.cgroup.fs import mounts, remove_dirs, wait_empty
+
+    dirs = [m / CGROUP_ROOT.lstrip("/") for m in mounts().values()]
+    dirs = [d for d in dirs if d.is_dir()]
+    if not dirs:
+        return
+    procs: dict[int, psutil.Process] = {}
+    for d in dirs:
+        for f in d.rglob("cgroup.procs"):
+            for pid in f.read_text().split():
+                with contextlib.suppress(psutil.Error):
+                    procs.setdefault(int(pid), psutil.Process(int(pid)))
+    _stop(list(procs.values()), report)
+    wait_empty([Path(p) for d in dirs for p, _, _ in os.walk(d)])
+    for why in remove_dirs(dirs):
+        report.warnings.append(f"cgroup left: {why}")
 
 
 def _bridge_peers(bridge_netns: str) -> list[str]:

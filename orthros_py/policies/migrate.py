@@ -44,6 +44,7 @@ No privileges here and no I/O but the agent calls: the agents do the work (see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import ipaddress
 import secrets
@@ -53,6 +54,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from orthros_py.agent.errors import AgentError, AgentUnreachable
+from orthros_py.cgroup.fs import CgroupError
+from orthros_py.cgroup.model import CgroupFile
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import (
     CriuError,
@@ -120,7 +123,7 @@ TIMING_ROWS = ("prepare", "lock", "dump", "transfer", "address move", "restore",
 # Parts of "restore", shown apart: killing the stopped source tree (before the restore when the
 # hosts share a PID space, after it otherwise: then it counts in "unlock"), and CRIU's own
 # restore time (the rest is waiting for the tree's PIDs to be free, and the RPC).
-DETAIL_ROWS = ("release source", "criu restore")
+DETAIL_ROWS = ("cgroup check", "release source", "criu restore")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,9 @@ class AgentAPI(Protocol):
     def kill(self, pid: int, *, signal: str = "KILL", wait: float = 5.0) -> Any: ...
     def resume(self, pid: int) -> dict[str, Any]: ...
     def remove_image(self, image: str) -> bool: ...
+    def cgroup_read(self, pid: int) -> dict[str, Any]: ...
+    def cgroup_check(self, text: str, roots: Mapping[str, str] | None = None) -> list[str]: ...
+    def cgroup_release(self, image: str) -> dict[str, Any]: ...
     def addr_add(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
     def addr_del(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
     def garp(self, ifname: str, address: str, *, count: int = 1,
@@ -547,6 +553,8 @@ class MigrationResult:
     bytes_transferred: int
     frozen_ms: float | None
     warnings: list[str] = field(default_factory=list)
+    # The cgroups carried: the dump's and the restore's reports (groups, timings, mismatches).
+    cgroups: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -560,6 +568,7 @@ class MigrationResult:
                        "bytes_transferred": self.bytes_transferred},
             "criu_frozen_ms": None if self.frozen_ms is None else round(self.frozen_ms, 3),
             "warnings": list(self.warnings), "notes": list(self.plan.notes),
+            "cgroups": self.cgroups,
         }
 
 
@@ -639,6 +648,7 @@ class Migration:
         self._established = 0
         self._lock_started: float | None = None
         self._page_server: Any = None
+        self._cgroup_roots: dict[str, str] = {}  # where the destination recreates the groups
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -750,6 +760,9 @@ class Migration:
         self.plan = plan(facts, cfg, self.image)
         for note in self.plan.notes:
             self._note(note)
+        if cfg.manage_cgroups is not CgroupMode.IGNORE:
+            with self._timed("cgroup check"):
+                self._check_cgroups(src_status, dst_status)
         self._note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
                    + (f", service address {self.plan.service.with_prefixlen}"
                       if self.plan.service else ""))
@@ -770,6 +783,30 @@ class Migration:
         with self._on(dst):
             self._page_server = dst.agent.page_server(
                 self.image, address=dst.address, log_level=cfg.criu_log_level)
+
+    def _check_cgroups(self, src_status: Mapping[str, Any], dst_status: Mapping[str, Any]
+                       ) -> None:
+        """Refuse, before anything is frozen, a destination that cannot honour the tree's
+        cgroup limits; decide where there the groups go (below its own cgroup root)."""
+        src, dst = self.source, self.dest
+        with self._on(src):
+            text = str(src.agent.cgroup_read(self.pid)["text"])
+        cgf = CgroupFile.from_text(text)
+        if cgf.empty:
+            return
+        self._cgroup_roots = cgf.relocated(str(src_status.get("cgroup_root") or "/"),
+                                           str(dst_status.get("cgroup_root") or "/"))
+        with self._on(dst):
+            problems = dst.agent.cgroup_check(text, self._cgroup_roots)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CgroupError(f"{dst.name} cannot honour the cgroup limits of pid {self.pid}: "
+                              f"{problems[0]}{more}", host=dst.name, pid=self.pid,
+                              stage=self.stage.value,
+                              hint="migrate where the limits fit, or change them on the source")
+        self._note(f"{len(cgf.groups)} cgroups with {len(cgf.limits())} limits go to "
+                   f"{dst.name}" + (f" below {dst_status.get('cgroup_root')}"
+                                    if self._cgroup_roots else ""))
 
     def _lock_source(self) -> None:
         assert self.plan is not None
@@ -855,7 +892,8 @@ class Migration:
             self._release_source()
         try:
             with self._on(dst):
-                self._restored = dst.agent.restore(self.image, cfg.restore_options(),
+                opts = dataclasses.replace(cfg.restore_options(), cgroup_roots=self._cgroup_roots)
+                self._restored = dst.agent.restore(self.image, opts,
                                                    timeout=cfg.restore_timeout_s)
         except BaseException as err:
             if not (_is_transport(err) or isinstance(err, KeyboardInterrupt)):
@@ -980,6 +1018,15 @@ class Migration:
         # The page server exited after the dump; this only drops the agent's record of it.
         with contextlib.suppress(Exception):
             self.dest.agent.page_server_stop(self.image)
+        if self.config.manage_cgroups is not CgroupMode.IGNORE:
+            # The source's groups are empty now that its tree is gone (its own record of them
+            # is in its image: before the image goes).
+            try:
+                released = self.source.agent.cgroup_release(self.image)
+                for why in released.get("left", []):
+                    self.warnings.append(f"cgroup left on {self.source.name}: {why}")
+            except Exception as err:
+                self._warn("removing the tree's old cgroups", err, self.source)
         if self.config.keep_images:
             return
         for host in (self.dest, self.source):
@@ -1000,7 +1047,10 @@ class Migration:
             established=self._established, pages=int(stats.get("pages_written", 0)),
             bytes_transferred=self._bytes,
             frozen_ms=float(stats["frozen_ms"]) if "frozen_ms" in stats else None,
-            warnings=list(self.warnings))
+            warnings=list(self.warnings),
+            cgroups={"dump": raw.get("cgroups"),
+                     "restore": (getattr(self._restored, "raw", {}) or {}).get("cgroups"),
+                     "roots": dict(self._cgroup_roots)})
 
     # -- rollback ---------------------------------------------------------------------------
 

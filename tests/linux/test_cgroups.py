@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Spawner, dump_cli, read_lines, restore_cli, wait_for
+from helpers import Spawner, dump_cli, read_lines, restore_cli, run_orthros, wait_for
 
 from orthros_py.proc.tree import read_cgroups
 
@@ -148,3 +148,93 @@ def test_cgroup_v2_group_and_limits_are_restored(
     for f, v in limits.items():
         assert f.read_text().strip() == v, f
     assert os.getpid() not in [int(x) for x in (group / "cgroup.procs").read_text().split()]
+
+
+@pytest.fixture
+def v2_hugetlb() -> Iterator[Path]:
+    """cgroup v2 with its one free controller here (hugetlb) enabled for the root's children;
+    the root's subtree_control is put back as it was."""
+    unified = CGROOT / "unified"
+    if not (unified / "cgroup.procs").exists():
+        pytest.skip("no cgroup2 hierarchy at /sys/fs/cgroup/unified")
+    if "hugetlb" not in (unified / "cgroup.controllers").read_text().split():
+        pytest.skip("cgroup v2 here offers no controller to limit with (hugetlb is bound to v1)")
+    before = (unified / "cgroup.subtree_control").read_text().split()
+    try:
+        yield unified
+    finally:
+        if "hugetlb" not in before:
+            with contextlib.suppress(OSError):
+                write(unified / "cgroup.subtree_control", "-hugetlb")
+
+
+def test_v2_controller_limits_travel_in_the_migration_file_to_a_new_root(
+    spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path], v2_hugetlb: Path
+) -> None:
+    """CRIU 4.2.1 keeps no v2 controller limit (hugetlb.2MB.max here; cpu.max, memory.max on
+    pure v2 hosts): orthros's cgroup file carries it, and the restore recreates the group under
+    another root, as a destination with another layout would."""
+    old, new = group_name(), group_name()
+    src, dst = v2_hugetlb / old, v2_hugetlb / new
+    cgroups += [dst, src]
+    write(v2_hugetlb / "cgroup.subtree_control", "+hugetlb")
+    src.mkdir()
+    write(src / "cgroup.subtree_control", "+hugetlb")
+    (src / "inner").mkdir()
+    limits = {"hugetlb.2MB.max": "4194304", "cgroup.max.descendants": "5"}
+    for f, v in limits.items():
+        write(src / f, v)
+    write(src / "inner" / "hugetlb.2MB.max", "2097152")
+
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", "0.02", stdout=out)
+    write(src / "inner" / "cgroup.procs", str(proc.pid))
+    wait_for(lambda: len(counts(out)) >= 5, what="the counter to count")
+
+    dumped = dump_cli(proc.pid, images)
+    assert dumped["cgroups"]["groups"] >= 1
+    text = (images / "orthros-cgroups.txt").read_text()
+    assert f"unified /{old}/inner hugetlb.2MB.max = 2097152" in text, text
+    assert proc.wait(timeout=10) < 0
+    remove_group(src)
+
+    restored = restore_cli(spawner, images, "--cgroup-root", f"unified=/{new}/inner")
+    pid = int(restored["pid"])
+    assert read_cgroups(pid)[""] == f"/{new}/inner"
+    assert (dst / "inner" / "hugetlb.2MB.max").read_text().strip() == "2097152"
+    assert restored["cgroups"]["mismatches"] == []
+    back = (images / "orthros-cgroups-restored.txt").read_text()
+    assert f"unified /{new}/inner hugetlb.2MB.max = 2097152" in back, back
+    assert not src.exists()
+
+
+def test_restore_refuses_cpus_the_destination_cannot_give(
+    spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path]
+) -> None:
+    cpus = (CGROOT / "cpuset" / "cpuset.effective_cpus").read_text().strip()
+    from orthros_py.cgroup.model import parse_cpu_list
+
+    have = sorted(parse_cpu_list(cpus))
+    if len(have) < 2:
+        pytest.skip("needs two CPUs: one for the destination's narrower cpuset")
+    src, narrow = CGROOT / "cpuset" / group_name(), CGROOT / "cpuset" / group_name()
+    for g in (src, narrow):
+        cgroups.append(g)
+        g.mkdir()
+        write(g / "cpuset.mems", "0")
+    write(src / "cpuset.cpus", cpus)
+    write(narrow / "cpuset.cpus", str(have[-1]))  # a "host" with one CPU
+
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", "0.02", stdout=out)
+    write(src / "cgroup.procs", str(proc.pid))
+    wait_for(lambda: len(counts(out)) >= 5, what="the counter to count")
+    dump_cli(proc.pid, images)
+    assert proc.wait(timeout=10) < 0
+
+    r = run_orthros("restore", "-D", str(images), "--detach",
+                    "--cgroup-root", f"cpuset=/{narrow.name}/ctr")
+    assert r.returncode == 10, r.stderr
+    assert "cannot honour" in r.stderr and f"CPUs {cpus}" in r.stderr, r.stderr
+    assert not (narrow / "ctr").exists()
+    assert not psutil.pid_exists(proc.pid)  # CRIU was never asked: nothing restored

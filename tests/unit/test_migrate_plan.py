@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from orthros_py.cgroup.fs import CgroupError
 from orthros_py.agent.errors import AgentUnreachable, ProtocolError
 from orthros_py.agent.ops import Agent, Call, op_push_images, op_recv_files
 from orthros_py.agent.protocol import PayloadReader
@@ -193,6 +194,17 @@ class World:
         self.now += s
 
 
+CGROUP_TEXT = """# orthros cgroup migration file v1
+[hierarchy]
+root cpu /lab/alpha/ctr
+group cpu /lab/alpha/ctr
+[membership]
+pid 1 cpu:/lab/alpha/ctr
+[limits]
+cpu /lab/alpha/ctr cpu.cfs_quota_us = 50000
+"""
+
+
 class FakeAgent:
     """Keeps the state an agent would: addresses, locks, images, a held or restored tree."""
 
@@ -214,6 +226,8 @@ class FakeAgent:
         self.fail: dict[str, BaseException] = {}
         self.fail_times: dict[str, int] = {}
         self.down = False  # unreachable: every call raises AgentUnreachable
+        self.cgroup_problems: list[str] = []
+        self.cgroup_root = "/"
 
     def _hit(self, method: str, *args: Any) -> None:
         self.world.log.append(f"{self.name}.{method}")
@@ -230,6 +244,7 @@ class FakeAgent:
     def status(self) -> dict[str, Any]:
         self._hit("status")
         return {"criu": {"version": "4.2.1"}, "boot_id": "boot-1", "pid_ns": 1,
+                "cgroup_root": self.cgroup_root,
                 "held": [{"pid": p} for p in self.held],
                 "restored": [{"pid": p, "image": i, "running": p in self.running}
                              for p, i in self.restored.items()]}
@@ -326,6 +341,19 @@ class FakeAgent:
             raise NoSuchProcessError(f"pid {pid} is not held")
         self.held.discard(pid)
         return {"pid": pid}
+
+    def cgroup_read(self, pid: int) -> dict[str, Any]:
+        self._hit("cgroup_read", pid)
+        return {"text": CGROUP_TEXT}
+
+    def cgroup_check(self, text: str, roots: Any = None) -> list[str]:
+        self._hit("cgroup_check")
+        self.world.log.append(f"{self.name}.cgroup_roots={dict(roots or {})}")
+        return list(self.cgroup_problems)
+
+    def cgroup_release(self, image: str) -> dict[str, Any]:
+        self._hit("cgroup_release", image)
+        return {"removed": 1, "left": []}
 
     def remove_image(self, image: str) -> bool:
         self._hit("remove_image", image)
@@ -687,3 +715,29 @@ def test_a_lost_restore_answer_with_nothing_restored_rolls_back(world: World) ->
     assert exc.value.rolled_back and "beta.status" in world.log[world.log.index("beta.restore"):]
     assert "may hold a restored copy" not in str(exc.value)  # beta answered: it holds none
     assert_rolled_back(alpha, beta)
+
+
+def test_a_destination_that_cannot_honour_the_cgroups_is_refused_before_the_freeze(
+        world: World) -> None:
+    alpha, beta = pair(world)
+    beta.cgroup_problems = ["/lab/alpha/ctr is limited to CPUs 0-1, but cpuset offers only 1"]
+    with pytest.raises(CgroupError, match="beta cannot honour the cgroup limits of pid 4242: "
+                                          "/lab/alpha/ctr is limited to CPUs 0-1") as info:
+        run(world, alpha, beta)
+    assert info.value.exit_status == 10
+    assert not any(m.endswith(("netlock_lock", "page_server", "dump")) for m in world.log)
+    assert 4242 in alpha.running and alpha.clean() and beta.clean()
+
+
+def test_cgroups_go_below_the_destinations_own_root_and_leave_the_source(
+        world: World) -> None:
+    alpha, beta = pair(world)
+    alpha.cgroup_root, beta.cgroup_root = "/lab/alpha", "/lab/beta"
+    result = run(world, alpha, beta)
+    assert "beta.cgroup_roots={'cpu': '/lab/beta/ctr'}" in world.log
+    assert result.to_dict()["cgroups"]["roots"] == {"cpu": "/lab/beta/ctr"}
+    log = world.log
+    assert log.index("beta.cgroup_check") < log.index("alpha.netlock_lock")
+    assert log.index("beta.restore") < log.index("alpha.cgroup_release") \
+        < log.index("alpha.remove_image")
+    assert "cgroup check" in result.timings_ms

@@ -62,14 +62,15 @@ def test_cgroup_modes(mode: CgroupMode, wire: int, managed: bool) -> None:
 
 def test_restore_request_is_sibling_and_maps_cgroup_roots() -> None:
     req = restore_request(RestoreOptions(tcp_established=True, network_lock=CriuNetworkLock.NFTABLES,
-                                         cgroup_roots={"cpu": "/moved", "": "/all"}),
+                                         cgroup_roots={"cpu": "/moved", "": "/v2",
+                                                       "*": "/all"}),
                           images_dir_fd=9)
     o = req.opts
     assert req.type == rpc.RESTORE
     assert o.rst_sibling and o.tcp_established and o.log_file == "restore.log"
     assert o.network_lock == rpc.NFTABLES
-    roots = {(r.ctrl if r.HasField("ctrl") else "", r.path) for r in o.cg_root}
-    assert roots == {("cpu", "/moved"), ("", "/all")}
+    roots = {(r.ctrl if r.HasField("ctrl") else None, r.path) for r in o.cg_root}
+    assert roots == {("cpu", "/moved"), ("", "/v2"), (None, "/all")}
 
 
 def test_feature_request_asks_for_tracking_and_lazy_pages() -> None:
