@@ -130,6 +130,10 @@ def dump_tree(
     live = snapshot(ref)
     opts = dataclasses.replace(opts, pid=pid)
     cgroups = _save_cgroups(live.pids, images_dir, opts.manage_cgroups)
+    if cgroups and cgroups["hierarchies"] and not opts.cgroup_dump_controllers:
+        # CRIU mounts each hierarchy it dumps: only the tree's own, which the restore
+        # recreates; where it shares the root's or the dumper's group the restorer's is right.
+        opts = dataclasses.replace(opts, cgroup_dump_controllers=tuple(cgroups["hierarchies"]))
     lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
     if network_lock is not None:
         opts = dataclasses.replace(opts, network_lock=network_lock.criu)
@@ -325,6 +329,8 @@ def restore_tree(
         t1 = time.perf_counter()
         if opts.manage_cgroups is not CgroupMode.STRICT:  # strict: CRIU must create them
             created = cgfs.apply(expected)
+        if opts.cgroup_yard is None:
+            opts = dataclasses.replace(opts, cgroup_yard=cgfs.yard())
         cg = {"groups": len(expected.groups), "check_ms": round((t1 - t0) * 1000, 3),
               "apply_ms": round((time.perf_counter() - t1) * 1000, 3),
               "created": [str(d) for d in created]}

@@ -676,7 +676,14 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
                           "threads": proc.num_threads()})
     found = conns_mod.discover(pids)
     established = conns_mod.discover(pids, (conns_mod.TCP_ESTABLISHED,))
+    from orthros_py.cgroup.fs import CgroupError, CgroupFs
+
+    try:
+        cgroups: str | None = CgroupFs.here().read_tree(pids).to_text()
+    except CgroupError:
+        cgroups = None  # the tree went meanwhile: the caller hears of it soon enough
     return {"pid": pid, "processes": procs, "conns": [str(c) for c in found.conns],
+            "cgroups": cgroups,
             "established": [str(c) for c in established.conns],
             "interfaces": found.interfaces, "routes": {str(c): i for c, i in found.routes.items()},
             "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id}

@@ -85,6 +85,22 @@ def check_nofile(sockets: int) -> None:
             hint=f"use at most {(soft - SPARE_FDS) // 2} sockets")
 
 
+def max_restorable_sockets(nofile: int | None = None) -> int:
+    """The largest N that CRIU 4.2.1 can restore under RLIMIT_NOFILE ``nofile`` (ours if None)
+    when it cannot raise its own limit (no CAP_SYS_RESOURCE: "rlimit: Can't setup
+    RLIMIT_NOFILE for self").
+
+    CRIU restores each connection between the two peers as a pair in one task (P1) and passes
+    one end over, so P1 briefly needs 4N descriptors, and its service fds must fit above them,
+    below the limit rounded down to 128 ("sfd: Can't chose service_fd_base: 19968 19995" at
+    N=4990 under 20,000; N=5000 hits "BUG at criu/files.c:182"). 48 covers the service fds and
+    the workload's other descriptors; N=4980 restores under 20,000.
+    """
+    if nofile is None:
+        nofile, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (nofile // 128 * 128 - 48) // 4
+
+
 # --- inside the namespaces ----------------------------------------------------------------------
 
 def reopen_stdio(log: Path) -> None:
@@ -540,9 +556,12 @@ def _join_cgroups(dirs: Sequence[Path]) -> None:
 
 def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
           cgroup_dirs: Sequence[Path] = (), interval: float = 0.02,
-          timeout: float = 10.0) -> Container:
+          timeout: float = 10.0, prefix: Sequence[str] = ()) -> Container:
     """Start the workload under unshare in ``dir`` (created if missing) and return once the
-    namespace's init exists; call ``wait_ready`` before relying on its sockets."""
+    namespace's init exists; call ``wait_ready`` before relying on its sockets.
+
+    ``prefix``: a command that execs the rest in place, such as a lab host's
+    ``nsenter --net=...`` (``Lab.argv(host, [])``), so that the tree lives in that host."""
     if sockets < 1:
         raise ValueError("sockets must be at least 1")
     check_nofile(sockets)
@@ -558,7 +577,8 @@ def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
         for path in (sock_path(d, role), status_path(d, role)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    argv = ["unshare", "--pid", "--fork", "--uts", "--ipc", "--mount", "--propagation", "private",
+    argv = [*prefix, "unshare", "--pid", "--fork", "--uts", "--ipc", "--mount",
+            "--propagation", "private",
             sys.executable, "-m", "orthros_py.bench.unixpair", "run",
             "--sockets", str(sockets), "--dir", str(d), "--hostname", hostname,
             "--interval", str(interval),

@@ -125,6 +125,22 @@ class CgroupFs:
             out.append((name, value))
         return tuple(out)
 
+    def yard(self) -> str | None:
+        """A directory where every hierarchy is mounted under the name CRIU gives it (its
+        controllers joined by commas, ``name=`` dropped; ``unified`` for v2), which CRIU can use
+        as its cgroup yard instead of mounting one of its own per restore: /sys/fs/cgroup on a
+        hybrid or v1 host. None when the layout differs (a pure v2 host)."""
+        parents = {p.parent for p in self.hierarchies.values()}
+        if len(parents) != 1:
+            return None
+        (parent,) = parents
+        for h, mount in self.hierarchies.items():
+            name = "unified" if h == V2 else ",".join(c.removeprefix("name=")
+                                                      for c in h.split(","))
+            if mount.name != name:
+                return None
+        return str(parent)
+
     # -- reading -------------------------------------------------------------------------------
 
     def read_tree(self, pids: Sequence[int]) -> CgroupFile:
@@ -276,6 +292,40 @@ class CgroupFs:
         dirs = [self.dir(g.hierarchy, g.path) for g in cgf.groups
                 if self._mount(g.hierarchy) is not None]
         return remove_dirs(dirs)
+
+
+def favors_dynmods() -> bool | None:
+    """Whether the cgroup v2 hierarchy is mounted with ``favordynmods`` (None: no v2 here).
+
+    Moving a task into a cgroup takes a lock that, when idle, costs an RCU grace period to
+    take for writing (about 12 ms here, paid once per restore); ``favordynmods`` keeps it ready
+    at some cost to every fork and exit. The lock is global: the flag on v2 covers v1 too."""
+    for part in psutil.disk_partitions(all=True):
+        if part.fstype == "cgroup2":
+            return "favordynmods" in part.opts.split(",")
+    return None
+
+
+def set_favor_dynmods(on: bool) -> bool:
+    """Remount the v2 hierarchy with or without ``favordynmods``; returns the previous state.
+    CgroupError if there is no v2 hierarchy or the kernel refuses."""
+    import ctypes
+
+    mount = mounts().get(V2)
+    before = favors_dynmods()
+    if mount is None or before is None:
+        raise CgroupError("this host has no cgroup v2 hierarchy to set favordynmods on")
+    if before == on:
+        return before
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_remount = 32
+    # The syscall, not mount(8): mount(8) would merge the options /proc/mounts lists back in.
+    if libc.mount(None, str(mount).encode(), None, ms_remount,
+                  b"favordynmods" if on else b"") != 0:
+        err = ctypes.get_errno()
+        raise CgroupError(f"cannot remount {mount} {'with' if on else 'without'} "
+                          f"favordynmods: {os.strerror(err)}")
+    return before
 
 
 def remove_dirs(dirs: Iterable[Path]) -> list[str]:

@@ -211,6 +211,103 @@ def render(env: Env, res: BenchResults) -> None:
                               soft_wrap=True)
 
 
+def _socket_counts(text: str) -> tuple[int, ...]:
+    counts = tuple(int(x) for x in text.split(",") if x.strip())
+    if not counts or min(counts) < 1:
+        raise ValueError("give socket counts like 500,5000")
+    return counts
+
+
+@bench.command("container")
+@click.option("--sockets", type=_ListOf("LIST", _socket_counts), default="500,4980",
+              show_default=True,
+              help="UNIX sockets each of the two processes accepts from the other, per run "
+                   "(4,980 is the most CRIU restores under this host's fixed RLIMIT_NOFILE of "
+                   "20,000).")
+@click.option("--reps", type=click.IntRange(1), default=5, show_default=True,
+              help="Repetitions; each migrates twice (CRIU log level 4 for the parts, 2 for "
+                   "the whole), alternating directions.")
+@click.option("--hierarchy", type=click.Choice(["v1", "v2"]), default="v1", show_default=True,
+              help="Where the container's limits live: cgroup v1 (cpuset cores and cpu "
+                   "quota) or cgroup v2.")
+@click.option("--interval", type=click.FloatRange(0), default=0.02, show_default=True,
+              help="The workload's pause between two rounds of messages.")
+@click.option("--favordynmods", is_flag=True,
+              help="Mount cgroup v2 with favordynmods for the run (put back afterwards): task "
+                   "moves into cgroups then skip an RCU grace period, forks and exits pay.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/container-<timestamp>].")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again.")
+@click.pass_obj
+def container(env: Env, sockets: tuple[int, ...], reps: int, hierarchy: str, interval: float,
+              favordynmods: bool, out: Path | None, from_json: Path | None) -> None:
+    """Migrate the Orthros paper's container workload between the lab's hosts and time each
+    part of it (seed 000's table): cgroups, namespaces, UNIX sockets, the whole.
+
+    Needs root. Builds the lab and tears it down, also on Ctrl-C.
+    """
+    import time as _time
+
+    from orthros_py.bench import container as cb
+
+    if from_json is not None:
+        runs, meta = cb.load_runs(from_json)
+        made = cb.write_outputs(runs, meta, from_json.parent)
+    else:
+        cfg = cb.BenchConfig(sockets=sockets, reps=reps, hierarchy=hierarchy, interval=interval,
+                             favordynmods=favordynmods)
+        out = out or Path("results") / f"container-{_time.strftime('%Y%m%d-%H%M%S')}"
+        meta = cb.meta_now(cfg)
+        env.console.print(f"[bold]container benchmark[/]: {reps} x 2 migrations at "
+                          f"{', '.join(map(str, sockets))} sockets per process -> "
+                          f"{escape(str(out))}")
+        bench_ = cb.ContainerBench(cfg, out, progress=lambda m: env.console.print(
+            escape(m), soft_wrap=True))
+        try:
+            with _term_as_interrupt():
+                runs = bench_.run()
+        finally:
+            made = cb.write_outputs(bench_.runs, meta, out)
+    render_container(env, runs)
+    _say_files(env, made)
+    if any(not r.ok for r in runs):
+        raise SystemExit(1)
+
+
+def render_container(env: Env, runs: list[Any]) -> None:
+    from orthros_py.bench import container as cb
+
+    sums = cb.summarize(runs)
+    table = Table(title="container migration, part by part (medians, ms)", title_justify="left")
+    table.add_column("part")
+    table.add_column("paper", justify="right")
+    for s in sums:
+        table.add_column(f"{s.sockets:,} sockets", justify="right")
+        table.add_column("share", justify="right")
+    for row in cb.ROWS:
+        cells = [cb.ROW_LABELS[row], cb.fmt(cb.PAPER_MS[row])]
+        for s in sums:
+            share = s.share(row)
+            cells += [cb.fmt(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
+        table.add_row(*cells)
+    table.add_section()
+    for key in ("cgroup orthros", "cgroup criu", "mounts", "downtime", "total"):
+        cells = [f"[dim]{key}[/]", ""]
+        for s in sums:
+            cells += [f"[dim]{cb.fmt(s.detail.get(key))}[/]", ""]
+        table.add_row(*cells)
+    _wide(env).print(table)
+    for s in sums:
+        whole, cg = s.medians.get("whole"), s.medians.get("cgroup")
+        if whole is not None and cg is not None:
+            env.console.print(
+                f"{s.sockets:,} sockets: whole {whole:,.1f} ms "
+                f"({'under' if whole < cb.GOAL_WHOLE_MS else 'over'} the paper's "
+                f"{cb.GOAL_WHOLE_MS} ms), cgroup part {cg:,.1f} ms "
+                f"({'under' if cg < cb.GOAL_CGROUP_MS else 'over'} {cb.GOAL_CGROUP_MS:g} ms)")
+
+
 def _wide(env: Env) -> Console:
     """The tables have twelve columns: on a log file (no terminal to size them by) rich's
     default of 80 would cut every number short."""

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from orthros_py.cli.context import Env
 from orthros_py.cli.hosts import inventory_option, key_option, open_cluster
+from orthros_py.criu.request import CgroupMode
 
 if TYPE_CHECKING:
     from orthros_py.policies.migrate import Event, MigrationResult
@@ -81,6 +82,10 @@ class ProgressView:
               help="The tree was started from a shell (it shares the shell's session and tty).")
 @click.option("--ext-unix-sk", is_flag=True,
               help="Allow UNIX sockets whose peer is outside the tree.")
+@click.option("--manage-cgroups", type=click.Choice([m.value for m in CgroupMode]),
+              default="soft", show_default=True,
+              help="How strictly the tree's cgroups are recreated (CRIU's modes; 'ignore' "
+                   "leaves them behind). The destination is checked first either way.")
 @click.option("--keep-images", is_flag=True,
               help="Keep the images (and CRIU's logs) on both hosts afterwards, also after a "
                    "rollback.")
@@ -89,7 +94,8 @@ class ProgressView:
 @click.pass_obj
 def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             network_lock: str, inventory: Path | None, key_path: Path | None,
-            shell_job: bool, ext_unix_sk: bool, keep_images: bool, as_json: bool) -> None:
+            shell_job: bool, ext_unix_sk: bool, manage_cgroups: str, keep_images: bool,
+            as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
     from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration
@@ -106,7 +112,7 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
                                      param_hint="--service-ip")
     config = MigrateConfig(network_lock=LockMethod(network_lock), service_ip=service_ip,
                            shell_job=shell_job, ext_unix_sk=ext_unix_sk,
-                           keep_images=keep_images)
+                           manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images)
     job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest))
     if not as_json:
         env.console.print(f"migrating pid {pid} from [bold]{source}[/] to [bold]{dest}[/] "
@@ -156,6 +162,13 @@ def render_result(env: Env, r: MigrationResult) -> None:
         counts.add_row(name, str(value))
     con.print(timings)
     con.print(counts)
+    restored = r.cgroups.get("restore") or {}
+    if restored.get("groups"):
+        bad = restored.get("mismatches") or []
+        where = ", ".join(sorted(set((r.cgroups.get("roots") or {}).values())))
+        con.print(f"cgroups: {restored['groups']} groups recreated on {r.dest}"
+                  + (f" at {escape(where)}" if where else "") + "; limits "
+                  + ("as on the source" if not bad else f"[red]differ[/]: {escape(bad[0])}"))
     for w in r.warnings:
         con.print(f"[yellow]warning:[/] {escape(w)}")
 

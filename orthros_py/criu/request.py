@@ -80,6 +80,9 @@ class DumpOptions(CommonOptions):
     parent_img: str | None = None
     track_mem: bool = False
     freeze_cgroup: str | None = None
+    # Only these cgroup hierarchies (as /proc/PID/cgroup names them; "" is v2) go into the
+    # images; the others are left to the restorer. Empty: all.
+    cgroup_dump_controllers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class RestoreOptions(CommonOptions):
     cgroup_roots: dict[str, str] = field(default_factory=dict)
     # Root filesystem for a tree that has its own mount namespace (CRIU's --root).
     root: str | None = None
+    # Where CRIU finds every cgroup hierarchy mounted (a dir per hierarchy, "unified" for v2)
+    # instead of mounting its own yard for each restore.
+    cgroup_yard: str | None = None
 
 
 def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file: str) -> None:
@@ -130,6 +136,7 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
         req.opts.parent_img = o.parent_img
     if o.freeze_cgroup:
         req.opts.freeze_cgroup = o.freeze_cgroup
+    req.opts.cgroup_dump_controller.extend(o.cgroup_dump_controllers)
     return req
 
 
@@ -142,6 +149,8 @@ def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:
     req.opts.tcp_close = o.tcp_close
     if o.root:
         req.opts.root = o.root
+    if o.cgroup_yard:
+        req.opts.cgroup_yard = o.cgroup_yard
     for ctrl, path in sorted(o.cgroup_roots.items()):
         root = req.opts.cg_root.add()
         root.path = path

@@ -743,7 +743,8 @@ class Migration:
         cfg, src, dst = self.config, self.source, self.dest
         with self._on(src):
             src_status = src.agent.status()
-            tree = TreeFacts.from_agent(src.agent.tree(self.pid))
+            tree_data = src.agent.tree(self.pid)
+            tree = TreeFacts.from_agent(tree_data)
             src_ifaces = src.agent.addr_list()
         with self._on(dst):
             dst_status = dst.agent.status()
@@ -762,7 +763,7 @@ class Migration:
             self._note(note)
         if cfg.manage_cgroups is not CgroupMode.IGNORE:
             with self._timed("cgroup check"):
-                self._check_cgroups(src_status, dst_status)
+                self._check_cgroups(tree_data.get("cgroups"), src_status, dst_status)
         self._note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
                    + (f", service address {self.plan.service.with_prefixlen}"
                       if self.plan.service else ""))
@@ -784,13 +785,15 @@ class Migration:
             self._page_server = dst.agent.page_server(
                 self.image, address=dst.address, log_level=cfg.criu_log_level)
 
-    def _check_cgroups(self, src_status: Mapping[str, Any], dst_status: Mapping[str, Any]
-                       ) -> None:
+    def _check_cgroups(self, text: str | None, src_status: Mapping[str, Any],
+                       dst_status: Mapping[str, Any]) -> None:
         """Refuse, before anything is frozen, a destination that cannot honour the tree's
-        cgroup limits; decide where there the groups go (below its own cgroup root)."""
-        src, dst = self.source, self.dest
-        with self._on(src):
-            text = str(src.agent.cgroup_read(self.pid)["text"])
+        cgroup limits (``text``: the source's migration file of the live tree); decide where
+        there the groups go (below the destination's own cgroup root)."""
+        dst = self.dest
+        if text is None:  # an agent of before cgroup files: ask on its own
+            with self._on(self.source):
+                text = str(self.source.agent.cgroup_read(self.pid)["text"])
         cgf = CgroupFile.from_text(text)
         if cgf.empty:
             return

@@ -146,13 +146,16 @@ def snapshot(ref: ProcessRef) -> TreeSnapshot:
             with p.oneshot():
                 infos.append(ProcessInfo(p.pid, p.ppid(), p.name(), p.cmdline(),
                                          read_namespaces(p.pid), read_cgroups(p.pid)))
-            for c in p.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_ESTABLISHED and c.raddr:
+            # One pass over the process's descriptors for both kinds (a container holds
+            # thousands: each pass reads every fd link).
+            for c in p.net_connections(kind="all"):
+                if c.family == socket.AF_UNIX:
+                    unix.append(UnixConn(_SOCK_TYPES.get(c.type, str(c.type)),
+                                         str(c.laddr or ""), p.pid))
+                elif c.type == socket.SOCK_STREAM and c.status == psutil.CONN_ESTABLISHED \
+                        and c.raddr:
                     tcp.append(TcpConn(int(c.family), (c.laddr.ip, c.laddr.port),
                                        (c.raddr.ip, c.raddr.port), c.status, p.pid))
-            for c in p.net_connections(kind="unix"):
-                unix.append(UnixConn(_SOCK_TYPES.get(c.type, str(c.type)),
-                                     str(c.laddr or ""), p.pid))
         except psutil.NoSuchProcess:
             continue  # a child that exited while we looked is not part of the tree any more
     return TreeSnapshot(ref.pid, infos, tcp, unix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from helpers import Spawner, dump_cli, restore_cli
 
 from orthros_py.bench import unixpair
+from orthros_py.errors import OrthrosError
 
 HOSTNAME = "orthros-ctr-test"
 OWN_NAMESPACES = ("pid", "uts", "ipc", "mnt")
@@ -86,3 +88,22 @@ def test_container_keeps_talking_after_dump_and_restore(
     for ns in OWN_NAMESPACES:
         assert ns_inode(root, ns) != ns_inode("self", ns), ns
     assert unixpair.SHM_KEY not in host_shm_keys()
+
+
+def test_a_dead_peer_is_counted_as_errors(
+    tmp_path: Path, containers: list[unixpair.Container]
+) -> None:
+    """The check is not vacuous: when P2 dies, P1 reports its sockets broken."""
+    c = unixpair.start(tmp_path / "ctr", sockets=50, hostname=HOSTNAME)
+    containers.append(c)
+    c.wait_ready(timeout=60)
+    p2 = c.host_pids()[1]
+    os.kill(p2, signal.SIGKILL)
+    with pytest.raises(OrthrosError, match=r"unixpair p1 counted \d+ errors .*(EOF|Broken pipe|Connection reset)"):
+        c.wait_progress(50, timeout=20)
+    assert c.host_pids() == [c.init_pid]  # P1, the init, reaped P2 and goes on
+
+
+def test_restorable_socket_count_under_our_limit() -> None:
+    # Found by hand under RLIMIT_NOFILE 20,000: 4980 restores, 4990 and 5000 are refused.
+    assert unixpair.max_restorable_sockets(20000) == 4980

@@ -107,3 +107,17 @@ def test_paths_out_of_the_hierarchy_are_refused(path: str) -> None:
     text = f"# orthros cgroup migration file v1\n[hierarchy]\ngroup cpu {path}\n"
     with pytest.raises(ValueError, match="line 3"):
         CgroupFile.from_text(text)
+
+
+def test_the_yard_is_the_common_parent_when_criu_would_name_the_mounts_alike() -> None:
+    from pathlib import Path
+
+    from orthros_py.cgroup.fs import CgroupFs
+
+    hybrid = CgroupFs({"cpu,cpuacct": Path("/sys/fs/cgroup/cpu,cpuacct"),
+                       "name=systemd": Path("/sys/fs/cgroup/systemd"),
+                       V2: Path("/sys/fs/cgroup/unified")})
+    assert hybrid.yard() == "/sys/fs/cgroup"
+    assert CgroupFs({V2: Path("/sys/fs/cgroup")}).yard() is None  # pure v2
+    assert CgroupFs({"cpu": Path("/sys/fs/cgroup/cpu"), "pids": Path("/x/pids")}).yard() is None
+    assert CgroupFs({"cpu,cpuacct": Path("/c/cpu")}).yard() is None  # a symlink's name

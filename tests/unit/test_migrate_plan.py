@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from orthros_py.cgroup.fs import CgroupError
 from orthros_py.agent.errors import AgentUnreachable, ProtocolError
 from orthros_py.agent.ops import Agent, Call, op_push_images, op_recv_files
 from orthros_py.agent.protocol import PayloadReader
+from orthros_py.cgroup.fs import CgroupError
 from orthros_py.criu.request import CriuNetworkLock, dump_request
 from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError, OrthrosError
 from orthros_py.netlock.base import Conn

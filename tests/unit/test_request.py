@@ -103,3 +103,11 @@ def test_orthros_lock_methods_map_to_criu_methods() -> None:
     assert NetworkLock.SKIP.criu is CriuNetworkLock.SKIP
     assert NetworkLock.IPTABLES.criu is CriuNetworkLock.IPTABLES
     assert NetworkLock.NFTABLES.criu is CriuNetworkLock.NFTABLES
+
+
+def test_cgroup_dump_controllers_and_yard_reach_criu() -> None:
+    d = dump_request(DumpOptions(pid=7, cgroup_dump_controllers=("cpu,cpuacct", "")), 3)
+    assert list(d.opts.cgroup_dump_controller) == ["cpu,cpuacct", ""]
+    r = restore_request(RestoreOptions(cgroup_yard="/sys/fs/cgroup"), 3)
+    assert r.opts.cgroup_yard == "/sys/fs/cgroup"
+    assert not restore_request(RestoreOptions(), 3).opts.HasField("cgroup_yard")
