@@ -53,9 +53,19 @@ criu_ok() {  # $1: binary. True when it is new enough and `criu check` passes on
   [ -n "$v" ] && version_ge "$v" "$MIN_CRIU" && "$bin" check >/dev/null 2>&1
 }
 
+# Fixes orthros carries for CRIU (each says why in its header); a CRIU orthros built is built
+# again when this set changes. A working system CRIU is used as it is, without them.
+PATCHES=("$ROOT"/scripts/criu-patches/*.patch)
+patch_sum=$(cat "${PATCHES[@]}" | sha256sum | cut -d' ' -f1)
+PATCH_STAMP="$SRC_BASE/patches.applied"
+
 criu_src=$(ls -d "$SRC_BASE"/criu-* 2>/dev/null | sort -V | tail -n1 || true)
 sys_criu=$(command -v criu || true)
-if [ -n "$sys_criu" ] && criu_ok "$sys_criu" && [ -n "$criu_src" ] && [ -d "$criu_src/lib/pycriu/images" ]; then
+ours_current() {  # True unless the CRIU on PATH is orthros's build from an older patch set.
+  [ "$sys_criu" != "$PREFIX/sbin/criu" ] || [ "$(cat "$PATCH_STAMP" 2>/dev/null)" = "$patch_sum" ]
+}
+if [ -n "$sys_criu" ] && criu_ok "$sys_criu" && ours_current && [ -n "$criu_src" ] \
+    && [ -d "$criu_src/lib/pycriu/images" ]; then
   say "CRIU present: $("$sys_criu" --version | head -n1) at $sys_criu"
 else
   if [ -n "$sys_criu" ] && criu_ok "$sys_criu"; then
@@ -83,13 +93,21 @@ else
     tar -C "$SRC_BASE" -xf "$tarball"
     criu_src="$SRC_BASE/criu-$upstream"
   fi
+  for p in "${PATCHES[@]}"; do
+    if patch -d "$criu_src" -p1 -R --dry-run -s -f <"$p" >/dev/null 2>&1; then
+      continue  # applied already
+    fi
+    patch -d "$criu_src" -p1 -N -s <"$p" >/dev/null || die "cannot apply $(basename "$p") to $criu_src"
+    say "applied $(basename "$p")"
+  done
   say "building CRIU in $criu_src (about 30 s)"
   make -C "$criu_src" -j"$(nproc)" criu >"$SRC_BASE/build.log" 2>&1 || die "CRIU build failed, see $SRC_BASE/build.log"
   make -C "$criu_src" lib >>"$SRC_BASE/build.log" 2>&1 || die "pycriu build failed, see $SRC_BASE/build.log"
-  if ! { [ -n "$sys_criu" ] && criu_ok "$sys_criu"; }; then
+  if [ "$sys_criu" = "$PREFIX/sbin/criu" ] || ! { [ -n "$sys_criu" ] && criu_ok "$sys_criu"; }; then
     install -m 0755 "$criu_src/criu/criu" "$PREFIX/sbin/criu"
     hash -r
     criu_ok "$PREFIX/sbin/criu" || die "the CRIU built from $criu_src does not pass 'criu check' here"
+    echo "$patch_sum" > "$PATCH_STAMP"
   fi
   say "CRIU ready: $(criu --version | head -n1)"
 fi
