@@ -5,6 +5,7 @@ Fixtures here create real processes and always remove them, also when a test fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -50,3 +51,23 @@ def orthros_bin() -> str:
     return exe
 
 
+@pytest.fixture
+def v2_hugetlb() -> Iterator[Path]:
+    """cgroup v2 with hugetlb, the one controller this hybrid host leaves to v2, enabled below
+    the root; the root's subtree_control is put back as it was. Request it before the fixtures
+    that make groups under it, so that it is torn down after they are gone."""
+    from orthros_py.cgroup.fs import mounts
+    from orthros_py.cgroup.model import V2
+
+    unified = mounts().get(V2)
+    if unified is None or not (unified / "cgroup.procs").exists():
+        pytest.skip("no cgroup2 hierarchy on this host")
+    if "hugetlb" not in (unified / "cgroup.controllers").read_text().split():
+        pytest.skip("cgroup v2 here offers no controller to limit with (hugetlb is bound to v1)")
+    before = (unified / "cgroup.subtree_control").read_text().split()
+    try:
+        yield unified
+    finally:
+        if "hugetlb" not in before:
+            with contextlib.suppress(OSError):
+                (unified / "cgroup.subtree_control").write_text("-hugetlb")

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from orthros_py.cgroup.model import RESTORED_FILE_NAME, CgroupFile, diff, hierarchy_label
 from orthros_py.cli.context import Env
 from orthros_py.criu.images import (
     PAGE_SIZE,
@@ -32,10 +33,73 @@ from orthros_py.criu.images import (
 def inspect(env: Env, images_dir: Path, as_json: bool) -> None:
     """Show what the checkpoint in DIR holds: processes, namespaces, cgroups, sockets, memory."""
     images = read_images(images_dir)
+    cgf, restored = _cgroup_files(images_dir)
     if as_json:
-        env.emit_json(images.to_dict())
+        data = images.to_dict()
+        if cgf is not None:
+            data["cgroup_file"] = _cgroup_file_dict(cgf)
+        if restored is not None and cgf is not None:
+            data["cgroup_file_restored"] = _cgroup_file_dict(restored)
+        env.emit_json(data)
     else:
         render(env, images)
+        if cgf is not None:
+            render_cgroup_file(env, cgf, restored)
+
+
+def _cgroup_files(images_dir: Path) -> tuple[CgroupFile | None, CgroupFile | None]:
+    """orthros's cgroup migration file of the checkpoint, and what a restore read back."""
+    from orthros_py.checkpoint import load_cgroup_file
+
+    cgf = load_cgroup_file(images_dir.resolve())
+    back = images_dir / RESTORED_FILE_NAME
+    restored = None
+    if cgf is not None and back.exists():
+        try:
+            restored = CgroupFile.from_text(back.read_text())
+        except (OSError, ValueError):
+            restored = None
+    return cgf, restored
+
+
+def _cgroup_file_dict(cgf: CgroupFile) -> dict[str, object]:
+    return {"hierarchy": [{"hierarchy": g.hierarchy, "path": g.path} for g in cgf.groups],
+            "membership": [{"pid": m.pid, "groups": dict(m.groups)} for m in cgf.members],
+            "limits": [{"hierarchy": h, "path": p, "file": f, "value": v}
+                       for (h, p, f), v in cgf.limits().items()],
+            "roots": dict(cgf.roots), "skipped": list(cgf.skipped)}
+
+
+def render_cgroup_file(env: Env, cgf: CgroupFile, restored: CgroupFile | None) -> None:
+    """The migration file orthros wrote at the dump, in its three parts, and how the restored
+    tree's groups compare with it."""
+    out = env.console
+    if cgf.empty:
+        out.print("cgroup migration file: the tree had no groups of its own"
+                  + (f" (shared: {', '.join(hierarchy_label(h) for h in cgf.skipped)})"
+                     if cgf.skipped else ""), soft_wrap=True)
+        return
+    groups = _table("cgroup migration file: hierarchy (1/3)", "hierarchy", "group")
+    for g in cgf.groups:
+        groups.add_row(hierarchy_label(g.hierarchy), Text(g.path))
+    out.print(groups)
+    members = _table("cgroup migration file: membership (2/3)", "pid", "hierarchy", "group",
+                     right=("pid",))
+    for m in cgf.members:
+        for i, (h, path) in enumerate(m.groups):
+            members.add_row(str(m.pid) if i == 0 else "", hierarchy_label(h), Text(path))
+    out.print(members)
+    limits = _table("cgroup migration file: limits (3/3)", "hierarchy", "group", "file",
+                    "value")
+    for (h, path, name), value in cgf.limits().items():
+        limits.add_row(hierarchy_label(h), Text(path), name, Text(value))
+    out.print(limits)
+    if restored is not None:
+        moved = cgf.rebased({h: p for h, p in restored.roots})
+        bad = diff(moved, restored)
+        out.print("restored groups: " + ("the same limits" if not bad else
+                                         f"[red]{len(bad)} differ[/]: " + "; ".join(bad[:3])),
+                  soft_wrap=True)
 
 
 def _table(title: str, *columns: str, right: Iterable[str] = (), whole: Iterable[str] = (),

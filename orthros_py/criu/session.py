@@ -61,6 +61,14 @@ def main_reason(tail: list[str]) -> str:
     return ""
 
 
+# CRIU reasons that have a plain cause and remedy on orthros's side.
+_ADVICE = (
+    (re.compile(r"Unix socket \S+ without peer"),
+     "a UNIX socket of the tree is connected to a process outside it: allow such external "
+     "sockets with --ext-unix-sk"),
+)
+
+
 class CriuSession:
     """Runs one request through a fresh ``criu swrk`` and returns its final response."""
 
@@ -168,6 +176,9 @@ class CriuSession:
                 reason = os.strerror(errno)
         target = f" of pid {pid}" if pid else ""
         msg = f"CRIU refused the {what}{target}: {reason or 'no reason given'}"
+        advice = next((a for pattern, a in _ADVICE if reason and pattern.search(reason)), None)
+        if advice:
+            msg = f"{msg} ({advice})"
         return CriuError(
             msg, errno=errno, log_tail=tail, log_path=str(log_path) if log_path else None,
             pid=pid, stage=what,

@@ -158,22 +158,6 @@ def test_container_with_v1_cgroups_migrates_with_every_socket_and_limit(
     assert result["cgroups"]["restore"]["mismatches"] == []  # type: ignore[index]
 
 
-@pytest.fixture
-def v2_hugetlb() -> Iterator[Path]:
-    """cgroup v2 with hugetlb, the controller this hybrid host leaves to v2, enabled below the
-    root; put back as it was (after the groups are gone: request this fixture first)."""
-    unified = mount_of(V2)
-    if "hugetlb" not in (unified / "cgroup.controllers").read_text().split():
-        pytest.skip("cgroup v2 here offers no controller to limit with")
-    before = (unified / "cgroup.subtree_control").read_text().split()
-    try:
-        yield unified
-    finally:
-        if "hugetlb" not in before:
-            with contextlib.suppress(OSError):
-                (unified / "cgroup.subtree_control").write_text("-hugetlb")
-
-
 def test_container_with_v2_cgroups_migrates_with_its_limits(
         v2_hugetlb: Path, lab: Lab, groups: Groups, container: list[unixpair.Container],
         tmp_path: Path) -> None:

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Spawner, dump_cli, read_lines, restore_cli, run_orthros, wait_for
+from helpers import (
+    Spawner,
+    dump_cli,
+    orthros_json,
+    read_lines,
+    restore_cli,
+    run_orthros,
+    wait_for,
+)
 
 from orthros_py.proc.tree import read_cgroups
 
@@ -150,26 +158,8 @@ def test_cgroup_v2_group_and_limits_are_restored(
     assert os.getpid() not in [int(x) for x in (group / "cgroup.procs").read_text().split()]
 
 
-@pytest.fixture
-def v2_hugetlb() -> Iterator[Path]:
-    """cgroup v2 with its one free controller here (hugetlb) enabled for the root's children;
-    the root's subtree_control is put back as it was."""
-    unified = CGROOT / "unified"
-    if not (unified / "cgroup.procs").exists():
-        pytest.skip("no cgroup2 hierarchy at /sys/fs/cgroup/unified")
-    if "hugetlb" not in (unified / "cgroup.controllers").read_text().split():
-        pytest.skip("cgroup v2 here offers no controller to limit with (hugetlb is bound to v1)")
-    before = (unified / "cgroup.subtree_control").read_text().split()
-    try:
-        yield unified
-    finally:
-        if "hugetlb" not in before:
-            with contextlib.suppress(OSError):
-                write(unified / "cgroup.subtree_control", "-hugetlb")
-
-
 def test_v2_controller_limits_travel_in_the_migration_file_to_a_new_root(
-    spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path], v2_hugetlb: Path
+    v2_hugetlb: Path, spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path]
 ) -> None:
     """CRIU 4.2.1 keeps no v2 controller limit (hugetlb.2MB.max here; cpu.max, memory.max on
     pure v2 hosts): orthros's cgroup file carries it, and the restore recreates the group under
@@ -206,6 +196,14 @@ def test_v2_controller_limits_travel_in_the_migration_file_to_a_new_root(
     back = (images / "orthros-cgroups-restored.txt").read_text()
     assert f"unified /{new}/inner hugetlb.2MB.max = 2097152" in back, back
     assert not src.exists()
+    # inspect shows the file's three parts and compares the restored groups with them
+    data = orthros_json("inspect", str(images), "--json")
+    assert {"hierarchy": "", "path": f"/{old}/inner", "file": "hugetlb.2MB.max",
+            "value": "2097152"} in data["cgroup_file"]["limits"]
+    assert data["cgroup_file_restored"]["roots"] == {"": f"/{new}/inner"}
+    shown = run_orthros("inspect", str(images))
+    assert "membership (2/3)" in shown.stderr and "restored groups: the same limits" in \
+        shown.stderr, shown.stderr
 
 
 def test_restore_refuses_cpus_the_destination_cannot_give(

@@ -44,3 +44,20 @@ def test_tail_without_errors_is_last_lines(tmp_path: Path) -> None:
     log = tmp_path / "x.log"
     log.write_text("\n".join(f"line {i}" for i in range(20)))
     assert log_tail(log, lines=3) == ["line 17", "line 18", "line 19"]
+
+
+def test_a_peer_outside_the_tree_is_explained_with_the_option_that_allows_it(
+        tmp_path: Path) -> None:
+    from pycriu import rpc_pb2 as rpc
+
+    from orthros_py.criu.request import DumpOptions, dump_request
+    from orthros_py.criu.session import CriuSession
+
+    (tmp_path / "dump.log").write_text(
+        "(00.010000) Error (criu/sk-unix.c:860): unix: Unix socket 0x37a without peer 0x379\n")
+    req = dump_request(DumpOptions(pid=42), -1)
+    resp = rpc.criu_resp(type=rpc.DUMP, success=False)
+    session = CriuSession.__new__(CriuSession)  # no binary needed to word an error
+    err = session._error(req, resp, "dump", tmp_path, 42)
+    assert "Unix socket 0x37a without peer 0x379" in str(err)
+    assert "--ext-unix-sk" in str(err)

@@ -12,13 +12,12 @@ from our own mount namespace, see prune_mounts)
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import sys
 import time
 
-MNT_DETACH = 2
+from orthros_py.bench.unixpair import prune_mounts  # mounts CRIU cannot dump
 
 
 def report(role: str, interval: float) -> None:
@@ -44,26 +43,6 @@ def reopen_stdio() -> None:
     fd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(fd, 0)
     os.close(fd)
-
-
-# Filesystems CRIU 4.2.1 can dump and rebuild inside a mount namespace of the tree's own.
-DUMPABLE_FS = {"ext4", "xfs", "btrfs", "overlay", "proc", "sysfs", "tmpfs", "devtmpfs", "devpts",
-               "mqueue", "cgroup", "cgroup2"}
-
-
-def prune_mounts(host_mntns: int) -> None:
-    """Detach, in our own mount namespace only, what other software on this host mounted and
-    CRIU cannot dump (bpffs: "FS mnt ./sys/fs/bpf dev 0x27 root / unsupported"; nsfs from
-    ``ip netns add``). Does nothing in the host's mount namespace (inode ``host_mntns``)."""
-    if os.stat("/proc/self/ns/mnt").st_ino == host_mntns:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f.read().splitlines()]
-    for fields in reversed(mounts):  # children before their parents
-        fstype = fields[fields.index("-") + 1]
-        if fstype not in DUMPABLE_FS:
-            libc.umount2(fields[4].encode(), MNT_DETACH)
 
 
 def main() -> None:
