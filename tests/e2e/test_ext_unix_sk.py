@@ -20,11 +20,14 @@ WORKLOAD = Path(__file__).resolve().parents[1] / "workloads" / "ext_logger.py"
 
 
 class Reader:
-    """The log daemon: a datagram socket bound at a path, outside any migrated tree."""
+    """The log daemon: a datagram socket bound at a path, outside any migrated tree, in the
+    network namespace of the host the tree starts on (CRIU finds a UNIX socket's peer through
+    sock_diag, which sees one network namespace: a peer in another is no peer at all)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lab: Lab, host: str) -> None:
         self.path = path
-        self.sk = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with lab.in_netns(host):
+            self.sk = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sk.bind(str(path))
         self.sk.setblocking(False)
         self.seen: list[int] = []
@@ -43,8 +46,8 @@ class Reader:
 
 
 @pytest.fixture
-def reader(tmp_path: Path) -> Iterator[Reader]:
-    r = Reader(tmp_path / "log.sock")
+def reader(lab: Lab, tmp_path: Path) -> Iterator[Reader]:
+    r = Reader(tmp_path / "log.sock", lab, "alpha")
     try:
         yield r
     finally:
