@@ -202,12 +202,21 @@ def test_inspect_shows_the_three_parts_of_the_cgroup_state(
         assert cg.path in hierarchy[name]["groups"], name
     assert hierarchy[""]["version"] == 2 and hierarchy["cpu"]["version"] == 1
 
-    # 2. Which group each process sits in: exactly what /proc/PID/cgroup said.
+    # 2. Which group each process sits in: what /proc/PID/cgroup said, for the hierarchies
+    # where the tree has groups of its own (the only ones orthros has CRIU record: where it
+    # shares the host's root group, the restorer's is the right one).
     membership = {m["pid"]: m for m in cgroups["membership"]}
     assert set(membership) == set(pids)
+    own = {h for h, path in live[proc.pid].items() if path == cg.path}
+    assert own == {"cpu", "cpuset", ""}
     for pid in pids:
-        assert membership[pid]["groups"] == live[pid]
+        assert membership[pid]["groups"] == {h: live[pid][h] for h in own}
         assert not membership[pid]["in_criu_cgroups"]
+    # orthros's migration file agrees, and lists what it left to the restorer
+    cgfile = data["cgroup_file"]
+    assert {(g["hierarchy"], g["path"]) for g in cgfile["hierarchy"]} == \
+        {(h, cg.path) for h in own}
+    assert "pids" in cgfile["skipped"] and "cpu" not in cgfile["skipped"]
 
     # 3. Every group's limit files and values.
     limits = {(g["hierarchy"], g["path"]): g["limits"] for g in cgroups["limits"]}
