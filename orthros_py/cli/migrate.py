@@ -8,7 +8,7 @@ import ipaddress
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
@@ -65,6 +65,14 @@ class ProgressView:
             con.print(f"  [dim]{escape(where + ev.message)}[/]")
 
 
+def journal_option(f: Any) -> Any:
+    return click.option(
+        "--journal", "journal_dir", type=click.Path(file_okay=False, path_type=Path),
+        default=None, envvar="ORTHROS_JOURNAL",
+        help="Where migrations record their progress for orthros recover "
+             "[default: /run/orthros/migrations].")(f)
+
+
 @click.command()
 @click.argument("pid", type=click.IntRange(min=1))
 @click.option("--from", "source", required=True, metavar="HOST",
@@ -89,13 +97,14 @@ class ProgressView:
 @click.option("--keep-images", is_flag=True,
               help="Keep the images (and CRIU's logs) on both hosts afterwards, also after a "
                    "rollback.")
+@journal_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result (timings, counts, the new PID) as JSON.")
 @click.pass_obj
 def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             network_lock: str, inventory: Path | None, key_path: Path | None,
             shell_job: bool, ext_unix_sk: bool, manage_cgroups: str, keep_images: bool,
-            as_json: bool) -> None:
+            journal_dir: Path | None, as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
     from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration
@@ -113,7 +122,10 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
     config = MigrateConfig(network_lock=LockMethod(network_lock), service_ip=service_ip,
                            shell_job=shell_job, ext_unix_sk=ext_unix_sk,
                            manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images)
-    job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest))
+    from orthros_py.policies.journal import Journal
+
+    job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest),
+                    journal=Journal(journal_dir) if journal_dir else Journal())
     if not as_json:
         env.console.print(f"migrating pid {pid} from [bold]{source}[/] to [bold]{dest}[/] "
                           f"({network_lock} lock)")
@@ -173,4 +185,58 @@ def render_result(env: Env, r: MigrationResult) -> None:
         con.print(f"[yellow]warning:[/] {escape(w)}")
 
 
-COMMANDS = [migrate]
+@click.command()
+@click.argument("image", required=False)
+@inventory_option
+@key_option
+@journal_option
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.pass_obj
+def recover(env: Env, image: str | None, inventory: Path | None, key_path: Path | None,
+            journal_dir: Path | None, as_json: bool) -> None:
+    """Finish or undo migrations whose `orthros migrate` died half way (killed, crashed, its
+    session lost): from the journal it kept, finish one whose destination already runs the
+    tree, roll back any other, so that nothing stays stopped, locked or moved. IMAGE picks one
+    (`orthros recover` alone lists and handles them all)."""
+    from orthros_py.policies.journal import Journal
+    from orthros_py.policies.migrate import Migration
+
+    journal = Journal(journal_dir) if journal_dir else Journal()
+    entries = [journal.read(image)] if image else journal.entries()
+    waiting = [e for e in entries if e.coordinator_alive()]
+    todo = [e for e in entries if not e.coordinator_alive()]
+    for e in waiting:
+        env.console.print(f"migration {e.image} of pid {e.pid} is still running "
+                          f"(orthros migrate, pid {e.coordinator}): left alone")
+    if not todo:
+        if not waiting:
+            env.console.print(f"no interrupted migration in {journal.directory}")
+        if as_json:
+            env.emit_json([])
+        return
+    cluster = open_cluster(inventory, key_path)
+    done = []
+    for e in todo:
+        env.console.print(f"[bold]{e.image}[/]: pid {e.pid} from {e.source.name} to "
+                          f"{e.dest.name}, stopped during {e.stage}")
+        job = Migration.resume(e, cluster.host(e.source.name), cluster.host(e.dest.name),
+                               journal=journal)
+        with ProgressView(env, quiet=as_json) as view:
+            job.observer = view
+            result = job.recover()
+        done.append(result.to_dict())
+        if not as_json:
+            where = (f"pid {result.pid} runs on {result.runs_on}"
+                     + (f" as pid {result.runs_as}" if result.runs_as not in (None, result.pid)
+                        else "")) if result.runs_as is not None else "the tree does not run"
+            style = "green" if result.outcome != "failed" else "red"
+            env.console.print(f"[{style}]{result.outcome}[/]: {where}", soft_wrap=True)
+            for line in result.problems + result.leftovers + result.warnings:
+                env.console.print(f"  [yellow]{escape(line)}[/]", soft_wrap=True)
+    if as_json:
+        env.emit_json(done)
+    if any(d["outcome"] == "failed" for d in done):
+        raise SystemExit(1)
+
+
+COMMANDS = [migrate, recover]

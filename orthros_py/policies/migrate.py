@@ -47,11 +47,12 @@ import contextlib
 import dataclasses
 import enum
 import ipaddress
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from orthros_py.agent.errors import AgentError, AgentUnreachable
 from orthros_py.cgroup.fs import CgroupError
@@ -65,6 +66,10 @@ from orthros_py.errors import (
     OrthrosError,
 )
 from orthros_py.netlock.base import Conn
+
+if TYPE_CHECKING:
+    from orthros_py.policies.journal import Entry as JournalEntry
+    from orthros_py.policies.journal import Journal
 
 # --- stages, methods, configuration --------------------------------------------------------------
 
@@ -572,6 +577,24 @@ class MigrationResult:
         }
 
 
+@dataclass
+class Recovery:
+    """What ``orthros recover`` did with one interrupted migration."""
+
+    image: str
+    pid: int
+    died_in: str  # the stage its coordinator was in
+    outcome: str  # "completed", "rolled back" or "failed"
+    runs_as: int | None  # the tree's pid where it runs now, if it does
+    runs_on: str
+    problems: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class MigrationError(OrthrosError):
     """A migration failed. ``rolled_back``: the tree runs on the source again with its address
     and no lock is left; ``problems`` lists what the rollback could not undo of those,
@@ -626,7 +649,8 @@ class Migration:
                  config: MigrateConfig | None = None, *, observer: Observer | None = None,
                  candidates: Sequence[str] = (), image: str | None = None,
                  clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 journal: Journal | None = None) -> None:
         self.pid = pid
         self.source = source
         self.dest = dest
@@ -649,6 +673,8 @@ class Migration:
         self._lock_started: float | None = None
         self._page_server: Any = None
         self._cgroup_roots: dict[str, str] = {}  # where the destination recreates the groups
+        # Where the progress is recorded before every agent call (see policies.journal).
+        self.journal = journal
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -660,9 +686,27 @@ class Migration:
     def _note(self, message: str, host: str | None = None) -> None:
         self._emit(self.stage, "note", message, host=host)
 
+    def _record(self) -> None:
+        """Write what may be done by now to the journal, before the next agent call."""
+        if self.journal is None:
+            return
+        from orthros_py.policies.journal import Entry, HostRef
+
+        self.journal.write(Entry(
+            pid=self.pid, image=self.image,
+            source=HostRef(self.source.name, self.source.address, self.source.agent_port),
+            dest=HostRef(self.dest.name, self.dest.address, self.dest.agent_port),
+            stage=self.stage.value, config=self.config, plan=self.plan, done=self.done,
+            cgroup_roots=dict(self._cgroup_roots), coordinator=os.getpid(), updated=0.0))
+
+    def _forget(self) -> None:
+        if self.journal is not None:
+            self.journal.remove(self.image)
+
     @contextlib.contextmanager
     def _enter(self, stage: Stage) -> Iterator[None]:
         self.stage = stage
+        self._record()
         self._emit(stage, "start")
         start = self.clock()
         yield
@@ -678,7 +722,9 @@ class Migration:
 
     @contextlib.contextmanager
     def _on(self, host: Host) -> Iterator[None]:
-        """Calls to ``host``'s agent: an error is marked with the host and the stage."""
+        """Calls to ``host``'s agent: an error is marked with the host and the stage. What the
+        calls may do is in ``self.done`` already: recorded first, for a successor to undo."""
+        self._record()
         try:
             yield
         except OrthrosError as err:
@@ -720,7 +766,11 @@ class Migration:
             self.timings["total"] = (self.clock() - total_start) * 1000
             failure = self._rollback(err)
             if failure is err:
+                self._forget()
                 raise  # nothing was touched: the error as it came
+            if isinstance(failure, MigrationError) and failure.rolled_back \
+                    and not failure.leftovers:
+                self._forget()  # else orthros recover can try again what is left
             raise failure from err
 
         # === POINT OF NO RETURN: the tree runs on the destination. From here on nothing is
@@ -735,9 +785,74 @@ class Migration:
         with self._enter(Stage.CLEANUP), self._timed("cleanup"):
             self._cleanup()
         self.stage = Stage.DONE
+        self._forget()
         self.timings["total"] = (self.clock() - total_start) * 1000
         self._emit(Stage.DONE, "done", elapsed_ms=self.timings["total"])
         return self._result()
+
+    # -- recovery of a migration whose coordinator died ------------------------------------
+
+    @classmethod
+    def resume(cls, entry: JournalEntry, source: Host, dest: Host, *,
+               journal: Journal | None = None, observer: Observer | None = None,
+               clock: Callable[[], float] = time.perf_counter,
+               sleep: Callable[[float], None] = time.sleep) -> Migration:
+        """The migration a journal entry describes, picked up where its coordinator stopped."""
+        m = cls(entry.pid, source, dest, entry.config, observer=observer, image=entry.image,
+                clock=clock, sleep=sleep, journal=journal)
+        m.stage = Stage(entry.stage)
+        m.plan = entry.plan
+        m.done = entry.done
+        m._cgroup_roots = dict(entry.cgroup_roots)
+        return m
+
+    def recover(self) -> Recovery:
+        """Finish the migration if the destination runs the restored tree (the coordinator
+        died past the point of no return), else roll it back. The journal goes once nothing
+        is left to do; if the destination cannot be asked, nothing is touched (OrthrosError).
+        """
+        died_in = self.stage
+        if self.done.src_image and not self.done.held and self._source_holds():
+            self.done.held = True  # the dump succeeded but its answer was lost with us
+        known, found = self._restored_on_dest()
+        if found is not None:
+            self._restored = _Restored(found)
+            self.done.restored_pid = found
+            self._note(f"{self.dest.name} runs the tree as pid {found}: finishing the migration")
+            with self._enter(Stage.UNLOCK):
+                self._release_source_after()
+                self._unlock()
+            with self._enter(Stage.VERIFY):
+                self._verify()
+            with self._enter(Stage.CLEANUP):
+                self._cleanup()
+            self.stage = Stage.DONE
+            self._forget()
+            return Recovery(self.image, self.pid, died_in.value, "completed", found,
+                            self.dest.name, warnings=list(self.warnings))
+        if not known and (self.done.restore_in_doubt or died_in is Stage.RESTORE):
+            raise OrthrosError(
+                f"cannot tell whether {self.dest.name} restored the tree of pid {self.pid} "
+                f"(image {self.image}): it does not answer; nothing was touched",
+                host=self.dest.name, pid=self.pid, stage="recover",
+                hint="run orthros recover again once its agent answers")
+        steps = rollback_plan(self.done)
+        if self.config.keep_images:
+            steps = [s for s in steps if s not in (Undo.REMOVE_IMAGE_DEST,
+                                                   Undo.REMOVE_IMAGE_SOURCE)]
+        self.stage = Stage.ROLLBACK
+        self._emit(Stage.ROLLBACK, "start", f"the coordinator stopped during {died_in.value}")
+        out = self._undo(steps)
+        complete = out.tree_back and not out.problems
+        self.stage = Stage.ROLLED_BACK if complete else Stage.FAILED
+        self._emit(self.stage, "done" if complete else "failed",
+                   "; ".join(out.problems + out.leftovers))
+        if complete and not out.leftovers:
+            self._forget()
+        return Recovery(self.image, self.pid, died_in.value,
+                        "rolled back" if complete else "failed",
+                        out.pid if out.tree_back else None, self.source.name,
+                        problems=out.problems, leftovers=out.leftovers)
 
     def _prepare(self) -> None:
         cfg, src, dst = self.config, self.source, self.dest
