@@ -14,9 +14,18 @@ import os
 from pathlib import Path
 
 from helpers import orthros_json, wait_for
-from migrate_kit import SERVICE_IP, answers, assert_nothing_left, client, established, host
+from migrate_kit import (
+    SERVICE_IP,
+    Service,
+    answers,
+    assert_nothing_left,
+    client,
+    established,
+    host,
+)
 from test_migrate_faults import CLIENTS, PORT, echo_with_clients
 
+from orthros_py.bench.echo import ClientPool
 from orthros_py.lab import Lab
 from orthros_py.policies.journal import Journal
 from orthros_py.policies.migrate import Event, MigrateConfig, Migration, Stage
@@ -39,6 +48,18 @@ def coordinator_dies_at(lab: Lab, pid: int, stage: Stage, journal: Path) -> None
     assert os.waitstatus_to_exitcode(status) == 137, "the coordinator did not die where asked"
 
 
+def assert_served_from(lab: Lab, name: str, svc: Service, pool: ClientPool) -> None:
+    """The service answers from ``name`` with every client's connection, no client ever saw
+    an error, and nothing of the migration is left anywhere."""
+    assert lab.holder(SERVICE_IP) == lab.host(name) and answers(lab, PORT)
+    before = pool.stats.requests
+    wait_for(lambda: pool.stats.requests >= before + 3 * CLIENTS, timeout=30,
+             what=f"the clients to get answers from {name}")
+    assert established(lab, name, svc.pid) == CLIENTS
+    assert pool.stats.errors == 0, pool.stats.error_samples
+    assert_nothing_left(lab, holder=name, service=svc)
+
+
 def recover(journal: Path) -> list[dict[str, object]]:
     out: list[dict[str, object]] = orthros_json("recover", "--journal", str(journal), "--json",
                                                 timeout=120)
@@ -56,13 +77,7 @@ def test_a_coordinator_dead_before_the_restore_is_rolled_back(lab: Lab, tmp_path
         assert done["outcome"] == "rolled back" and done["runs_on"] == "alpha"
         assert done["died_in"] == "address move"
         assert Journal(tmp_path).entries() == []
-        assert lab.holder(SERVICE_IP) == lab.host("alpha") and answers(lab, PORT)
-        before = pool.stats.requests
-        wait_for(lambda: pool.stats.requests >= before + 3 * CLIENTS, timeout=30,
-                 what="the clients to get answers on alpha again")
-        assert established(lab, "alpha", svc.pid) == CLIENTS
-        assert pool.stats.errors == 0, pool.stats.error_samples
-        assert_nothing_left(lab, holder="alpha", service=svc)
+        assert_served_from(lab, "alpha", svc, pool)
 
 
 def test_a_coordinator_dead_after_the_restore_is_finished(lab: Lab, tmp_path: Path) -> None:
@@ -74,12 +89,6 @@ def test_a_coordinator_dead_after_the_restore_is_finished(lab: Lab, tmp_path: Pa
         (done,) = recover(tmp_path)
         assert done["outcome"] == "completed" and done["runs_on"] == "beta"
         assert Journal(tmp_path).entries() == []
-        assert lab.holder(SERVICE_IP) == lab.host("beta") and answers(lab, PORT)
-        before = pool.stats.requests
-        wait_for(lambda: pool.stats.requests >= before + 3 * CLIENTS, timeout=30,
-                 what="the clients to get answers on beta")
-        assert established(lab, "beta", svc.pid) == CLIENTS
-        assert pool.stats.errors == 0, pool.stats.error_samples
-        assert_nothing_left(lab, holder="beta", service=svc)
+        assert_served_from(lab, "beta", svc, pool)
 
     assert orthros_json("recover", "--journal", str(tmp_path), "--json") == []
