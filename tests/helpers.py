@@ -12,23 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
+from orthros_py.proc.tree import kill_tree
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
-
-
-def kill_tree(pid: int, timeout: float = 5.0) -> None:
-    """SIGKILL a process and all its descendants, and reap those that are our children."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(procs, timeout=timeout)
-    reap(pid)
 
 
 def reap(pid: int) -> None:

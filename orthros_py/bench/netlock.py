@@ -56,6 +56,7 @@ from orthros_py.errors import (
 )
 from orthros_py.netlock.base import Conn
 from orthros_py.netlock.tree import NetworkLock
+from orthros_py.proc.tree import alive, kill_tree, reap
 from orthros_py.run import run
 
 # --- methods and the paper's figures ------------------------------------------------------------
@@ -931,48 +932,13 @@ class Nginx:
         return " | ".join(ln.strip() for ln in text[-lines:])
 
 
-def _reap(pids: Sequence[int]) -> None:
-    """Collect the exit status of those of ``pids`` that are our children (zombies included)."""
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
-
-
-def kill_tree(pid: int, timeout: float = 10.0) -> None:
-    """SIGKILL ``pid`` and its descendants; reap those that are (or became) our children."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    deadline = time.monotonic() + timeout
-    pids = [pid, *(p.pid for p in procs)]
-    while time.monotonic() < deadline:
-        _reap(pids)
-        if not any(_alive(p) for p in pids):
-            return
-        time.sleep(0.01)
-
-
-def _alive(pid: int) -> bool:
-    """Running or a zombie nobody has collected yet."""
-    try:
-        psutil.Process(pid).status()
-        return True
-    except psutil.NoSuchProcess:
-        return False
-
-
 def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
     """Until ``pids`` are free: as the subreaper we collect the orphaned worker ourselves
     instead of waiting for PID 1 (which took ~1.2 s here)."""
     deadline = time.monotonic() + timeout
     while True:
-        _reap(pids)
-        left = [p for p in pids if _alive(p)]
+        reap(pids)
+        left = [p for p in pids if alive(p)]
         if not left:
             return
         if time.monotonic() > deadline:
@@ -1370,7 +1336,7 @@ class NetlockBench:
                 kill_tree(nginx.master)
             with contextlib.suppress(subprocess.SubprocessError):
                 nginx.proc.wait(timeout=10)
-            _reap(pids)
+            reap(pids)
         # A restore interrupted on our side may still have been finished by CRIU: that tree
         # came back under the old PIDs without our knowing its root. Found by its files.
         for pid in nginx.masters():

@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -324,19 +324,11 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
     if not isinstance(raw_hosts, list) or not raw_hosts:
         raise InventoryError("no hosts: add at least one [[host]] table")
     hosts: list[Host] = []
-    names: set[str] = set()
-    for i, raw in enumerate(raw_hosts, 1):
-        if not isinstance(raw, dict):
-            raise InventoryError(f"host #{i} must be a table")
-        name = _name(_str(raw, "name", f"host #{i}"), f"host #{i}")
-        what = f"host {name!r}"
-        _unknown(raw, {"name", "address", "agent_port"}, what)
-        if name in names:
-            raise InventoryError(f"duplicate host name {name!r}")
-        names.add(name)
+    for name, what, raw in _named_tables(raw_hosts, "host", {"name", "address", "agent_port"}):
         iface = _iface(_str(raw, "address", what), what, subnet, subnet.prefixlen, on_net=True)
         claim(iface.ip, what)
         hosts.append(Host(name, iface, _port(raw.get("agent_port", default_port), what)))
+    names = {h.name for h in hosts}
 
     raw_client = _table(data, "client")
     cname = _name(_str(raw_client, "name", "[client]", "client"), "[client]")
@@ -357,16 +349,7 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
     raw_services = data.get("service", [])
     if not isinstance(raw_services, list):
         raise InventoryError("service must be an array of tables ([[service]])")
-    snames: set[str] = set()
-    for i, raw in enumerate(raw_services, 1):
-        if not isinstance(raw, dict):
-            raise InventoryError(f"service #{i} must be a table")
-        sname = _name(_str(raw, "name", f"service #{i}"), f"service #{i}")
-        what = f"service {sname!r}"
-        _unknown(raw, {"name", "address", "hosts"}, what)
-        if sname in snames:
-            raise InventoryError(f"duplicate service name {sname!r}")
-        snames.add(sname)
+    for sname, what, raw in _named_tables(raw_services, "service", {"name", "address", "hosts"}):
         siface = _iface(_str(raw, "address", what), what, subnet, default_prefix=32)
         claim(siface.ip, what)
         holders = raw.get("hosts")
@@ -385,6 +368,23 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
 
     return Inventory(subnet=subnet, hosts=tuple(hosts), client=client, services=tuple(services),
                      key_file=key_file, images_root=images_root, lab=lab, source=source)
+
+
+def _named_tables(raws: list[Any], kind: str, allowed: set[str]
+                  ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(name, how errors name it, the table) of each ``[[kind]]``: a table, a valid name
+    unique among them, no key outside ``allowed``."""
+    seen: set[str] = set()
+    for i, raw in enumerate(raws, 1):
+        if not isinstance(raw, dict):
+            raise InventoryError(f"{kind} #{i} must be a table")
+        name = _name(_str(raw, "name", f"{kind} #{i}"), f"{kind} #{i}")
+        what = f"{kind} {name!r}"
+        _unknown(raw, allowed, what)
+        if name in seen:
+            raise InventoryError(f"duplicate {kind} name {name!r}")
+        seen.add(name)
+        yield name, what, raw
 
 
 def _lab(raw: dict[str, Any], subnet: ipaddress.IPv4Network) -> LabSettings:

@@ -6,8 +6,11 @@ acting is noticed instead of dumping a stranger.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,3 +162,40 @@ def snapshot(ref: ProcessRef) -> TreeSnapshot:
         except psutil.NoSuchProcess:
             continue  # a child that exited while we looked is not part of the tree any more
     return TreeSnapshot(ref.pid, infos, tcp, unix)
+
+
+def reap(pids: Sequence[int]) -> None:
+    """Collect the exit status of those of ``pids`` that are our children (zombies included):
+    a restored root is our child (rst_sibling), and its PID is not free until collected."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def alive(pid: int) -> bool:
+    """Running, or a zombie nobody has collected yet."""
+    try:
+        psutil.Process(pid).status()
+        return True
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_tree(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and its descendants, and reap those that are (or became) our children,
+    until all are gone or ``timeout`` runs out."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    deadline = time.monotonic() + timeout
+    pids = [pid, *(p.pid for p in procs)]
+    while time.monotonic() < deadline:
+        reap(pids)
+        if not any(alive(p) for p in pids):
+            return
+        time.sleep(0.01)
