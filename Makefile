@@ -3,18 +3,21 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit lint clean
+.PHONY: setup setup-tests demo test test-unit lint clean
 
 setup:
 	bash scripts/setup.sh
 
+setup-tests:
+	bash scripts/setup.sh --tests
+
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup-tests
 	$(PY) -m pytest -ra tests
 
-test-unit: setup
+test-unit: setup-tests
 	$(PY) -m pytest -ra tests/unit
 
 lint:

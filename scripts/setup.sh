@@ -19,6 +19,15 @@ die()  { printf '\033[31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, /usr/local and /lib/modules are written)"
 
+# --tests: also what only the test suite needs (vagrant, to validate vagrant/Vagrantfile).
+WITH_TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) WITH_TESTS=1 ;;
+    *) die "unknown option $arg (known: --tests)" ;;
+  esac
+done
+
 # --- Debian packages ------------------------------------------------------------------------
 # Build dependencies of CRIU (PLATFORM.md), BCC, the lab's tools and the benchmark workloads.
 PKGS=(
@@ -30,6 +39,7 @@ PKGS=(
   iproute2 iptables nftables iputils-arping util-linux procps
   nginx apache2-utils wrk redis-server python3-matplotlib
 )
+[ "$WITH_TESTS" = 1 ] && PKGS+=(vagrant)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
