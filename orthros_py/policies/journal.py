@@ -14,6 +14,7 @@ either the previous record or the new one. Writes survive the death of the writi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import ipaddress
@@ -160,6 +161,8 @@ class Journal:
     def remove(self, image: str) -> None:
         for p in (self.path(image), self.path(image).with_suffix(".tmp")):
             p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()  # only once empty: nothing of orthros stays behind
 
     def read(self, image: str) -> Entry:
         path = self.path(image)

@@ -66,7 +66,7 @@ def test_a_finished_migration_leaves_no_journal(world: World, tmp_path: Path) ->
     src, dst = hosts(alpha, beta)
     Migration(4242, src, dst, MigrateConfig(dest_retry_s=3.0), image="img", clock=world.clock,
               sleep=world.sleep, journal=journal).run()
-    assert journal.entries() == [] and list(tmp_path.iterdir()) == []
+    assert journal.entries() == [] and not tmp_path.exists()  # the emptied directory too
 
 
 def test_a_rolled_back_migration_leaves_no_journal(world: World, tmp_path: Path) -> None:
