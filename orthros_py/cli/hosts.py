@@ -79,6 +79,14 @@ class Cluster:
                 if source in s.hosts and dest in s.hosts]
 
 
+def journal_option(f: Any) -> Any:
+    return click.option(
+        "--journal", "journal_dir", type=click.Path(file_okay=False, path_type=Path),
+        default=None, envvar="ORTHROS_JOURNAL",
+        help="Where migrations record their progress for orthros recover "
+             "[default: /run/orthros/migrations].")(f)
+
+
 def open_cluster(inventory: Path | None, key_path: Path | None) -> Cluster:
     inv = load_inventory(inventory)
     lab_netns: dict[str, str] | None = None
@@ -139,20 +147,28 @@ def probe_host(cluster: Cluster, name: str, *, check: bool) -> dict[str, Any]:
 @click.command()
 @inventory_option
 @key_option
+@journal_option
 @click.option("--no-check", is_flag=True, help="Skip running 'orthros check' on each host.")
 @click.option("--json", "as_json", is_flag=True, help="Print the hosts as JSON.")
 @click.pass_obj
-def hosts(env: Env, inventory: Path | None, key_path: Path | None, no_check: bool,
-          as_json: bool) -> None:
+def hosts(env: Env, inventory: Path | None, key_path: Path | None, journal_dir: Path | None,
+          no_check: bool, as_json: bool) -> None:
     """Show every inventory host: reachable, versions, check summary, services held."""
     cluster = open_cluster(inventory, key_path)
     names = [h.name for h in cluster.inventory.hosts]
     with env.console.status(f"asking the agents of {len(names)} hosts"), \
             ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
         rows = list(pool.map(lambda n: probe_host(cluster, n, check=not no_check), names))
+    from orthros_py.policies.journal import Journal
+
+    journal = Journal(journal_dir) if journal_dir else Journal()
+    pending = [e for e in journal.entries() if not e.coordinator_alive()]
     if as_json:
         env.emit_json({"inventory": str(cluster.inventory.source), "key": str(cluster.key_path),
-                       "hosts": rows})
+                       "hosts": rows,
+                       "interrupted_migrations": [
+                           {"image": e.image, "pid": e.pid, "source": e.source.name,
+                            "dest": e.dest.name, "stage": e.stage} for e in pending]})
         return
     table = Table(title=f"hosts of {cluster.inventory.source}", title_justify="left")
     for col in ("host", "address", "agent", "orthros", "CRIU", "kernel", "check", "services"):
@@ -184,6 +200,10 @@ def hosts(env: Env, inventory: Path | None, key_path: Path | None, no_check: boo
         for s in r.get("foreign_services", []):
             env.console.print(f"[yellow]{r['name']} holds {s}, which the inventory does not "
                               "give it[/]")
+    for e in pending:
+        env.console.print(f"[red]interrupted migration {e.image}[/]: pid {e.pid} from "
+                          f"{e.source.name} to {e.dest.name}, stopped during {e.stage}; "
+                          "run orthros recover", soft_wrap=True)
 
 
 COMMANDS = [hosts]

@@ -8,14 +8,14 @@ import ipaddress
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
 from orthros_py.cli.context import Env
-from orthros_py.cli.hosts import inventory_option, key_option, open_cluster
+from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
 from orthros_py.criu.request import CgroupMode
 
 if TYPE_CHECKING:
@@ -63,14 +63,6 @@ class ProgressView:
         elif ev.kind == "note":
             where = f"{ev.host}: " if ev.host else ""
             con.print(f"  [dim]{escape(where + ev.message)}[/]")
-
-
-def journal_option(f: Any) -> Any:
-    return click.option(
-        "--journal", "journal_dir", type=click.Path(file_okay=False, path_type=Path),
-        default=None, envvar="ORTHROS_JOURNAL",
-        help="Where migrations record their progress for orthros recover "
-             "[default: /run/orthros/migrations].")(f)
 
 
 @click.command()

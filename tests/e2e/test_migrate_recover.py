@@ -71,7 +71,12 @@ def test_a_coordinator_dead_before_the_restore_is_rolled_back(lab: Lab, tmp_path
         coordinator_dies_at(lab, svc.pid, Stage.ADDRESS, tmp_path)
         # What the dead coordinator left: the tree stopped on alpha, its connections locked.
         assert [t["pid"] for t in client(lab, "alpha").status()["held"]] == [svc.pid]
-        assert len(Journal(tmp_path).entries()) == 1
+        (entry,) = Journal(tmp_path).entries()
+        # `orthros hosts` points at it
+        shown = orthros_json("hosts", "--no-check", "--journal", str(tmp_path), "--json")
+        assert shown["interrupted_migrations"] == [
+            {"image": entry.image, "pid": svc.pid, "source": "alpha", "dest": "beta",
+             "stage": "address move"}]
 
         (done,) = recover(tmp_path)
         assert done["outcome"] == "rolled back" and done["runs_on"] == "alpha"
