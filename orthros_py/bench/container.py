@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from orthros_py.bench.criulog import part_times_in
+from orthros_py.bench.stats import fmt_ms, median
 
 # Seed 000 (Orthros), its table of one container failover, ms.
 PAPER_MS: dict[str, float] = {"cgroup": 287.90, "namespaces": 0.02, "unix": 0.97,
@@ -124,37 +124,28 @@ class Summary:
         return value / whole
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
 def summarize(runs: Sequence[Run]) -> list[Summary]:
     out: list[Summary] = []
     for n in sorted({r.sockets for r in runs}):
         ok = [r for r in runs if r.sockets == n and r.ok]
         parts = [r for r in ok if r.log_level == PARTS_LOG_LEVEL]
         whole = [r for r in ok if r.log_level == WHOLE_LOG_LEVEL] or parts
-        med = {row: _median([r.part(row) for r in parts]) for row in ROWS if row != "whole"}
-        med["whole"] = _median([r.whole_ms for r in whole])
+        med = {row: median([r.part(row) for r in parts]) for row in ROWS if row != "whole"}
+        med["whole"] = median([r.whole_ms for r in whole])
         detail = {
-            "mounts": _median([r.part("mounts") for r in parts]),
-            "cgroup criu": _median([r.part("cgroup criu") for r in parts]),
-            "cgroup orthros": _median([r.part("cgroup orthros") for r in parts]),
-            "whole at level 4": _median([r.whole_ms for r in parts]),
-            "downtime": _median([r.timings_ms.get("downtime") for r in whole]),
-            "total": _median([r.timings_ms.get("total") for r in whole]),
-            "frozen": _median([r.frozen_ms for r in whole]),
+            "mounts": median([r.part("mounts") for r in parts]),
+            "cgroup criu": median([r.part("cgroup criu") for r in parts]),
+            "cgroup orthros": median([r.part("cgroup orthros") for r in parts]),
+            "whole at level 4": median([r.whole_ms for r in parts]),
+            "downtime": median([r.timings_ms.get("downtime") for r in whole]),
+            "total": median([r.timings_ms.get("total") for r in whole]),
+            "frozen": median([r.frozen_ms for r in whole]),
         }
         out.append(Summary(n, len(ok), med, detail))
     return out
 
 
 # --- outputs --------------------------------------------------------------------------------------
-
-
-def fmt(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:,.{digits}f}"
 
 
 def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
@@ -167,17 +158,17 @@ def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
     head = "| part | paper | " + " | ".join(f"{s.sockets:,} sockets | share" for s in sums) + " |"
     lines += [head, "|---|---:|" + "---:|---:|" * len(sums)]
     for row in ROWS:
-        cells = [f"{ROW_LABELS[row]}", fmt(PAPER_MS[row])]
+        cells = [f"{ROW_LABELS[row]}", fmt_ms(PAPER_MS[row])]
         for s in sums:
             share = s.share(row)
-            cells += [fmt(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
+            cells += [fmt_ms(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Detail (medians, ms):", "",
               "| | " + " | ".join(f"{s.sockets:,} sockets" for s in sums) + " |",
               "|---|" + "---:|" * len(sums)]
     for key in ("cgroup orthros", "cgroup criu", "mounts", "whole at level 4", "frozen",
                 "downtime", "total"):
-        lines.append(f"| {key} | " + " | ".join(fmt(s.detail.get(key)) for s in sums) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt_ms(s.detail.get(key)) for s in sums) + " |")
     lines += ["", f"Migrations: {', '.join(f'{s.sockets:,} sockets: {s.migrations}' for s in sums)}"
               f"; failed: {sum(1 for r in runs if not r.ok)}."]
     if len(sums) > 1:
@@ -398,10 +389,10 @@ def _line(r: Run) -> str:
         return f"{r.sockets} sockets rep {r.rep} {r.source}->{r.dest}: FAILED: {r.error}"
     parts = ""
     if r.criu_parts:
-        parts = ", ".join(f"{ROW_LABELS[k]} {fmt(r.part(k))}" for k in ROWS[:3]) + "; "
+        parts = ", ".join(f"{ROW_LABELS[k]} {fmt_ms(r.part(k))}" for k in ROWS[:3]) + "; "
     return (f"{r.sockets} sockets rep {r.rep} {r.source}->{r.dest} (log level {r.log_level}): "
-            f"{parts}whole {fmt(r.whole_ms)} ms, downtime {fmt(r.timings_ms.get('downtime'))} "
-            f"ms; {r.rounds_after} rounds after, no error")
+            f"{parts}whole {fmt_ms(r.whole_ms)} ms, downtime "
+            f"{fmt_ms(r.timings_ms.get('downtime'))} ms; {r.rounds_after} rounds after, no error")
 
 
 def meta_now(config: BenchConfig) -> dict[str, Any]:

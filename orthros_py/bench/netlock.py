@@ -47,6 +47,7 @@ from typing import Any
 
 import psutil
 
+from orthros_py.bench.stats import fmt_ms, median
 from orthros_py.errors import (
     CommandError,
     CriuError,
@@ -358,11 +359,6 @@ def plan(config: BenchConfig) -> list[PlannedRun]:
     return out
 
 
-def median(values: Sequence[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 @dataclass
 class Cell:
     """The medians of one (concurrency, method) over its successful runs."""
@@ -529,10 +525,6 @@ class BenchResults:
 
 def load_results(path: Path) -> BenchResults:
     return BenchResults.from_dict(json.loads(path.read_text()))
-
-
-def fmt_ms(v: float | None) -> str:
-    return "—" if v is None else f"{v:,.2f}"
 
 
 def fmt_ratio(r: float | None) -> str:

@@ -29,7 +29,6 @@ from orthros_py.bench.netlock import (
     NetlockBench,
     RunRecord,
     default_out,
-    fmt_ms,
     fmt_ratio,
     load_results,
     notes_for,
@@ -38,6 +37,7 @@ from orthros_py.bench.netlock import (
     plan,
     write_outputs,
 )
+from orthros_py.bench.stats import fmt_ms
 from orthros_py.cli.context import Env
 
 WIDE = 150
@@ -286,16 +286,16 @@ def render_container(env: Env, runs: list[Any]) -> None:
         table.add_column(f"{s.sockets:,} sockets", justify="right")
         table.add_column("share", justify="right")
     for row in cb.ROWS:
-        cells = [cb.ROW_LABELS[row], cb.fmt(cb.PAPER_MS[row])]
+        cells = [cb.ROW_LABELS[row], fmt_ms(cb.PAPER_MS[row])]
         for s in sums:
             share = s.share(row)
-            cells += [cb.fmt(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
+            cells += [fmt_ms(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
         table.add_row(*cells)
     table.add_section()
     for key in ("cgroup orthros", "cgroup criu", "mounts", "downtime", "total"):
         cells = [f"[dim]{key}[/]", ""]
         for s in sums:
-            cells += [f"[dim]{cb.fmt(s.detail.get(key))}[/]", ""]
+            cells += [f"[dim]{fmt_ms(s.detail.get(key))}[/]", ""]
         table.add_row(*cells)
     _wide(env).print(table)
     for s in sums:
