@@ -356,11 +356,6 @@ class AgentClient:
 
     # -- cgroups --------------------------------------------------------------------------
 
-    def cgroup_read(self, pid: int) -> dict[str, Any]:
-        """The cgroup migration file of the live tree of ``pid`` (``text``), and the host's
-        ``cgroup_root``."""
-        return self._result("cgroup_read", {"pid": pid})
-
     def cgroup_check(self, text: str, roots: Mapping[str, str] | None = None) -> list[str]:
         """Why the agent's host cannot honour a migration file moved to ``roots`` (none: it
         can)."""

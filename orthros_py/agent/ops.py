@@ -692,18 +692,6 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
 # --- cgroups ------------------------------------------------------------------------------------
 
 
-@op("cgroup_read")
-def op_cgroup_read(call: Call, pid: int) -> dict[str, Any]:
-    """The cgroup migration file of the live tree of ``pid`` (text), as a dump would write it."""
-    conns_mod = _feature("orthros_py.net.conns", "list a tree's processes")
-    from orthros_py.cgroup.fs import CgroupFs
-
-    start = time.perf_counter()
-    cgf = CgroupFs.here().read_tree(conns_mod.tree_pids(pid))
-    return {"text": cgf.to_text(), "groups": len(cgf.groups), "cgroup_root": call.agent.cgroup_root,
-            "read_ms": round((time.perf_counter() - start) * 1000, 3)}
-
-
 @op("cgroup_check")
 def op_cgroup_check(call: Call, text: str, roots: dict[str, str] | None = None
                     ) -> dict[str, Any]:

@@ -256,7 +256,8 @@ class FakeAgent:
         return {"pid": pid, "processes": [{"pid": pid}],
                 "conns": [str(c) for c in self.tree_conns],
                 "established": [str(c) for c in self.tree_conns],
-                "interfaces": ["eth0"] if self.tree_conns else [], "agent_netns": True}
+                "interfaces": ["eth0"] if self.tree_conns else [], "agent_netns": True,
+                "cgroups": CGROUP_TEXT}
 
     def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]:
         self._hit("addr_list")
@@ -341,10 +342,6 @@ class FakeAgent:
             raise NoSuchProcessError(f"pid {pid} is not held")
         self.held.discard(pid)
         return {"pid": pid}
-
-    def cgroup_read(self, pid: int) -> dict[str, Any]:
-        self._hit("cgroup_read", pid)
-        return {"text": CGROUP_TEXT}
 
     def cgroup_check(self, text: str, roots: Any = None) -> list[str]:
         self._hit("cgroup_check")
