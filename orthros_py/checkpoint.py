@@ -22,6 +22,7 @@ from orthros_py.cgroup.model import RESTORED_FILE_NAME as CGROUP_RESTORED_FILE
 from orthros_py.cgroup.model import CgroupFile, diff
 from orthros_py.criu.request import (
     CgroupMode,
+    CriuNetworkLock,
     DumpOptions,
     RestoreOptions,
     dump_request,
@@ -338,7 +339,8 @@ def restore_tree(
     lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
     if network_lock is not None:
         opts = dataclasses.replace(opts, network_lock=network_lock.criu)
-    if lock.active and opts.tcp_established:
+    if lock.active and (opts.tcp_established or opts.tcp_close):
+        # tcp_close: CRIU closes them, and their clients must meet the reset, not the lock.
         lock.adopt(checkpoint_conns(images_dir))
     if opts.root is None:
         # A tree with its own mount namespace needs a root filesystem for it: without one
@@ -368,6 +370,10 @@ def restore_tree(
     lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
     lock.tidy()
+    if opts.tcp_close and opts.network_lock is CriuNetworkLock.IPTABLES:
+        from orthros_py.netlock.iptables import drop_criu_locks
+
+        drop_criu_locks(checkpoint_conns(images_dir))  # CRIU 4.2.1 leaves them (see there)
     root = int(resp.restore.pid)
     if own_pidns:
         # The image holds the namespace's own PIDs (1, 2, ...): report the host's, which are

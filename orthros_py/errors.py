@@ -3,12 +3,15 @@
 Every error carries what is known of where it happened (host, pid, stage) and renders itself as
 one plain sentence. ``ExitStatus`` is the single table of exit codes; the CLI is the only place
 where an error becomes a message and a status. ``to_dict``/``from_dict`` let an error cross the
-agent RPC with its type and context intact.
+agent RPC with its type and context intact: every subclass, wherever it is defined, registers
+itself by name when its class statement runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import importlib
 from typing import Any, ClassVar
 
 
@@ -29,10 +32,20 @@ class ExitStatus(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
+_REGISTRY: dict[str, type[OrthrosError]] = {}
+_BASE_KEYS = frozenset({"type", "module", "msg", "host", "pid", "stage", "hint", "exit_status"})
+
+
 class OrthrosError(Exception):
     """Base of all errors orthros raises on purpose."""
 
     exit_status: ClassVar[ExitStatus] = ExitStatus.ERROR
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The first class of a name keeps it: a later namesake (a test's local class) must not
+        # change what an agent's error turns into.
+        _REGISTRY.setdefault(cls.__name__, cls)
 
     def __init__(
         self,
@@ -65,6 +78,7 @@ class OrthrosError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": type(self).__name__,
+            "module": type(self).__module__,
             "msg": self.msg,
             "host": self.host,
             "pid": self.pid,
@@ -75,8 +89,19 @@ class OrthrosError(Exception):
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> OrthrosError:
-        """Rebuild an error sent over the agent RPC; unknown types become OrthrosError."""
-        cls = _REGISTRY.get(str(data.get("type")), OrthrosError)
+        """Rebuild an error sent over the agent RPC: its class (imported from the module named
+        if this process has not loaded it yet), its context, the extra fields its class carries,
+        and its exit status. A type unknown here becomes OrthrosError with the sender's exit
+        status, so that the command still exits as the remote failure says."""
+        name = str(data.get("type"))
+        cls = _REGISTRY.get(name)
+        module = data.get("module")
+        if cls is None and isinstance(module, str) and module.startswith("orthros_py."):
+            # Absent in another orthros version: the base class below will do.
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+            cls = _REGISTRY.get(name)
+        cls = cls or OrthrosError
         err = cls.__new__(cls)
         OrthrosError.__init__(
             err,
@@ -86,6 +111,22 @@ class OrthrosError(Exception):
             stage=data.get("stage"),
             hint=data.get("hint"),
         )
+        for key, value in data.items():
+            # The extras a class carries (errno, log_tail, code, argv, ...), as sent; never a
+            # name of the class itself (a method, exit_status) nor a private one.
+            if key in _BASE_KEYS or key.startswith("_") or hasattr(type(err), key):
+                continue
+            if key == "cause" and isinstance(value, dict) and "type" in value:
+                value = OrthrosError.from_dict(value)
+            setattr(err, key, value)
+        try:
+            status = ExitStatus(data.get("exit_status", err.exit_status))
+        except ValueError:
+            status = ExitStatus.ERROR
+        if status != err.exit_status:
+            # An instance attribute shadows the class's: the base class standing in for an
+            # unknown type still exits with the remote error's status.
+            vars(err)["exit_status"] = status
         return err
 
 
@@ -153,22 +194,19 @@ class CommandError(OrthrosError):
         self.returncode = returncode
         self.stderr = stderr
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.update(argv=self.argv, returncode=self.returncode, stderr=self.stderr)
+        return data
+
 
 class OperationTimeout(OrthrosError):
     exit_status = ExitStatus.TIMEOUT
 
 
-_REGISTRY: dict[str, type[OrthrosError]] = {
-    cls.__name__: cls
-    for cls in (
-        OrthrosError,
-        NotRootError,
-        MissingFeatureError,
-        NoSuchProcessError,
-        BadImageError,
-        CriuError,
-        NetlockError,
-        CommandError,
-        OperationTimeout,
-    )
-}
+def registered() -> dict[str, type[OrthrosError]]:
+    """Every error class known to this process by name (those of modules imported so far)."""
+    return dict(_REGISTRY)
+
+
+_REGISTRY[OrthrosError.__name__] = OrthrosError

@@ -39,7 +39,9 @@ PKGS=(
   iproute2 iptables nftables iputils-arping util-linux procps
   nginx apache2-utils wrk redis-server python3-matplotlib
 )
-[ "$WITH_TESTS" = 1 ] && PKGS+=(vagrant)
+# vagrant alone finds "No usable default provider"; vagrant-libvirt is the provider the
+# Vagrantfile names (a libvirt/QEMU host needs no hypervisor package to validate it).
+[ "$WITH_TESTS" = 1 ] && PKGS+=(vagrant vagrant-libvirt)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

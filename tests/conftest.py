@@ -9,11 +9,11 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Spawner
+from helpers import CriuNetfilter, Spawner, host_cgroups
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,6 +37,29 @@ def spawner(tmp_path: Path) -> Iterator[Spawner]:
 
 
 @pytest.fixture
+def criu_netfilter(request: pytest.FixtureRequest) -> Iterator[CriuNetfilter]:
+    """For tests that use CRIU's own network lock: add the test's server ports to ``.ports``.
+    Whatever CRIU's lock left for them is removed at the end, pass or fail; a test that passed
+    yet left some fails here (a restore should have lifted them)."""
+    nf = CriuNetfilter()
+    yield nf
+    left = nf.cleanup()
+    rep = getattr(request.node, "rep_call", None)
+    if left and rep is not None and rep.passed:
+        pytest.fail("CRIU's network lock left (now removed): " + "; ".join(left))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Let fixtures see how the test itself went (request.node.rep_call).
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+@pytest.fixture
 def images(tmp_path: Path) -> Path:
     d = tmp_path / "images"
     d.mkdir()
@@ -53,17 +76,16 @@ def orthros_bin() -> str:
 
 @pytest.fixture
 def v2_hugetlb() -> Iterator[Path]:
-    """cgroup v2 with hugetlb, the one controller this hybrid host leaves to v2, enabled below
-    the root; the root's subtree_control is put back as it was. Request it before the fixtures
-    that make groups under it, so that it is torn down after they are gone."""
-    from orthros_py.cgroup.fs import mounts
-    from orthros_py.cgroup.model import V2
-
-    unified = mounts().get(V2)
+    """cgroup v2 with hugetlb (on the hybrid development VM the one controller left to v2; on a
+    pure v2 host one of many) enabled below the root; the root's subtree_control is put back as
+    it was. Request it before the fixtures that make groups under it, so that it is torn down
+    after they are gone."""
+    unified = host_cgroups()[1]  # from /proc/self/mounts, not from orthros's own reading
     if unified is None or not (unified / "cgroup.procs").exists():
         pytest.skip("no cgroup2 hierarchy on this host")
     if "hugetlb" not in (unified / "cgroup.controllers").read_text().split():
-        pytest.skip("cgroup v2 here offers no controller to limit with (hugetlb is bound to v1)")
+        pytest.skip("this host's cgroup v2 has no hugetlb controller (bound to v1, or no "
+                    "CONFIG_CGROUP_HUGETLB)")
     before = (unified / "cgroup.subtree_control").read_text().split()
     try:
         yield unified

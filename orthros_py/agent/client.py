@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orthros_py.agent.auth import load_key
-from orthros_py.agent.errors import AGENT_ERRORS, AgentError, AgentUnreachable, ProtocolError
+from orthros_py.agent.errors import AgentError, AgentUnreachable, ProtocolError
 from orthros_py.agent.protocol import (
     DEFAULT_PORT,
     EMPTY_SHA256,
@@ -58,9 +58,6 @@ CONNECT_TIMEOUT = 5.0
 # Files sent in one request by upload_files, held in memory meanwhile: a checkpoint's small
 # files (its memory goes through a page server, or in files of its own).
 BUNDLE_LIMIT = 64 << 20
-_BASE_ERROR_KEYS = frozenset({"type", "msg", "host", "pid", "stage", "hint", "exit_status"})
-# Extra context some errors carry (CriuError, ProtocolError); restored onto the rebuilt error.
-_EXTRA_ERROR_KEYS = frozenset({"errno", "log_tail", "log_path", "code"})
 
 
 def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -157,15 +154,19 @@ class RemoteRestore:
 @dataclass(frozen=True)
 class PageServerInfo:
     image: str
-    pid: int
+    pid: int  # CRIU's page server: 0 while the channel waits for the sender
     port: int
     address: str
     running: bool
+    nonce: str = ""  # what the sender proves itself with (pass it to dump as page_nonce)
+    state: str = ""  # of the channel: waiting, connected, expired, stopped
+    refused: int = 0  # connections refused for failing to prove themselves
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PageServerInfo:
         return cls(str(d["image"]), int(d["pid"]), int(d["port"]), str(d["address"]),
-                   bool(d["running"]))
+                   bool(d["running"]), str(d.get("nonce", "")), str(d.get("state", "")),
+                   int(d.get("refused", 0)))
 
 
 @dataclass(frozen=True)
@@ -269,17 +270,9 @@ class AgentClient:
         return resp
 
     def _remote_error(self, data: Mapping[str, Any]) -> OrthrosError:
-        local = AGENT_ERRORS.get(str(data.get("type")))
-        if local is not None:
-            err: OrthrosError = local.__new__(local)
-            base = OrthrosError.from_dict({**data, "type": "OrthrosError"})
-            err.__dict__.update(base.__dict__)
-            err.args = base.args
-        else:
-            err = OrthrosError.from_dict(dict(data))
-        # from_dict restores the common context; put back the extras some errors carry.
-        for key in _EXTRA_ERROR_KEYS & (set(data) - _BASE_ERROR_KEYS):
-            setattr(err, key, data[key])
+        # Every error class registered itself in the tree: it comes back as itself, with the
+        # extras it carries and its exit status.
+        err = OrthrosError.from_dict(dict(data))
         err.host = err.host or self.name
         return err
 
@@ -304,14 +297,17 @@ class AgentClient:
     # -- checkpoint and restore -----------------------------------------------------------
 
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = CRIU_TIMEOUT) -> RemoteDump:
+             timeout: float = CRIU_TIMEOUT, page_nonce: str | None = None) -> RemoteDump:
         """Checkpoint the tree of ``pid`` on the agent's host into its image ``image``.
-        ``opts.pid`` is ignored; ``opts.notify`` cannot cross the RPC."""
+        ``opts.pid`` is ignored; ``opts.notify`` cannot cross the RPC. With
+        ``opts.page_server``, ``page_nonce`` is the destination's ``PageServerInfo.nonce``."""
         opts = opts or DumpOptions()
         if opts.notify:
             raise ValueError("CRIU notifications cannot be answered over the agent RPC")
-        args = {"pid": pid, "image": validate_name(image),
-                "options": options_to_args(opts, exclude=("pid", "notify"))}
+        args: dict[str, Any] = {"pid": pid, "image": validate_name(image),
+                                "options": options_to_args(opts, exclude=("pid", "notify"))}
+        if page_nonce is not None:
+            args["page_nonce"] = page_nonce
         return RemoteDump.from_dict(self._result("dump", args, timeout=timeout))
 
     def restore(self, image: str, opts: RestoreOptions | None = None, *,
@@ -326,11 +322,12 @@ class AgentClient:
         return RemoteRestore.from_dict(self._result("restore", args, timeout=timeout))
 
     def page_server(self, image: str, *, address: str | None = None,
-                    port: int = 0, log_level: int = 2) -> PageServerInfo:
-        """Start a CRIU page server receiving a dump's memory into image ``image``; pass its
-        (address, port) as ``DumpOptions.page_server`` to the dumping host. Port 0: any."""
+                    port: int = 0, log_level: int = 2, wait: float = 600.0) -> PageServerInfo:
+        """Open the page channel receiving a dump's memory into image ``image``; pass its
+        (address, port) as ``DumpOptions.page_server`` and its ``nonce`` as ``page_nonce`` to
+        the dumping host's ``dump``. Port 0: any. It waits ``wait`` s for the sender."""
         args: dict[str, Any] = {"image": validate_name(image), "port": port,
-                                "log_level": log_level}
+                                "log_level": log_level, "wait": wait}
         if address is not None:
             args["address"] = address
         return PageServerInfo.from_dict(self._result("page_server", args))

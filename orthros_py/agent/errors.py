@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from orthros_py.errors import OrthrosError
+from orthros_py.errors import OrthrosError, registered
 
 
 class Refusal(enum.StrEnum):
@@ -78,9 +78,8 @@ class KeyFileError(AgentError):
     """The cluster key file is missing, unreadable, too short or too open."""
 
 
-# Rebuilt by the client by name, as ``orthros_py.errors`` rebuilds its own (``from_dict``).
+# Each class above registered itself in the one tree (OrthrosError.__init_subclass__); this view
+# by name is kept for the code that asks for agent errors only.
 AGENT_ERRORS: dict[str, type[AgentError]] = {
-    cls.__name__: cls
-    for cls in (AgentError, ProtocolError, VersionError, AuthError, ReplayError, AgentRefused,
-                AgentUnreachable, KeyFileError)
+    name: cls for name, cls in registered().items() if issubclass(cls, AgentError)
 }

@@ -9,7 +9,9 @@ here and decorate it.
 Interfaces and privileges, per operation:
 
 - ``dump``, ``restore``, ``page_server``: CRIU through ``orthros_py.checkpoint`` and
-  ``orthros_py.criu.session`` (``criu swrk``): root.
+  ``orthros_py.criu.session`` (``criu swrk``): root. Memory crosses hosts only on the page
+  channel (``orthros_py.agent.pagechan``: a TCP port, the cluster key, TLS inside CRIU); paths
+  and external resources in options are held to ``orthros_py.agent.optpolicy``.
 - ``kill``, ``page_server_stop``: kill(2), only on processes this agent restored or started,
   or left stopped after a dump (checked by pid and start time): root, as the agent runs.
 - ``resume``: ``orthros_py.agent.held`` (pidfd_getfd, TCP_REPAIR, SIGCONT) on a tree this agent
@@ -59,6 +61,7 @@ import psutil
 
 from orthros_py import __version__
 from orthros_py.agent import held as held_trees
+from orthros_py.agent import optpolicy, pagechan
 from orthros_py.agent.errors import ProtocolError, Refusal
 from orthros_py.agent.protocol import (
     EMPTY_SHA256,
@@ -71,8 +74,9 @@ from orthros_py.agent.protocol import (
     options_from_args,
     validate_name,
 )
-from orthros_py.checkpoint import dump_tree, restore_tree
-from orthros_py.criu.request import DumpOptions, RestoreOptions
+from orthros_py.checkpoint import DumpResult, dump_tree, restore_tree
+from orthros_py.criu.request import DumpOptions, RestoreOptions, TlsFiles
+from orthros_py.criu.request import page_server_request as _ps_request
 from orthros_py.criu.session import CriuSession
 from orthros_py.errors import (
     BadImageError,
@@ -119,16 +123,23 @@ class RestoredTree:
 
 @dataclass
 class PageServer:
-    """A CRIU page server this agent started (forked by ``criu swrk``: not our child)."""
+    """A page channel this agent opened (``pagechan.Listener``) and the CRIU page server it
+    starts on the connection that proves itself (forked by ``criu swrk``: not our child)."""
 
     image: str
-    pid: int
+    pid: int  # 0 until a connection has proved itself and CRIU runs on it
     create_time: float | None
     port: int
     address: str
     started_at: float
+    listener: pagechan.Listener | None = None
+    error: str | None = None  # why CRIU could not be started on the proven connection
 
     def alive(self) -> bool:
+        if self.pid == 0:
+            # Waiting for the sender, or starting CRIU for it: running, unless it gave up.
+            state = self.listener.state if self.listener is not None else "stopped"
+            return self.error is None and state in ("waiting", "connected")
         try:
             proc = psutil.Process(self.pid)
             return (proc.create_time() == self.create_time
@@ -136,9 +147,20 @@ class PageServer:
         except psutil.NoSuchProcess:
             return False
 
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.pid and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signals.SIGKILL)
+
     def to_dict(self) -> dict[str, Any]:
+        chan = self.listener.to_dict() if self.listener is not None else {}
         return {"image": self.image, "pid": self.pid, "port": self.port, "address": self.address,
-                "started_at": self.started_at, "running": self.alive()}
+                "started_at": self.started_at, "running": self.alive(),
+                "state": chan.get("state", "stopped"), "refused": chan.get("refused", 0),
+                "refusals": chan.get("refusals", []), "peer": chan.get("peer"),
+                "error": self.error}
 
 
 class Agent:
@@ -159,8 +181,10 @@ class Agent:
             raise BadImageError(f"cannot create the images root {images_root}: "
                                 f"{err.strerror}") from err
         self.images_root = images_root.resolve()
-        # Page servers listen where the agent listens unless told otherwise: CRIU's page server
-        # authenticates nobody, so it should not face more networks than the agent does.
+        # What paths and external resources requests from the network may name here.
+        self.option_policy = optpolicy.Policy(str(self.images_root))
+        # Page channels listen where the agent listens unless told otherwise: no need to face
+        # more networks than the agent does.
         self.listen_host = "" if listen_host in ("0.0.0.0", "::") else listen_host
         self.started = time.time()
         self.restored: dict[int, RestoredTree] = {}
@@ -172,6 +196,7 @@ class Agent:
         self.mutex = threading.Lock()  # guards restored, page_servers and the busy marks
         self._busy: dict[str, str] = {}  # image -> what is using it
         self._criu: dict[str, Any] | None = None
+        self._page_tls: TlsFiles | None = None
 
     # -- images ---------------------------------------------------------------------------
 
@@ -258,8 +283,16 @@ class Agent:
         for server in servers:
             if server.alive():
                 log.info("stopping page server %d of image %s", server.pid, server.image)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.pid, signals.SIGKILL)
+            server.stop()
+
+    def page_tls(self) -> TlsFiles:
+        """The page channel's certificate files, derived from the cluster key (written once,
+        in a directory whose dotted name no image can have)."""
+        with self.mutex:
+            if self._page_tls is None:
+                self._page_tls = pagechan.write_credentials(
+                    self.key, self.images_root / ".page-channel")
+            return self._page_tls
 
     # -- facts ----------------------------------------------------------------------------
 
@@ -375,6 +408,9 @@ def dispatch(agent: Agent, req: Request, payload: PayloadReader | None, peer: st
     if req.payload_len and not entry.payload:
         raise ProtocolError(f"{req.op} takes no payload", code=Refusal.BAD_REQUEST)
     kwargs = entry.bind(req.args)
+    if kwargs.get("netns") is not None:
+        # Every op that enters a namespace takes it as ``netns``: one check for all of them.
+        kwargs["netns"] = agent.option_policy.netns(kwargs["netns"])
     out = entry.handler(Call(agent, peer, payload if entry.payload else None), **kwargs)
     return out if isinstance(out, Reply) else Reply(out)
 
@@ -455,10 +491,14 @@ def op_check(call: Call, quick: bool = True) -> dict[str, Any]:
 
 @op("dump")
 def op_dump(call: Call, pid: int, image: str,
-            options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``)."""
+            options: dict[str, Any] | None = None,
+            page_nonce: str | None = None) -> dict[str, Any]:
+    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``).
+    With ``page_server``, memory goes over the page channel of the destination's image of the
+    same name, opened with ``page_nonce`` (from its ``page_server``)."""
     opts = options_from_args(DumpOptions, options or {}, where="dump", exclude=DUMP_EXCLUDED)
     a = call.agent
+    optpolicy.vet_dump(a.option_policy, opts.external)
     if opts.parent_img is not None:
         m = _PARENT_IMG.fullmatch(opts.parent_img)
         if m is None:
@@ -466,7 +506,7 @@ def op_dump(call: Call, pid: int, image: str,
         a.image_path(validate_name(m["name"], "parent image name"), must_exist=True)
     path = a.image_path(image)
     with a.busy(image, "dump"):
-        result = dump_tree(pid, path, opts)
+        result = _dump_tree(a, pid, image, path, opts, page_nonce)
         if opts.leave_stopped:
             tree = held_trees.HeldTree.of(pid, image, result.live.pids)
             with a.mutex:
@@ -484,6 +524,8 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
                              exclude=RESTORE_EXCLUDED)
     opts = dataclasses.replace(opts, sibling=True)
     a = call.agent
+    optpolicy.vet_restore(a.option_policy, root=opts.root, cgroup_yard=opts.cgroup_yard,
+                          cgroup_roots=opts.cgroup_roots, external=opts.external)
     path = a.image_path(image, must_exist=True)
     with a.busy(image, "restore"):
         try:
@@ -523,41 +565,94 @@ def _reap_failed_restore(a: Agent, path: Path, timeout: float = 2.0) -> None:
             time.sleep(0.01)
 
 
-def page_server_request(address: str, port: int, log_level: int) -> Any:
-    """A CRIU page server request. Pure; it belongs with the other builders in
-    orthros_py/criu/request.py.
+def page_server_request(address: str, port: int, log_level: int,
+                        fd: int | None = None) -> Any:
+    """A CRIU page server request (see ``orthros_py.criu.request.page_server_request``)."""
+    return _ps_request(address, port, log_level, fd=fd, log_file=PAGE_SERVER_LOG)
 
-    PAGE_SERVER_CHLD, not PAGE_SERVER: in CRIU 4.2.1 the daemon-mode PAGE_SERVER answers pid 0
-    (``cr_page_server`` returns 0 instead of the daemon's pid), and without the pid the agent
-    could not tell its page server apart from any other process. The CHLD server is forked by
-    ``criu swrk`` and left to init when swrk exits after answering; it serves one connection
-    and exits.
-    """
-    from pycriu import rpc_pb2 as rpc
 
-    req = rpc.criu_req(type=rpc.PAGE_SERVER_CHLD)
-    req.opts.images_dir_fd = -1  # set by CriuSession.call
-    req.opts.log_file = PAGE_SERVER_LOG
-    req.opts.log_level = log_level
-    req.opts.ps.SetInParent()
-    req.opts.ps.port = port
-    if address:
-        req.opts.ps.address = address
-    return req
+def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
+               page_nonce: str | None) -> DumpResult:
+    """``dump_tree``; with a page server, over the page channel: we connect and prove
+    ourselves, and CRIU's dump reaches that connection through a loopback relay, with TLS
+    (see ``pagechan`` for why a relay and not ``ps.fd``)."""
+    if opts.page_server is None:
+        return dump_tree(pid, path, opts)
+    if page_nonce is None:
+        raise _bad_request("a dump to a page server needs page_nonce, the nonce the "
+                           "destination's page_server returned: memory crosses hosts only "
+                           "on an authenticated channel")
+    try:
+        nonce = bytes.fromhex(page_nonce)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != pagechan.NONCE_BYTES:
+        raise _bad_request(f"page_nonce must be {2 * pagechan.NONCE_BYTES} hex digits")
+    host, port = opts.page_server
+    use_tls = not _own_ipc_namespace(pid)
+    if not use_tls:
+        log.warning("dump of pid %d: its tree has its own IPC namespace, which CRIU 4.2.1 "
+                    "cannot dump over TLS: the page channel is authenticated but not "
+                    "encrypted", pid)
+    tls = a.page_tls()
+    start = time.perf_counter()
+    try:
+        chan = pagechan.connect(host, port, a.key, image, nonce, tls=use_tls)
+    except pagechan.PageChannelError as err:
+        err.stage, err.pid = "dump", pid
+        raise
+    handshake_ms = (time.perf_counter() - start) * 1000
+    relay = pagechan.Relay(chan)
+    try:
+        local = dataclasses.replace(opts, page_server=("127.0.0.1", relay.port))
+        result = dump_tree(pid, path, local, session=CriuSession(tls=tls if use_tls else None))
+    except OrthrosError as err:
+        if relay.error or relay.upstream_closed:
+            # Seen from here only as a broken connection; the destination's log has the cause.
+            err.msg = (f"{err.msg}: the destination closed the page channel ({host}:{port}) "
+                       "during the transfer: its page server refused what arrived (with TLS "
+                       "on, data damaged or forged in transit ends it so), see "
+                       f"{PAGE_SERVER_LOG} in its image")
+        raise
+    finally:
+        relay.close()
+    result.extra["page_channel"] = {
+        "peer": f"{host}:{port}", "tls": use_tls, "handshake_ms": round(handshake_ms, 3),
+        "bytes_sent": relay.bytes_up, "bytes_received": relay.bytes_down,
+        "refused_local": relay.refused}
+    return result
+
+
+def _own_ipc_namespace(pid: int) -> bool:
+    """Whether a process of the tree of ``pid`` is in another IPC namespace than the agent
+    (CRIU then dumps that namespace in a forked child: see ``pagechan`` on TLS)."""
+    try:
+        mine = os.stat("/proc/self/ns/ipc").st_ino
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        return any(os.stat(f"/proc/{p.pid}/ns/ipc").st_ino != mine for p in procs)
+    except (OSError, psutil.Error):
+        return False  # the dump finds out what is wrong, and says so
 
 
 @op("page_server")
 def op_page_server(call: Call, image: str, address: str | None = None, port: int = 0,
-                   log_level: int = 2) -> dict[str, Any]:
-    """Start a CRIU page server writing a dump's memory into image ``image``; its port.
+                   log_level: int = 2, wait: float = 600.0) -> dict[str, Any]:
+    """Open the page channel for a dump's memory into image ``image``: its port, and the
+    ``nonce`` the sending agent must prove itself with.
 
-    It serves one dump (``DumpOptions.page_server`` on the sending host) and exits. ``port`` 0
-    lets the kernel choose; ``address`` defaults to the agent's own listen address.
+    Connections to the port must prove within seconds that they hold the cluster key; others
+    are refused, logged and counted (``refused`` in status) while it keeps waiting, up to
+    ``wait`` s. On the first that proves itself, a CRIU page server receives over TLS on that
+    very connection, for one dump, and exits. ``port`` 0 lets the kernel choose; ``address``
+    defaults to the agent's own listen address.
     """
     if not 0 <= port < 65536:
         raise _bad_request(f"{port} is not a TCP port")
     if not 0 <= log_level <= 4:
         raise _bad_request("log_level must be 0-4")
+    if not 0 < wait <= 24 * 3600:
+        raise _bad_request("wait must be more than 0 and at most a day")
     a = call.agent
     path = a.image_path(image, create=True)
     with a.mutex:
@@ -567,23 +662,34 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
                             f"receives into image {image!r}",
                             hint="stop it with page_server_stop first")
     addr = a.listen_host if address is None else address
-    with a.busy(image, "page server start"):
+    tls = a.page_tls()
+    server = PageServer(image, 0, None, 0, addr, time.time())
+
+    def on_channel(conn: socket.socket, peer: str, use_tls: bool) -> None:
         try:
-            resp = CriuSession().call(page_server_request(addr, port, log_level),
-                                      images_dir=path)
+            with conn, a.busy(image, "page server start"):
+                session = CriuSession(tls=tls if use_tls else None, pass_fds=(conn.fileno(),))
+                resp = session.call(page_server_request("", 0, log_level, fd=conn.fileno()),
+                                    images_dir=path)
         except OrthrosError as err:
-            err.stage = "page server"
-            raise
-    pid, got_port = int(resp.ps.pid), int(resp.ps.port)
-    try:
-        created: float | None = psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        created = None
-    server = PageServer(image, pid, created, got_port, addr, time.time())
+            server.error = str(err)
+            log.warning("page server of image %s could not start for %s: %s", image, peer, err)
+            return
+        pid = int(resp.ps.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server.create_time = psutil.Process(pid).create_time()
+        server.pid = pid
+        log.info("page server %d receives image %s from %s %s", pid, image, peer,
+                 "over TLS" if use_tls else "WITHOUT TLS (the sender's tree has its own IPC "
+                 "namespace)")
+
+    listener = pagechan.Listener(a.key, image, addr, port, on_channel, wait=wait)
+    server.listener, server.port = listener, listener.port
     with a.mutex:
         a.page_servers[image] = server
-    log.info("page server %d for image %s listens on port %d", pid, image, got_port)
-    return server.to_dict()
+    listener.start()
+    log.info("page channel for image %s listens on port %d", image, listener.port)
+    return {**server.to_dict(), "nonce": listener.nonce.hex()}
 
 
 @op("page_server_stop")
@@ -597,9 +703,7 @@ def op_page_server_stop(call: Call, image: str) -> dict[str, Any]:
     if server is None:
         raise NoSuchProcessError(f"this agent started no page server for image {image!r}")
     was_running = server.alive()
-    if was_running:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server.pid, signals.SIGKILL)
+    server.stop()
     return {**server.to_dict(), "was_running": was_running, "running": False}
 
 

@@ -265,7 +265,10 @@ def options_from_args(cls: type[D], args: Mapping[str, Any], *, where: str,
             f"{where}: unknown or not settable option(s) {', '.join(unknown)} "
             f"(settable: {', '.join(sorted(names))})", code=Refusal.BAD_REQUEST)
     values = {k: check_type(v, hints[k], f"{where} option {k}") for k, v in args.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # the dataclass's own range and form checks
+        raise ProtocolError(f"{where}: {err}", code=Refusal.BAD_REQUEST) from err
 
 
 # --- messages ----------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ log = logging.getLogger("orthros.agent")
 
 MAX_CONNECTIONS = 256  # each is a thread; RLIMIT_NOFILE here is 20,000
 IDLE_TIMEOUT = 120.0  # a connection silent this long between or within frames is dropped
+# Until its first frame has authenticated, a connection has this long in all to send it: an
+# unauthenticated peer, silent or dripping a byte at a time, cannot hold a slot for long.
+AUTH_TIMEOUT = 5.0
 # Requests too frequent to log at INFO (health checks).
 QUIET_OPS = frozenset({"ping"})
 
@@ -56,12 +59,13 @@ class AgentServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, agent: ops.Agent, listen: tuple[str, int], *,
                  replay_window: float = REPLAY_WINDOW, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, auth_timeout: float = AUTH_TIMEOUT) -> None:
         host, port = listen
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.agent = agent
         self.guard = ReplayGuard(replay_window)
         self.idle_timeout = idle_timeout
+        self.auth_timeout = auth_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -114,9 +118,10 @@ class AgentServer(socketserver.ThreadingTCPServer):
             return
         try:
             sock.settimeout(self.idle_timeout)
+            first: _Deadline | None = _Deadline(sock, time.monotonic() + self.auth_timeout)
             while not self.stopping:
                 try:
-                    raw = read_frame(sock)
+                    raw = read_frame(first or sock)
                     if raw is None:
                         return
                     req = open_request(self.agent.key, decode_header(raw), self.guard)
@@ -124,11 +129,18 @@ class AgentServer(socketserver.ThreadingTCPServer):
                     self._refuse(sock, peer, err)
                     return
                 except TimeoutError:
-                    log.debug("%s: idle for %g s, closing", peer, self.idle_timeout)
+                    if first is not None:
+                        log.warning("%s: sent no authenticated request within %g s, closing",
+                                    peer, self.auth_timeout)
+                    else:
+                        log.debug("%s: idle for %g s, closing", peer, self.idle_timeout)
                     return
                 except OSError as err:
                     log.debug("%s: connection lost: %s", peer, err)
                     return
+                if first is not None:
+                    first = None
+                    sock.settimeout(self.idle_timeout)
                 if not self._run(sock, peer, req):
                     return
         finally:
@@ -213,6 +225,25 @@ class AgentServer(socketserver.ThreadingTCPServer):
             if reply is not None and reply.payload is not None:
                 reply.payload.close()
         return True
+
+
+class _Deadline:
+    """A socket whose reads must all be done by ``deadline`` (monotonic): the budget of an
+    unauthenticated peer's first frame, however it spreads its bytes."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer, nbytes)
+
+    def sendall(self, data: bytes, /) -> None:
+        self.sock.sendall(data)
 
 
 class _Connection(socketserver.BaseRequestHandler):

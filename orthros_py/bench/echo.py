@@ -46,6 +46,7 @@ class ClientPool:
     def __init__(self, host: str, port: int, n: int, *, timeout: float = 30.0) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self.stats = PoolStats()
+        self._answered = [0] * n  # correct echoes per connection
         self._seq = 0
         self.socks: list[socket.socket] = []
         for _ in range(n):
@@ -71,10 +72,10 @@ class ClientPool:
                 msg = f"{i}:{self._seq};".encode()
                 try:
                     s.sendall(msg)
-                    live.append((s, msg))
+                    live.append((i, s, msg))
                 except OSError as err:
                     self._error(f"conn {i}: send: {err}")
-            for s, msg in live:
+            for i, s, msg in live:
                 got = b""
                 try:
                     while len(got) < len(msg):
@@ -87,8 +88,15 @@ class ClientPool:
                     continue
                 if got != msg:
                     self._error(f"sent {msg!r}, got {got!r}")
+                else:
+                    self._answered[i] += 1
                 self.stats.requests += 1
             self.stats.max_gap_s = max(self.stats.max_gap_s, time.monotonic() - start)
+
+    def answered(self) -> list[int]:
+        """Correct echoes so far, per connection (index as in ``socks``): a test asks that
+        every connection goes on, which a total cannot tell."""
+        return list(self._answered)
 
     def start(self, interval: float = 0.01) -> None:
         """Keep traffic flowing on every connection in the background."""

@@ -204,7 +204,8 @@ def render(env: Env, res: BenchResults) -> None:
     if res.micro:
         m = res.micro
         env.console.print(f"XDP map alone: lock {m.conns:,} connections {m.lock_ms:.3f} ms, "
-                          f"unlock {m.unlock_ms:.3f} ms (median of {m.reps})")
+                          f"unlock {m.unlock_ms:.3f} ms (median of {m.reps}); lock + unlock "
+                          f"{m.round_best_ms:.3f} ms (best of {m.reps})")
     for c in cells:
         for e in c.errors:
             env.console.print(f"[red]{c.concurrency} conns, {c.method}:[/] {escape(e)}",

@@ -12,13 +12,59 @@ from rich.table import Table
 
 from orthros_py.checkpoint import DumpResult, RestoreResult, dump_tree, restore_tree, wait_exit
 from orthros_py.cli.context import Env
-from orthros_py.criu.request import CgroupMode, DumpOptions, RestoreOptions
+from orthros_py.criu.request import (
+    GHOST_LIMIT_MAX,
+    CgroupMode,
+    DumpOptions,
+    RestoreOptions,
+    check_external,
+    parse_size,
+)
 from orthros_py.netlock.tree import NetworkLock, default_method
 from orthros_py.proc.tree import read_namespaces
 
 CG_MODES = [m.value for m in CgroupMode]
 LOCKS = [m.value for m in NetworkLock]
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Size(click.ParamType[int]):
+    """A byte count as CRIU takes it: 4096, 512K, 10M, 1G."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        if size > GHOST_LIMIT_MAX:
+            self.fail(f"{value} is above CRIU's limit of 4G - 1 bytes", param, ctx)
+        return size
+
+
+def check_externals(_ctx: click.Context, param: click.Parameter,
+                    values: tuple[str, ...]) -> tuple[str, ...]:
+    """Click callback: every value one of CRIU's --external forms."""
+    try:
+        return tuple(check_external(v) for v in values)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param=param) from err
+
+
+def external_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--external", "external", multiple=True, metavar="RES",
+                        callback=check_externals, help=help_text)
+
+
+def file_locks_option(f: F) -> F:
+    return click.option(
+        "--file-locks", is_flag=True,
+        help="Carry the tree's file locks (flock, POSIX, OFD: a database, SQLite, a "
+             "pidfile). A checkpoint dumped with it must be restored with it.")(f)
 
 
 def common_options(f: F) -> F:
@@ -62,17 +108,37 @@ def _print_bpf(ctx: click.Context, _param: click.Parameter, value: bool) -> None
 @click.option("-D", "--images-dir", type=click.Path(path_type=Path), required=True,
               help="Directory to write the checkpoint into (created if missing).")
 @click.option("--leave-running", is_flag=True, help="Keep the tree running after the dump.")
+@file_locks_option
+@click.option("--link-remap", is_flag=True,
+              help="Allow files the tree holds open (or watches with inotify) that were "
+                   "unlinked but are still linked elsewhere: CRIU links them back into their "
+                   "directory for the restore.")
+@click.option("--ghost-limit", type=Size(), default=None, metavar="SIZE",
+              help="Copy deleted-but-open files up to SIZE (e.g. 10M, 1G) into the images "
+                   "[CRIU's default: 1M].")
+@click.option("--skip-in-flight", is_flag=True,
+              help="Drop connections still waiting in a listening socket's queue, not yet "
+                   "accepted, instead of refusing the dump (their clients connect again).")
+@click.option("--evasive-devices", is_flag=True,
+              help="Accept a device the tree opened by a path that now names another node of "
+                   "the same device (e.g. under a remounted /dev).")
+@external_option("Leave a resource to the restorer, in CRIU's form: mnt[MOUNTPOINT]:KEY (a "
+                 "mount), dev[MAJ/MIN]:KEY, file[MNT_ID:INODE], unix[INODE], tty[RDEV:DEV], "
+                 "net[INODE]:KEY, pid[INODE]:KEY. Repeatable.")
 @common_options
 @click.pass_obj
-def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_established: bool,
-         ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str | None,
-         log_level: int, as_json: bool) -> None:
+def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, file_locks: bool,
+         link_remap: bool, ghost_limit: int | None, skip_in_flight: bool, evasive_devices: bool,
+         external: tuple[str, ...], tcp_established: bool, ext_unix_sk: bool, shell_job: bool,
+         manage_cgroups: str, network_lock: str | None, log_level: int, as_json: bool) -> None:
     """Checkpoint the process tree rooted at PID into a directory of images."""
     opts = DumpOptions(
         pid=pid, leave_running=leave_running, tcp_established=tcp_established,
         ext_unix_sk=ext_unix_sk, shell_job=shell_job,
         manage_cgroups=CgroupMode(manage_cgroups),
-        log_level=log_level,
+        log_level=log_level, file_locks=file_locks, link_remap=link_remap,
+        ghost_limit=ghost_limit, tcp_skip_in_flight=skip_in_flight,
+        evasive_devices=evasive_devices, external=external,
     )
     with env.console.status(f"dumping the tree of pid {pid}"):
         result = dump_tree(pid, images_dir, opts, network_lock=_lock(network_lock))
@@ -95,17 +161,29 @@ def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, tcp_establis
               help="Recreate the tree's top group of a cgroup hierarchy at PATH instead of "
                    "its dumped path (HIERARCHY: controllers as in /proc/PID/cgroup, e.g. "
                    "cpu,cpuacct; 'unified' for cgroup v2). Repeatable.")
+@file_locks_option
+@click.option("--tcp-close", is_flag=True,
+              help="Close the dumped TCP connections instead of restoring them, so that their "
+                   "clients reconnect; listening sockets are restored and accept.")
+@click.option("--auto-dedup", is_flag=True,
+              help="Punch each page out of the images as soon as it is restored: the image "
+                   "directory gives its disk space back (it cannot be restored again).")
+@external_option("Where a resource the dump left external is on this host, in CRIU's form: "
+                 "mnt[KEY]:PATH (bind PATH at the mount dumped as KEY), dev[KEY]:DEVPATH, "
+                 "veth[IF]:OUTER, macvlan[IF]:OUTER. Repeatable.")
 @common_options
 @click.pass_obj
 def restore(env: Env, images_dir: Path, detach: bool, root: str | None,
-            cgroup_roots: dict[str, str], tcp_established: bool, ext_unix_sk: bool,
+            cgroup_roots: dict[str, str], file_locks: bool, tcp_close: bool, auto_dedup: bool,
+            external: tuple[str, ...], tcp_established: bool, ext_unix_sk: bool,
             shell_job: bool, manage_cgroups: str, network_lock: str | None, log_level: int,
             as_json: bool) -> None:
     """Restore a checkpointed process tree."""
     opts = RestoreOptions(
         tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
         manage_cgroups=CgroupMode(manage_cgroups),
-        log_level=log_level, root=root, cgroup_roots=cgroup_roots,
+        log_level=log_level, root=root, cgroup_roots=cgroup_roots, file_locks=file_locks,
+        tcp_close=tcp_close, auto_dedup=auto_dedup, external=external,
     )
     with env.console.status(f"restoring from {images_dir}"):
         result = restore_tree(images_dir, opts, network_lock=_lock(network_lock))

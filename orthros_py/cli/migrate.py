@@ -14,6 +14,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from orthros_py.cli.checkpoint import Size, check_externals, external_option, file_locks_option
 from orthros_py.cli.context import Env
 from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
 from orthros_py.criu.request import CgroupMode
@@ -82,6 +83,26 @@ class ProgressView:
               help="The tree was started from a shell (it shares the shell's session and tty).")
 @click.option("--ext-unix-sk", is_flag=True,
               help="Allow UNIX sockets whose peer is outside the tree.")
+@file_locks_option
+@click.option("--link-remap", is_flag=True,
+              help="Allow files the tree holds open (or watches with inotify) that were "
+                   "unlinked but are still linked elsewhere; the link CRIU makes must be "
+                   "reachable on the destination (shared storage).")
+@click.option("--ghost-limit", type=Size(), default=None, metavar="SIZE",
+              help="Carry deleted-but-open files up to SIZE (e.g. 10M, 1G) in the images "
+                   "[CRIU's default: 1M].")
+@click.option("--skip-in-flight", is_flag=True,
+              help="Drop connections not yet accepted by a listening socket instead of "
+                   "refusing the dump (their clients connect again).")
+@click.option("--evasive-devices", is_flag=True,
+              help="Accept a device the tree opened by a path that now names another node of "
+                   "the same device.")
+@external_option("A resource the dump on the source leaves out, in CRIU's form (e.g. "
+                 "mnt[MOUNTPOINT]:KEY). Repeatable.")
+@click.option("--restore-external", multiple=True, metavar="RES",
+              callback=check_externals,
+              help="Where the destination finds such a resource, in CRIU's form (e.g. "
+                   "mnt[KEY]:PATH). Repeatable.")
 @click.option("--manage-cgroups", type=click.Choice([m.value for m in CgroupMode]),
               default="soft", show_default=True,
               help="How strictly the tree's cgroups are recreated (CRIU's modes; 'ignore' "
@@ -95,8 +116,10 @@ class ProgressView:
 @click.pass_obj
 def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             network_lock: str, inventory: Path | None, key_path: Path | None,
-            shell_job: bool, ext_unix_sk: bool, manage_cgroups: str, keep_images: bool,
-            journal_dir: Path | None, as_json: bool) -> None:
+            shell_job: bool, ext_unix_sk: bool, file_locks: bool, link_remap: bool,
+            ghost_limit: int | None, skip_in_flight: bool, evasive_devices: bool,
+            external: tuple[str, ...], restore_external: tuple[str, ...], manage_cgroups: str,
+            keep_images: bool, journal_dir: Path | None, as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
     from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration
@@ -113,6 +136,10 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
                                      param_hint="--service-ip")
     config = MigrateConfig(network_lock=LockMethod(network_lock), service_ip=service_ip,
                            shell_job=shell_job, ext_unix_sk=ext_unix_sk,
+                           file_locks=file_locks, link_remap=link_remap,
+                           ghost_limit=ghost_limit, skip_in_flight=skip_in_flight,
+                           evasive_devices=evasive_devices, dump_external=external,
+                           restore_external=restore_external,
                            manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images)
     from orthros_py.policies.journal import Journal
 

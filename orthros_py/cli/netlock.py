@@ -165,16 +165,20 @@ def _lock_xdp(lock: NetLock, ifaces: list[str], netns: str | None, conns: list[C
 
 
 @netlock.command("unlock")
+@click.option("--iface", "ifaces", multiple=True, metavar="IF",
+              help="Also take the XDP lock off this interface (repeat), as 'lock --iface' put "
+                   "it on; without it the programs stay attached ('flush' removes them all).")
+@netns_option
 @conn_option
 @pid_option
 @click.option("--all", "everything", is_flag=True, help="Unlock every locked connection.")
 @backend_option
-@netns_option
 @json_option
 @click.pass_obj
-def unlock_cmd(env: Env, conns: tuple[Conn, ...], pid: int | None, everything: bool,
-               backend_name: str, netns: str | None, as_json: bool) -> None:
-    """Unlock connections (the programs stay attached: 'flush' removes them)."""
+def unlock_cmd(env: Env, ifaces: tuple[str, ...], netns: str | None, conns: tuple[Conn, ...],
+               pid: int | None, everything: bool, backend_name: str, as_json: bool) -> None:
+    """Unlock connections; takes the same arguments as 'lock', so that a script undoes exactly
+    what it did (with --iface, the programs come off those interfaces too)."""
     todo = list(conns)
     if pid is not None:
         from orthros_py.net.conns import discover_tree
@@ -182,19 +186,35 @@ def unlock_cmd(env: Env, conns: tuple[Conn, ...], pid: int | None, everything: b
         found = discover_tree(pid)
         todo += found.conns
         netns = netns or found.netns
-    if not todo and not everything:
-        raise click.UsageError("nothing to unlock: give --conn, --pid or --all")
+    if not todo and not everything and not ifaces:
+        raise click.UsageError("nothing to unlock: give --conn, --pid, --iface or --all")
+    if ifaces and backend_name != "xdp":
+        raise click.UsageError(f"--iface is for the xdp lock; {backend_name} attaches nothing")
     lock = _open(backend_name, netns)
+    report: dict[str, Any] = {"backend": backend_name, "netns": netns}
     try:
         if everything:
             todo = [lc.conn for lc in lock.status().conns]
         lock.unlock(todo)
+        if ifaces:
+            from orthros_py.netlock.xdp import XdpNetLock
+
+            assert isinstance(lock, XdpNetLock)
+            # Unlocked first: taking the programs off can only let traffic through sooner.
+            result = lock.detach(list(ifaces), netns=netns)
+            report["detached"] = [a.where for a in result.detached]
+            if result.problems:
+                raise NetlockError("unlocked, but detaching left something behind: "
+                                   + "; ".join(result.problems))
     finally:
         lock.close()
+    report["unlocked"] = [str(c) for c in sorted(set(todo))]
     if as_json:
-        env.emit_json({"backend": backend_name, "unlocked": [str(c) for c in sorted(set(todo))]})
+        env.emit_json(report)
     else:
-        env.console.print(f"[green]unlocked[/] {len(set(todo))} connections")
+        where = f"; detached from {', '.join(report['detached'])}" \
+            if report.get("detached") else ""
+        env.console.print(f"[green]unlocked[/] {len(set(todo))} connections{escape(where)}")
 
 
 @netlock.command()

@@ -7,6 +7,7 @@ into protobuf messages, so that every flag the CLI offers is unit-tested without
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,41 @@ _NET_LOCK = {
 DUMP_LOG = "dump.log"
 GLOBAL_CG_ROOT = "*"  # a cgroup root for every hierarchy not named otherwise
 RESTORE_LOG = "restore.log"
+# criu_opts.ghost_limit is a uint32; CRIU's own default is 1 MiB.
+GHOST_LIMIT_MAX = 0xFFFFFFFF
+_SIZE = re.compile(r"(?P<n>\d+)\s*(?P<unit>[KMG]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+# The --external forms CRIU 4.2.1 knows (criu/mount.c, files-reg.c, sk-unix.c, tty.c, net.c,
+# namespaces.c), dump-side and restore-side; anything else CRIU would take as a typo only at
+# the end of a long dump. No control characters: the log and the image keep them verbatim.
+_V = r"[^\x00-\x1f]+"
+_EXTERNAL = re.compile("|".join((
+    rf"mnt\[[^\]\x00-\x1f]*\](?::{_V})?",         # mnt[MOUNTPOINT]:KEY, mnt[KEY]:PATH, mnt[]
+    rf"dev\[[^\]\x00-\x1f]+\]:{_V}",              # dev[MAJ/MIN]:KEY, dev[KEY]:DEVPATH
+    r"file\[[0-9a-fA-F]+:[0-9a-fA-F]+\]",           # file[MNT_ID:INODE]
+    r"unix\[\d+\]",                                 # unix[INODE]
+    r"tty\[[0-9a-fA-F]+:[0-9a-fA-F]+\]",            # tty[RDEV:DEV]
+    rf"(?:net|pid)\[\d+\]:{_V}",                     # net[INODE]:KEY, pid[INODE]:KEY
+    rf"(?:veth|macvlan)\[[^\]\x00-\x1f/]+\]:{_V}",  # veth[IF]:OUTER[@BRIDGE], macvlan[IF]:OUTER
+)))
+
+
+def parse_size(text: str) -> int:
+    """A size as CRIU's --ghost-limit takes it: bytes, or K, M, G (powers of 1024)."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a size (e.g. 4096, 512K, 10M, 1G)")
+    return int(m["n"]) * _UNITS[m["unit"].upper()]
+
+
+def check_external(res: str) -> str:
+    """``res`` if it is one of CRIU's --external forms, ValueError naming them otherwise."""
+    if not _EXTERNAL.fullmatch(res):
+        raise ValueError(
+            f"{res!r} is not an external resource CRIU knows: mnt[MOUNTPOINT]:KEY, "
+            "mnt[KEY]:PATH, dev[MAJ/MIN]:KEY, dev[KEY]:PATH, file[MNT_ID:INODE], unix[INODE], "
+            "tty[RDEV:DEV], net[INODE]:KEY, pid[INODE]:KEY, veth[IF]:OUTER, macvlan[IF]:OUTER")
+    return res
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,16 @@ class CommonOptions:
     external: tuple[str, ...] = ()
     # Ask CRIU to send notifications (network-lock, post-dump, pre-resume, ...) over the RPC.
     notify: bool = False
+    # Dump: punch the pages the parent images share out of them; restore: punch each page out
+    # of the images once restored (the image directory shrinks as the tree comes back).
+    auto_dedup: bool = False
+
+    def __post_init__(self) -> None:
+        # Options also arrive from the network (agent ops): check them here, once.
+        if not 0 <= self.log_level <= 4:
+            raise ValueError(f"log_level must be 0-4, not {self.log_level}")
+        for res in self.external:
+            check_external(res)
 
 
 @dataclass(frozen=True)
@@ -74,6 +120,14 @@ class DumpOptions(CommonOptions):
     # mode: it can be resumed if what follows fails, or killed without a word to its peers.
     leave_stopped: bool = False
     tcp_skip_in_flight: bool = False
+    # Hard-link files that are open but unlinked (and still linked elsewhere) back into their
+    # directory, for the restore to reopen (CRIU's --link-remap).
+    link_remap: bool = False
+    # The largest deleted-but-open file CRIU copies into the images, in bytes (None: CRIU's
+    # default, 1 MiB).
+    ghost_limit: int | None = None
+    # Accept a device opened by a path that now names another node of the same device.
+    evasive_devices: bool = False
     # Memory goes to a CRIU page server at (address, port) instead of the image directory.
     page_server: tuple[str, int] | None = None
     # Previous image directory, relative to this one, for incremental dumps.
@@ -83,6 +137,12 @@ class DumpOptions(CommonOptions):
     # Only these cgroup hierarchies (as /proc/PID/cgroup names them; "" is v2) go into the
     # images; the others are left to the restorer. Empty: all.
     cgroup_dump_controllers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ghost_limit is not None and not 0 <= self.ghost_limit <= GHOST_LIMIT_MAX:
+            raise ValueError(f"ghost_limit must be 0-{GHOST_LIMIT_MAX} bytes (CRIU keeps it in "
+                             f"32 bits), not {self.ghost_limit}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +175,7 @@ def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file:
     opts.network_lock = _NET_LOCK[o.network_lock]
     opts.notify_scripts = o.notify
     opts.external.extend(o.external)
+    opts.auto_dedup = o.auto_dedup
 
 
 def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
@@ -129,6 +190,10 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
         raise ValueError("a dump cannot both leave the tree running and leave it stopped")
     req.opts.leave_stopped = o.leave_stopped
     req.opts.tcp_skip_in_flight = o.tcp_skip_in_flight
+    req.opts.link_remap = o.link_remap
+    req.opts.evasive_devices = o.evasive_devices
+    if o.ghost_limit is not None:
+        req.opts.ghost_limit = o.ghost_limit
     req.opts.track_mem = o.track_mem
     if o.page_server is not None:
         req.opts.ps.address, req.opts.ps.port = o.page_server
@@ -174,3 +239,50 @@ def feature_request() -> Any:
 
 def notify_ack(success: bool = True) -> Any:
     return rpc.criu_req(type=rpc.NOTIFY, notify_success=success)
+
+
+# --- the page channel's TLS (orthros_py/agent/pagechan.py) --------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for CRIU's TLS on a page-server connection (gnutls inside CRIU reads them)."""
+
+    cacert: str
+    cert: str
+    key: str
+
+
+def apply_tls(opts: Any, files: TlsFiles) -> None:
+    """Turn on CRIU's TLS in ``opts`` (a ``criu_opts``). The peer is trusted by the CA file
+    alone, not by its name: every host of the cluster holds the same certificate, so the
+    identity that matters is "holds the cluster key", and the hostname check is off."""
+    opts.tls = True
+    opts.tls_cacert = files.cacert
+    opts.tls_cert = files.cert
+    opts.tls_key = files.key
+    opts.tls_no_cn_verify = True
+
+
+def page_server_request(address: str, port: int, log_level: int, *, fd: int | None = None,
+                        log_file: str = "page-server.log") -> Any:
+    """A PAGE_SERVER_CHLD request: CRIU's page server receiving one dump into the images dir.
+
+    PAGE_SERVER_CHLD, not PAGE_SERVER: in CRIU 4.2.1 the daemon-mode PAGE_SERVER answers pid 0
+    (``cr_page_server`` returns 0 instead of the daemon's pid), and without the pid the agent
+    could not tell its page server apart from any other process. The CHLD server is forked by
+    ``criu swrk`` and left to init when swrk exits after answering; it serves one connection
+    and exits. With ``fd`` (a connected socket passed into swrk) it listens nowhere and serves
+    that connection: CRIU honours ``ps.fd`` only in swrk mode.
+    """
+    req = rpc.criu_req(type=rpc.PAGE_SERVER_CHLD)
+    req.opts.images_dir_fd = -1  # set by CriuSession.call
+    req.opts.log_file = log_file
+    req.opts.log_level = log_level
+    req.opts.ps.SetInParent()
+    req.opts.ps.port = port
+    if address:
+        req.opts.ps.address = address
+    if fd is not None:
+        req.opts.ps.fd = fd
+    return req

@@ -20,13 +20,15 @@ from typing import Any
 from pycriu import rpc_pb2 as rpc
 
 from orthros_py.criu.binary import CriuBinary, find_criu
+from orthros_py.criu.request import TlsFiles, apply_tls
 from orthros_py.errors import CriuError, OperationTimeout, OrthrosError
 
 # Called with (script name, pid) for each CRIU notification; raising refuses it, which aborts CRIU.
 NotifyHook = Callable[[str, int], None]
 
 _REQ_NAMES = {rpc.DUMP: "dump", rpc.RESTORE: "restore", rpc.CHECK: "check",
-              rpc.FEATURE_CHECK: "feature check", rpc.PRE_DUMP: "pre-dump"}
+              rpc.FEATURE_CHECK: "feature check", rpc.PRE_DUMP: "pre-dump",
+              rpc.PAGE_SERVER_CHLD: "page server start"}
 _MAX_MSG = 1 << 20
 
 
@@ -66,15 +68,43 @@ _ADVICE = (
     (re.compile(r"Unix socket \S+ without peer"),
      "a UNIX socket of the tree is connected to a process outside it: allow such external "
      "sockets with --ext-unix-sk"),
+    (re.compile(r"Some file locks are hold by dumping tasks"),
+     "the tree holds file locks (flock, POSIX or OFD): pass --file-locks to dump and restore "
+     "them"),
+    (re.compile(r"Can't dump ghost file .* size, increase limit"),
+     "the tree holds open a deleted file larger than CRIU's ghost limit (1 MiB unless "
+     "raised): raise --ghost-limit above its size"),
+    (re.compile(r"Can't create link remap for"),
+     "the tree holds open, or watches with inotify, a file unlinked from the path it was "
+     "opened by but linked elsewhere: pass --link-remap to let CRIU link it back"),
+    (re.compile(r"The root process \d+ is not a session leader"),
+     "the tree's root does not lead a session of its own: start it with setsid, or pass "
+     "--shell-job"),
+    (re.compile(r"A session leader of .* is outside of its pid namespace"),
+     "the tree's session leader is outside the tree's PID namespace: start the namespace's "
+     "init with setsid (unshare --pid --fork setsid CMD)"),
+    (re.compile(r"In-flight connection \(l\)"),
+     "a listening socket of the tree holds connections not yet accepted: pass "
+     "--skip-in-flight to drop them (their clients connect again)"),
+    (re.compile(r"Unaccessible path opened"),
+     "a file the tree holds open is no longer what its path names (a device node hidden by a "
+     "remount?): for the same device under that path, pass --evasive-devices"),
+    (re.compile(r"Connected TCP socket, consider using"),
+     "the tree has established TCP connections: pass --tcp-established to carry them"),
 )
 
 
 class CriuSession:
     """Runs one request through a fresh ``criu swrk`` and returns its final response."""
 
-    def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0) -> None:
+    def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0,
+                 tls: TlsFiles | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.binary = binary or find_criu()
         self.timeout = timeout
+        # The page channel: CRIU runs TLS on its page-server connection, which may be a
+        # socket orthros connected and authenticated itself (``ps.fd``, inherited by swrk).
+        self.tls = tls
+        self.pass_fds = pass_fds
 
     def call(
         self,
@@ -89,10 +119,12 @@ class CriuSession:
         if images_dir is not None:
             dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
             req.opts.images_dir_fd = dir_fd
+        if self.tls is not None:
+            apply_tls(req.opts, self.tls)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
         try:
-            fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else [])
+            fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else []) + list(self.pass_fds)
             proc = subprocess.Popen(
                 [self.binary.path, "swrk", str(theirs.fileno())],
                 pass_fds=fds,

@@ -356,12 +356,12 @@ def probe_mem_track(features: CriuFeatures | str) -> ProbeResult:
         return ProbeResult("mem_track", title, False, False, f"not probed: {features}")
     if features.mem_track:
         return ProbeResult("mem_track", title, True, False,
-                           "soft-dirty tracking works: iterative pre-dump is available")
+                           "soft-dirty tracking works: CRIU can pre-dump iteratively")
     return ProbeResult(
         "mem_track", title, False, False,
         "the kernel has no memory dirty tracking (CONFIG_MEM_SOFT_DIRTY off): iterative pre-dump "
-        "is unavailable, so orthros falls back to a single dump, or to post-copy (lazy pages) "
-        "where it fits",
+        "is unavailable; orthros does not need it (it makes a single dump, with the tree frozen "
+        "while all of its memory is written)",
         fix="a kernel built with CONFIG_MEM_SOFT_DIRTY=y, if pre-copy migration matters",
     )
 

@@ -281,7 +281,8 @@ class Lab:
                  services: Sequence[LabService], subnet: ipaddress.IPv4Network, bridge: str,
                  bridge_netns: str, controller: ipaddress.IPv4Interface | None,
                  controller_link: str | None, key_file: Path, agents_note: str | None,
-                 inventory_source: str | None, created: float, reused: bool = False) -> None:
+                 inventory_source: str | None, created: float, reused: bool = False,
+                 xdp_pinned_before: bool = True) -> None:
         self.state_dir = state_dir
         self.hosts = tuple(hosts)
         self.client = client
@@ -296,6 +297,9 @@ class Lab:
         self.inventory_source = inventory_source
         self.created = created
         self.reused = reused  # `up` found this lab already up and kept it
+        # Whether the XDP lock was pinned before this lab came up: if not, the lab's migrations
+        # pinned it, and `down` removes it again when nobody holds a lock in it.
+        self.xdp_pinned_before = xdp_pinned_before
 
     def __repr__(self) -> str:
         return (f"Lab(hosts={[h.name for h in self.hosts]}, client={self.client.name!r}, "
@@ -481,6 +485,7 @@ class Lab:
             "hosts": [h.to_dict() for h in self.hosts],
             "client": self.client.to_dict(),
             "services": [s.to_dict() for s in self.services],
+            "xdp_pinned_before": self.xdp_pinned_before,
         }
 
     @classmethod
@@ -495,7 +500,8 @@ class Lab:
             controller=ipaddress.IPv4Interface(d["controller"]) if d.get("controller") else None,
             controller_link=d.get("controller_link"), key_file=Path(d["key_file"]),
             agents_note=d.get("agents_note"), inventory_source=d.get("inventory"),
-            created=float(d.get("created", 0.0)))
+            created=float(d.get("created", 0.0)),
+            xdp_pinned_before=bool(d.get("xdp_pinned_before", True)))
 
     def _save(self) -> None:
         path = self.state_dir / STATE_FILE
@@ -573,7 +579,7 @@ class Lab:
                   controller_link=s.controller_link if s.controller else None,
                   key_file=key, agents_note=None,
                   inventory_source=str(inv.source) if inv.source else None,
-                  created=time.time())
+                  created=time.time(), xdp_pinned_before=_xdp_pinned())
         lab._save()  # written before the agents start, so a crash from here on is undone too
         if not agents:
             lab.agents_note = "agents not started (--no-agents)"
@@ -749,12 +755,20 @@ def teardown(inventory: Inventory | Path | str | None = None,
     return report
 
 
+def _xdp_pinned() -> bool:
+    try:
+        from orthros_py.netlock.xdp import PIN_DIR
+    except Exception:
+        return True  # cannot tell: never remove what may not be ours
+    return PIN_DIR.exists()
+
+
 def _xdp_detach(state_dir: Path, report: DownReport) -> None:
     """Take the XDP lock's programs off the interfaces of the lab that is up (a migration
     that could not finish its unlock may have left them), so that its record goes with it.
-    The pinned programs and map stay: they are machine-wide, other users of this machine may
-    hold locks in them, and keeping them spares the next lab a compile (``orthros netlock
-    flush`` removes them)."""
+    The pinned programs and map are machine-wide: they stay if they were there before the lab
+    came up or anyone still holds a lock or an attachment in them; otherwise the lab's own
+    migrations pinned them and they go with the lab."""
     try:
         lab = Lab._load_state(state_dir)
         from orthros_py.netlock.xdp import XdpNetLock
@@ -764,11 +778,14 @@ def _xdp_detach(state_dir: Path, report: DownReport) -> None:
         return
     lock = XdpNetLock()
     try:
-        if not lock.state_file.exists():
-            return
-        for name in [h.netns for h in lab.all_hosts]:
-            if netns_exists(name):
-                lock.detach(None, netns=name)  # by the namespace's identity
+        if lock.state_file.exists():
+            for name in [h.netns for h in lab.all_hosts]:
+                if netns_exists(name):
+                    lock.detach(None, netns=name)  # by the namespace's identity
+        if not lab.xdp_pinned_before and _xdp_pinned():
+            st = lock.status()
+            if not st.conns and not st.attachments:
+                lock.flush()
     except Exception as err:
         report.warnings.append(f"could not take the XDP lock off the lab: {err}")
     finally:

@@ -118,3 +118,31 @@ class IptablesNetLock(NetLock):
         self._remove([], everything=True)
         self._held.clear()
         return FlushResult(self.backend, unlocked=count)
+
+
+# CRIU's own iptables lock (criu/netfilter.c, IPTABLES_CONN_CMD): packets of its repair
+# sockets carry SOCCR_MARK and pass.
+CRIU_MARK = "0xc114"
+
+
+def criu_rule_argvs(conn: Conn) -> list[list[str]]:
+    """The ``iptables -D`` commands that take CRIU's lock of ``conn`` off, as CRIU words them."""
+    tool = "iptables" if conn.family == socket.AF_INET else "ip6tables"
+
+    def rule(chain: str, src: tuple[str, int], dst: tuple[str, int]) -> list[str]:
+        return [tool, "-w", "-t", "filter", "-D", chain, "--protocol", "tcp", "-m", "mark", "!",
+                "--mark", CRIU_MARK, "--source", src[0], "--sport", str(src[1]),
+                "--destination", dst[0], "--dport", str(dst[1]), "-j", "DROP"]
+    return [rule("INPUT", conn.remote, conn.local), rule("OUTPUT", conn.local, conn.remote)]
+
+
+def drop_criu_locks(conns: Sequence[Conn]) -> int:
+    """Remove what CRIU's iptables lock left of ``conns``; how many rules went. CRIU 4.2.1
+    keeps a dump's rules after a restore with --tcp-close (rst_unlock_tcp_connections returns
+    early), which would silence the clients it means to reset."""
+    removed = 0
+    for conn in conns:
+        for argv in criu_rule_argvs(conn):
+            # Exit 1: no such rule (never locked, or gone already); nothing to undo.
+            removed += run(argv, timeout=30, check=False).returncode == 0
+    return removed

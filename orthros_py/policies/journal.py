@@ -114,6 +114,9 @@ def from_dict(d: dict[str, Any]) -> Entry:
     cfg = dict(d["config"])
     cfg["network_lock"] = LockMethod(cfg["network_lock"])
     cfg["manage_cgroups"] = CgroupMode(cfg["manage_cgroups"])
+    for name in ("dump_external", "restore_external"):  # JSON has lists only
+        if name in cfg:
+            cfg[name] = tuple(cfg[name])
     config = MigrateConfig(**{k: v for k, v in cfg.items()
                               if k in {f.name for f in dataclasses.fields(MigrateConfig)}})
     plan = None

@@ -5,10 +5,11 @@ The stages, in order (``Stage``)::
 
     PREPARE   ask both agents what they are and hold; find the tree, its connections and the
               service address; plan (``plan``, pure); load the lock on both hosts, attach it on
-              the source; start the destination's CRIU page server
+              the source; open the destination's page channel (``agent.pagechan``)
     LOCK      silence the tree's connections on the source (XDP: map writes only)
-    DUMP      CRIU dump on the source, memory streamed to the destination's page server, the
-              tree left *stopped* (``leave_stopped``), its sockets in TCP repair mode
+    DUMP      CRIU dump on the source, memory streamed to the destination's page server over
+              the page channel (proven with the cluster key, then TLS), the tree left
+              *stopped* (``leave_stopped``), its sockets in TCP repair mode
     TRANSFER  the source's agent pushes the other image files to the destination's agent
     ADDRESS   lock the connections on the destination too, move the service address (off the
               source's interface, onto the destination's, gratuitous ARP)
@@ -142,6 +143,16 @@ class MigrateConfig:
     ext_unix_sk: bool = False
     shell_job: bool = False
     file_locks: bool = False
+    # Dump only: unlinked-but-linked files, deleted files up to this many bytes, hidden
+    # devices, connections not yet accepted (see DumpOptions).
+    link_remap: bool = False
+    ghost_limit: int | None = None
+    evasive_devices: bool = False
+    skip_in_flight: bool = False
+    # CRIU --external resources: the dump's on the source, the restore's on the destination
+    # (where a mount dumped as KEY is found, mnt[KEY]:PATH).
+    dump_external: tuple[str, ...] = ()
+    restore_external: tuple[str, ...] = ()
     manage_cgroups: CgroupMode = CgroupMode.SOFT
     criu_log_level: int = 2
     # Kill the stopped source tree before the restore (True), after it (False), or decide from
@@ -168,20 +179,26 @@ class MigrateConfig:
             raise ValueError("criu_log_level must be 0-4")
         if self.service_ip is not None:
             parse_service_ip(self.service_ip)
+        # Refuse bad CRIU options here, before anything stops the tree.
+        self.dump_options(("", 0))
+        self.restore_options()
 
     def dump_options(self, page_server: tuple[str, int]) -> DumpOptions:
         return DumpOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
             manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
-            log_level=self.criu_log_level, leave_stopped=True, page_server=page_server)
+            log_level=self.criu_log_level, leave_stopped=True, page_server=page_server,
+            link_remap=self.link_remap, ghost_limit=self.ghost_limit,
+            evasive_devices=self.evasive_devices, tcp_skip_in_flight=self.skip_in_flight,
+            external=self.dump_external)
 
     def restore_options(self) -> RestoreOptions:
         return RestoreOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
             manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
-            log_level=self.criu_log_level)
+            log_level=self.criu_log_level, external=self.restore_external)
 
 
 def parse_service_ip(text: str) -> ipaddress.IPv4Interface:
@@ -216,7 +233,7 @@ class AgentAPI(Protocol):
                     log_level: int = 2) -> Any: ...
     def page_server_stop(self, image: str) -> dict[str, Any]: ...
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = 600.0) -> Any: ...
+             timeout: float = 600.0, page_nonce: str | None = None) -> Any: ...
     def restore(self, image: str, opts: RestoreOptions | None = None, *,
                 timeout: float = 600.0) -> Any: ...
     def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
@@ -944,8 +961,11 @@ class Migration:
         self.done.src_image = True
         try:
             with self._on(src):
+                # The nonce opens the destination's page channel: only an agent holding the
+                # cluster key gets its memory there, and over TLS.
                 self._dumped = src.agent.dump(self.pid, self.image, opts,
-                                              timeout=cfg.dump_timeout_s)
+                                              timeout=cfg.dump_timeout_s,
+                                              page_nonce=str(ps.nonce))
         except BaseException as err:
             # A dump that failed leaves the tree running (CRIU resumes it). One whose answer
             # was lost may have succeeded: ask whether the tree is held stopped.

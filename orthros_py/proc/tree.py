@@ -181,11 +181,20 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_tree(pid: int, timeout: float = 10.0) -> None:
-    """SIGKILL ``pid`` and its descendants, and reap those that are (or became) our children,
-    until all are gone or ``timeout`` runs out."""
+def kill_tree(target: int | ProcessRef, timeout: float = 10.0) -> None:
+    """SIGKILL a process and its descendants, and reap those that are (or became) our children,
+    until all are gone or ``timeout`` runs out.
+
+    ``target`` is best a ProcessRef taken when the process was started: if its pid now belongs
+    to another process (the tree exited and the pid was reused), nothing is killed. A bare pid
+    means whatever process has it now. Each process is signalled through psutil, which checks
+    its creation time again, so a pid reused while this runs is never hit either.
+    """
+    pid = target.pid if isinstance(target, ProcessRef) else target
     try:
         root = psutil.Process(pid)
+        if isinstance(target, ProcessRef) and root.create_time() != target.create_time:
+            return  # our process is gone; this pid is a stranger's now
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         procs = []
@@ -193,9 +202,9 @@ def kill_tree(pid: int, timeout: float = 10.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     deadline = time.monotonic() + timeout
-    pids = [pid, *(p.pid for p in procs)]
     while time.monotonic() < deadline:
-        reap(pids)
-        if not any(alive(p) for p in pids):
+        reap([p.pid for p in procs if p.is_running()])
+        # is_running() compares creation times: a zombie still counts, a reused pid does not.
+        if not any(p.is_running() for p in procs):
             return
         time.sleep(0.01)

@@ -253,25 +253,59 @@ def print_timings(title: str, rows: list[dict[str, Any]]) -> None:
 class StreamClients:
     """Connections that send all the time, whether or not the echo came back (unlike
     ClientPool, which waits for each answer): packets keep arriving wherever the service
-    address points, also while the service is away. Every byte echoed is checked."""
+    address points, also while the service is away. Every byte echoed is checked, and counted
+    per connection, so that a test can ask whether *every* connection went on (a global count
+    is satisfied by two live connections while the other 98 are silently stalled)."""
 
     def __init__(self, lab: Lab, port: int, n: int, interval: float = 0.02) -> None:
         self.socks = [lab.connect((SERVICE_IP, port), timeout=30) for _ in range(n)]
         self.pending = [bytearray() for _ in self.socks]
+        self.echoed_by = [0] * n  # bytes echoed back, per connection
         self.errors: list[str] = []
         self.dead: set[int] = set()  # connections that failed once: not counted again
-        self.echoed = 0
         self.interval = interval
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        self.stop_sending = threading.Event()
         self.threads = [threading.Thread(target=self._send, daemon=True),
                         threading.Thread(target=self._recv, daemon=True)]
         for t in self.threads:
             t.start()
 
+    @property
+    def echoed(self) -> int:
+        return sum(self.echoed_by)
+
+    def snapshot(self) -> list[int]:
+        """Bytes echoed so far on each connection: a baseline for ``stalled``."""
+        return list(self.echoed_by)
+
+    def stalled(self, since: list[int], min_bytes: int = 1) -> list[int]:
+        """Connections that neither failed nor got ``min_bytes`` more echoed since ``since``."""
+        return [i for i, (now, then) in enumerate(zip(self.echoed_by, since, strict=True))
+                if i not in self.dead and now - then < min_bytes]
+
+    def broken(self, since: list[int]) -> list[int]:
+        """Connections that failed, or got nothing back since ``since`` (silently stalled)."""
+        return sorted(self.dead | set(self.stalled(since)))
+
+    def unanswered(self) -> dict[int, int]:
+        """{connection: bytes sent and never echoed}, for the connections still alive."""
+        with self.lock:
+            return {i: len(p) for i, p in enumerate(self.pending) if p and i not in self.dead}
+
+    def drain(self, timeout: float = 20.0) -> dict[int, int]:
+        """Stop sending, wait for what is in flight to come back; returns ``unanswered()``
+        after that (every entry is a connection that lost or held back data)."""
+        self.stop_sending.set()
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.unanswered(), timeout=timeout,
+                     what="every connection's echoes")
+        return self.unanswered()
+
     def _send(self) -> None:
         seq = 0
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not self.stop_sending.is_set():
             seq += 1
             for i, s in enumerate(self.socks):
                 if i in self.dead:
@@ -309,7 +343,7 @@ class StreamClients:
                     del self.pending[i][:len(data)]
                 if data != want:
                     self._fail(i, f"got {data[:20]!r}, expected {want[:20]!r}")
-                self.echoed += len(data)
+                self.echoed_by[i] += len(data)
 
     def _fail(self, i: int, what: str) -> None:
         if i not in self.dead:

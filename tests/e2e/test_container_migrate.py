@@ -42,6 +42,12 @@ def mount_of(hierarchy: str) -> Path:
     return m
 
 
+def a_mem() -> str:
+    """A memory node this host has (the first that cpuset offers), not an assumed node 0."""
+    mems = (mount_of("cpuset") / "cpuset.effective_mems").read_text().strip()
+    return mems.replace(",", "-").split("-")[0]
+
+
 class Groups:
     """cgroup directories a test makes (parents first); removed, deepest first, at the end."""
 
@@ -140,7 +146,7 @@ def test_container_with_v1_cgroups_migrates_with_every_socket_and_limit(
     src = {h: mount_of(h) / cgroup_root("alpha").lstrip("/") / name for h in ("cpu", "cpuset")}
     groups.make(src["cpu"], {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000",
                              "cpu.shares": "512"})
-    groups.make(src["cpuset"], {"cpuset.cpus": str(cpus[-1]), "cpuset.mems": "0"})
+    groups.make(src["cpuset"], {"cpuset.cpus": str(cpus[-1]), "cpuset.mems": a_mem()})
     want = {h: limits_of(src[h], V1_LIMITS[h]) for h in src}
     dst = {h: mount_of(h) / cgroup_root("beta").lstrip("/") / name for h in src}
     groups.made += [d.parent for d in dst.values()] + list(dst.values())  # made by the restore
@@ -192,7 +198,7 @@ def test_a_destination_without_the_cpus_is_refused_before_anything_is_frozen(
         pytest.skip("needs two CPUs: beta gets one the container does not use")
     name = f"ctr-{uuid.uuid4().hex[:6]}"
     src = groups.make(cpuset / cgroup_root("alpha").lstrip("/") / name,
-                      {"cpuset.cpus": str(cpus[-1]), "cpuset.mems": "0"})
+                      {"cpuset.cpus": str(cpus[-1]), "cpuset.mems": a_mem()})
     groups.make(cpuset / cgroup_root("beta").lstrip("/"), {"cpuset.cpus": str(cpus[0])})
 
     c = start_on(lab, "alpha", tmp_path, [src], container, sockets=50)

@@ -8,12 +8,15 @@ restored counter that goes on with the same token and the next number has its me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +26,14 @@ import psutil
 import pytest
 from helpers import Spawner, read_lines, wait_for
 
+from orthros_py.agent import pagechan
+from orthros_py.agent.auth import parse_key
 from orthros_py.agent.client import AgentClient
 from orthros_py.agent.errors import AgentRefused
 from orthros_py.agent.protocol import build_request, encode_request, read_frame
+from orthros_py.agent.server import AUTH_TIMEOUT
 from orthros_py.criu.request import DumpOptions
-from orthros_py.errors import BadImageError, NoSuchProcessError
+from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError, OrthrosError
 
 TICK = "0.02"
 ORTHROS = str(Path(sys.executable).parent / "orthros")
@@ -220,9 +226,12 @@ def test_migration_between_two_agents_through_a_page_server(
     proc = spawner.workload("counter", TICK, stdout=out)
     wait_for(lambda: len(counts(out)) >= 10, what="the counter to count")
 
-    ps = dst.page_server("mig1", address="127.0.0.1")
-    assert ps.running and ps.port > 0
-    src.dump(proc.pid, "mig1", DumpOptions(page_server=("127.0.0.1", ps.port)))
+    ps = dst.page_server("mig1", address="127.0.0.1", log_level=3)  # 3: TLS is logged
+    assert ps.running and ps.port > 0 and ps.state == "waiting" and len(ps.nonce) == 64
+    dumped = src.dump(proc.pid, "mig1", DumpOptions(page_server=("127.0.0.1", ps.port)),
+                      page_nonce=ps.nonce)
+    chan = dumped.raw["page_channel"]
+    assert chan["tls"] and chan["bytes_sent"] > 0 and chan["refused_local"] == 0
     assert proc.wait(timeout=10) < 0
     token, last = counts(out)[-1]
     out.write_bytes(b"")
@@ -238,8 +247,10 @@ def test_migration_between_two_agents_through_a_page_server(
     with pytest.raises(NoSuchProcessError):
         src.kill(restored.pid)  # alpha did not restore it
     assert dst.kill(restored.pid).exited
-    wait_for(lambda: not psutil.pid_exists(ps.pid), timeout=10,
+    wait_for(lambda: not _page_server(dst, "mig1")["running"], timeout=10,
              what="the page server to exit after its dump")
+    assert _page_server(dst, "mig1")["state"] == "connected"
+    assert "TLS handshake completed" in (beta.images_root / "mig1" / "page-server.log").read_text()
     dst.page_server_stop("mig1")
 
 
@@ -251,18 +262,177 @@ def test_page_servers_are_stopped_on_request_and_with_their_agent(
     with pytest.raises(BadImageError, match="already receives"):
         c.page_server("one")
     stopped = c.page_server_stop("one")
-    assert stopped["was_running"] and stopped["pid"] == first.pid
-    wait_for(lambda: not _alive(first.pid), timeout=10, what="the page server to go")
+    assert stopped["was_running"] and stopped["state"] == "stopped"
+    wait_for(lambda: not _listening(first.port), timeout=10, what="the page channel to close")
     second = c.page_server("two", address="127.0.0.1")
     assert [s["image"] for s in c.status()["page_servers"]] == ["two"]
     _stop(a.proc)  # SIGTERM: the agent stops what would otherwise wait for a dump forever
     assert a.proc.returncode == 0
-    wait_for(lambda: not _alive(second.pid), timeout=10, what="the page server to go")
+    wait_for(lambda: not _listening(second.port), timeout=10, what="the page channel to close")
     assert "stopping page server" in a.log_text()
 
 
-def _alive(pid: int) -> bool:
+def test_an_unauthenticated_connection_that_sends_nothing_is_dropped(
+        start_agent: Callable[[str], AgentProc]) -> None:
+    """A silent connection (or one that drips bytes) cannot hold one of the agent's slots for
+    longer than AUTH_TIMEOUT; an authenticated one may stay idle between requests."""
+    a = start_agent("alpha")
+    with socket.create_connection(("127.0.0.1", a.port), timeout=20) as silent, \
+            socket.create_connection(("127.0.0.1", a.port), timeout=20) as drip:
+        start = time.monotonic()
+        drip.sendall(b"\x00")  # the first byte of a length, then nothing more
+        assert silent.recv(1) == b""
+        assert drip.recv(1) == b""
+        took = time.monotonic() - start
+    assert took < AUTH_TIMEOUT + 3, took
+    assert "sent no authenticated request" in a.log_text()
+    with socket.create_connection(("127.0.0.1", a.port), timeout=20) as s:
+        s.sendall(encode_request(a.key, build_request("ping")))
+        assert read_frame(s) is not None
+        time.sleep(AUTH_TIMEOUT + 1)  # authenticated: idle between requests is allowed
+        s.sendall(encode_request(a.key, build_request("ping")))
+        again = read_frame(s)
+    assert again is not None and json.loads(again)["ok"] is True
+
+
+def test_a_dump_to_a_page_server_without_the_channel_nonce_is_refused(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner) -> None:
+    a = start_agent("alpha")
+    proc = spawner.workload("counter", TICK)
+    with pytest.raises(OrthrosError, match="page_nonce"):
+        a.client().dump(proc.pid, "x", DumpOptions(page_server=("127.0.0.1", 9)))
+    assert proc.poll() is None
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """The peer closed the connection without a word (a reset: it left our bytes unread)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _impostor_hello(key: bytes, image: str, nonce_hex: str) -> bytes:
+    return pagechan.client_hello(key, image, bytes.fromhex(nonce_hex), b"\x01" * 32)
+
+
+def test_page_channel_refuses_impostors_and_serves_the_genuine_sender(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner, tmp_path: Path) -> None:
+    """Impostors connect to beta's page port before alpha's dump: one sends garbage, one stays
+    silent (and is still connected while the dump runs), one speaks the handshake with another
+    key, one with the right key's proof for another image. Each is refused and logged, and the
+    dump that follows gets its memory to beta intact."""
+    alpha, beta = start_agent("alpha"), start_agent("beta")
+    src, dst = alpha.client(), beta.client()
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", TICK, stdout=out)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter to count")
+    ps = dst.page_server("mig2", address="127.0.0.1")
+    addr = ("127.0.0.1", ps.port)
+    key = parse_key(beta.key)
+
+    silent = socket.create_connection(addr, timeout=20)
+    try:
+        with socket.create_connection(addr, timeout=20) as garbage:
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)) * 4)
+            assert _dropped(garbage)  # closed at once, nothing said
+        with socket.create_connection(addr, timeout=20) as forger:
+            forger.sendall(_impostor_hello(b"k" * 32, "mig2", ps.nonce))
+            assert _dropped(forger)
+        with socket.create_connection(addr, timeout=20) as other:
+            other.sendall(_impostor_hello(key, "another-image", ps.nonce))
+            assert _dropped(other)
+        assert _page_server(dst, "mig2")["refused"] == 3
+
+        dumped = src.dump(proc.pid, "mig2", DumpOptions(page_server=addr),
+                          page_nonce=ps.nonce)
+        assert dumped.raw["page_channel"]["tls"]
+        assert proc.wait(timeout=10) < 0
+        assert _dropped(silent)  # once it had been silent too long
+    finally:
+        silent.close()
+    token, last = counts(out)[-1]
+    out.write_bytes(b"")
+    src.push_images("mig2", "127.0.0.1", beta.port, dest_name="beta")
+    restored = dst.restore("mig2")
+    spawner.track(restored.pid)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter restored on beta to count")
+    assert counts(out)[0] == (token, last + 1)  # its memory arrived intact
+    dst.kill(restored.pid)
+    info = _page_server(dst, "mig2")
+    assert info["refused"] == 4 and info["state"] == "connected", info
+    reasons = " | ".join(r["reason"] for r in info["refusals"])
+    assert "garbage" in reasons and "does not verify" in reasons and "within" in reasons
+    log = beta.log_text()
+    assert log.count("page channel of image mig2: refused") == 4
+    assert "proved itself" in log
+
+
+class _FlippingRelay:
+    """A man in the middle on the page channel: forwards both ways, and flips one bit of the
+    byte at ``offset`` of the sender's stream (well past the handshake, inside TLS)."""
+
+    def __init__(self, upstream: tuple[str, int], offset: int) -> None:
+        self.upstream, self.offset = upstream, offset
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.flipped = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.sock.accept()
+        up = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(up, conn, False), daemon=True).start()
+        self._pipe(conn, up, True)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if flip and not self.flipped and seen <= self.offset < seen + len(data):
+                    buf = bytearray(data)
+                    buf[self.offset - seen] ^= 0x01
+                    data, self.flipped = bytes(buf), True
+                seen += len(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_byte_flipped_on_the_page_channel_fails_the_dump_and_the_tree_runs_on(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner, tmp_path: Path) -> None:
+    alpha, beta = start_agent("alpha"), start_agent("beta")
+    src, dst = alpha.client(), beta.client()
+    out = tmp_path / "counter.out"
+    proc = spawner.workload("counter", TICK, stdout=out)
+    wait_for(lambda: len(counts(out)) >= 10, what="the counter to count")
+    ps = dst.page_server("mig3", address="127.0.0.1")
+    relay = _FlippingRelay(("127.0.0.1", ps.port), offset=pagechan.HELLO_BYTES + 64 * 1024)
+    try:
+        with pytest.raises(CriuError) as exc:
+            src.dump(proc.pid, "mig3", DumpOptions(page_server=("127.0.0.1", relay.port)),
+                     page_nonce=ps.nonce)
+    finally:
+        relay.close()
+    assert relay.flipped
+    print(f"\n{exc.value}")
+    assert "page" in str(exc.value).lower()
+    before = len(counts(out))
+    wait_for(lambda: len(counts(out)) >= before + 10, what="the counter to count on on alpha")
+    assert proc.poll() is None
+    wait_for(lambda: not _page_server(dst, "mig3")["running"], timeout=10,
+             what="beta's page server to give up")
+    assert "Error" in (beta.images_root / "mig3" / "page-server.log").read_text()
+
+
+def _page_server(c: AgentClient, image: str) -> dict[str, Any]:
+    (ps,) = [s for s in c.status()["page_servers"] if s["image"] == image]
+    return dict(ps)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

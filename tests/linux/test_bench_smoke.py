@@ -58,7 +58,8 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
                 or ipaddress.IPv4Address(c["remote"][0]) in ours], status
     assert not [a for a in status["attachments"] if a["iface"].startswith(IF_PREFIX)], status
 
-    # results.json: every run succeeded, numbers in range, medians for each cell.
+    # results.json: every run succeeded, each figure measured and its parts consistent, medians
+    # for each cell. How fast is for the benchmark's report to say, not for a test to assert.
     assert json.loads((out / "results.json").read_text()) == data
     runs = data["runs"]
     assert sorted((r["concurrency"], r["method"]) for r in runs) == [
@@ -67,20 +68,25 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
         assert r["ok"], r
         for phase in ("dump", "restore"):
             p = r[phase]
-            assert 1 < p["total_ms"] < 10_000, r
+            assert p["total_ms"] > 0, r
             assert 0 < p["criu_ms"] <= p["elapsed_ms"] <= p["total_ms"], r
             assert p["lock_ms"] >= 0
         assert r["conns"] == r["concurrency"]
     xdp20 = next(r for r in runs if r["method"] == "xdp" and r["concurrency"] == 20)
     assert xdp20["dump"]["lock_calls"] == 20  # the map held every connection
-    assert 0 < xdp20["dump"]["lock_ms"] < 100
+    assert xdp20["dump"]["lock_ms"] > 0
     assert xdp20["ab"]["complete"] > 0 and xdp20["ab"]["failed"] == 0, xdp20["ab"]
     none0 = next(r for r in runs if r["method"] == "none" and r["concurrency"] == 0)
     assert none0["dump"]["lock_ms"] == 0 and none0["ab"] is None
     assert {(m["concurrency"], m["method"]) for m in data["medians"]} == {
         (0, "xdp"), (0, "none"), (20, "xdp"), (20, "none")}
     assert data["ratios"][1]["xdp_none"] is not None
-    assert data["micro"]["conns"] == 200 and 0 < data["micro"]["lock_ms"] < 100
+    micro = data["micro"]
+    assert micro["conns"] == 200 and len(micro["lock_samples"]) == micro["reps"] == 3
+    assert micro["lock_ms"] > 0 and micro["unlock_ms"] > 0
+    assert micro["round_best_ms"] == min(a + b for a, b in zip(
+        micro["lock_samples"], micro["unlock_samples"], strict=True))
+    assert "lock + unlock, best of 3" in (out / "results.md").read_text()
 
     # The markdown table and the plots.
     md = (out / "results.md").read_text()

@@ -1,11 +1,11 @@
 """A process in limited cgroups comes back in groups of the same paths with the same limits
 after its groups were removed (real CRIU, ``--manage-cgroups full``, root).
 
-This host mounts cgroup v1 hierarchies under /sys/fs/cgroup/* and cgroup2 at
-/sys/fs/cgroup/unified (hybrid). The CPU limits live in v1 (cpuset, cpu). The v2 hierarchy here
-has no CPU controller to limit with (cpu is bound to v1; its cgroup.controllers offers only
-hugetlb), so the v2 variant limits what v2 itself offers and CRIU saves for every v2 group:
-cgroup.max.descendants and cgroup.max.depth.
+Where the hierarchies are comes from /proc/self/mounts (``helpers.host_cgroups``): the
+development VM is hybrid (v1 under /sys/fs/cgroup/*, cgroup2 at /sys/fs/cgroup/unified, whose
+only controller is hugetlb), users' hosts are mostly pure cgroup v2 at /sys/fs/cgroup. A test
+that needs a layout the host lacks skips, saying which. The v2 variant limits what v2 itself
+offers and CRIU saves for every v2 group: cgroup.max.descendants and cgroup.max.depth.
 
 ``full`` also writes back the saved properties of every other group the process sits in, here
 the memory group this test runs in and the hierarchies' roots: the same values they had.
@@ -26,6 +26,7 @@ import pytest
 from helpers import (
     Spawner,
     dump_cli,
+    host_cgroups,
     orthros_json,
     read_lines,
     restore_cli,
@@ -35,33 +36,62 @@ from helpers import (
 
 from orthros_py.proc.tree import read_cgroups
 
-CGROOT = Path("/sys/fs/cgroup")
+
+def v1_mount(controller: str) -> Path:
+    mount = host_cgroups()[0].get(controller)
+    if mount is None:
+        pytest.skip(f"no cgroup v1 {controller} hierarchy on this host (pure cgroup v2?)")
+    return mount
+
+
+def v2_mount() -> Path:
+    mount = host_cgroups()[1]
+    if mount is None or not (mount / "cgroup.procs").exists():
+        pytest.skip("no cgroup2 hierarchy on this host")
+    return mount
 
 
 def remove_group(path: Path) -> None:
-    """Kill whatever is left in a cgroup and its children, then remove them, deepest first."""
+    """Kill whatever is left in a cgroup and its children, then remove them, deepest first.
+    Goes on past a group it cannot remove, and raises at the end with every failure."""
     if not path.is_dir():
         return
+    failed: list[str] = []
     for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        remove_group(d)
-    procs = path / "cgroup.procs"
-    for pid in (int(x) for x in procs.read_text().split()):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).kill()
-    # A task leaves its cgroup when it exits, before anyone reaps it.
-    wait_for(lambda: not procs.read_text().split(), timeout=10, what=f"{path} to empty")
-    path.rmdir()
+        try:
+            remove_group(d)
+        except (OSError, AssertionError) as err:
+            failed.append(f"{d}: {err}")
+    try:
+        procs = path / "cgroup.procs"
+        for pid in (int(x) for x in procs.read_text().split()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        # A task leaves its cgroup when it exits, before anyone reaps it.
+        wait_for(lambda: not procs.read_text().split(), timeout=10, what=f"{path} to empty")
+        path.rmdir()
+    except (OSError, AssertionError) as err:
+        failed.append(f"{path}: {err}")
+    if failed:
+        raise AssertionError("cgroups left behind: " + "; ".join(failed))
 
 
 @pytest.fixture
 def cgroups() -> Iterator[list[Path]]:
-    """Cgroup directories the test creates (or CRIU recreates); all removed at the end."""
+    """Cgroup directories the test creates (or CRIU recreates); all removed at the end, each
+    tried even when removing an earlier one failed."""
     made: list[Path] = []
     try:
         yield made
     finally:
+        failed: list[str] = []
         for path in reversed(made):
-            remove_group(path)
+            try:
+                remove_group(path)
+            except (OSError, AssertionError) as err:
+                failed.append(str(err))
+        if failed:
+            raise AssertionError("; ".join(failed))
 
 
 def group_name() -> str:
@@ -98,16 +128,19 @@ def dump_remove_restore(
 def test_cgroup_v1_cpu_limits_are_restored(
     spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path]
 ) -> None:
+    cpuset_root, cpu_root = v1_mount("cpuset"), v1_mount("cpu")
     name = group_name()
-    cpuset, cpu = CGROOT / "cpuset" / name, CGROOT / "cpu" / name
+    cpuset, cpu = cpuset_root / name, cpu_root / name
     for g in (cpuset, cpu):
         cgroups.append(g)
         g.mkdir()
-    cpus = (CGROOT / "cpuset" / "cpuset.effective_cpus").read_text().strip()
+    cpus = (cpuset_root / "cpuset.effective_cpus").read_text().strip()
     one_cpu = cpus.replace(",", "-").split("-")[-1]  # the last CPU this host offers
+    mems = (cpuset_root / "cpuset.effective_mems").read_text().strip()
+    one_mem = mems.replace(",", "-").split("-")[0]  # a memory node this host has
     limits = {
         cpuset / "cpuset.cpus": one_cpu,
-        cpuset / "cpuset.mems": "0",
+        cpuset / "cpuset.mems": one_mem,
         cpu / "cpu.cfs_period_us": "100000",
         cpu / "cpu.cfs_quota_us": "50000",
         cpu / "cpu.shares": "512",
@@ -134,9 +167,7 @@ def test_cgroup_v1_cpu_limits_are_restored(
 def test_cgroup_v2_group_and_limits_are_restored(
     spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path]
 ) -> None:
-    unified = CGROOT / "unified"
-    if not (unified / "cgroup.procs").exists():
-        pytest.skip("no cgroup2 hierarchy at /sys/fs/cgroup/unified")
+    unified = v2_mount()
     name = group_name()
     group = unified / name
     cgroups.append(group)
@@ -206,22 +237,48 @@ def test_v2_controller_limits_travel_in_the_migration_file_to_a_new_root(
         shown.stderr, shown.stderr
 
 
+@pytest.fixture
+def cpuset_hierarchy() -> Iterator[tuple[Path, str]]:
+    """(mount point, label for --cgroup-root) of the hierarchy that has cpuset: v1's where the
+    host mounts one, else cgroup v2's with cpuset enabled below its root (put back as found).
+    Request it before ``cgroups``, so that it is torn down after the groups are gone."""
+    v1, v2 = host_cgroups()
+    if "cpuset" in v1:
+        yield v1["cpuset"], "cpuset"
+        return
+    if v2 is None or "cpuset" not in (v2 / "cgroup.controllers").read_text().split():
+        pytest.skip("no cgroup hierarchy with the cpuset controller on this host")
+    before = (v2 / "cgroup.subtree_control").read_text().split()
+    if "cpuset" not in before:
+        write(v2 / "cgroup.subtree_control", "+cpuset")
+    try:
+        yield v2, "unified"
+    finally:
+        if "cpuset" not in before:
+            with contextlib.suppress(OSError):
+                write(v2 / "cgroup.subtree_control", "-cpuset")
+
+
 def test_restore_refuses_cpus_the_destination_cannot_give(
-    spawner: Spawner, images: Path, tmp_path: Path, cgroups: list[Path]
+    cpuset_hierarchy: tuple[Path, str], spawner: Spawner, images: Path, tmp_path: Path,
+    cgroups: list[Path]
 ) -> None:
-    cpus = (CGROOT / "cpuset" / "cpuset.effective_cpus").read_text().strip()
+    root, label = cpuset_hierarchy
+    cpus = (root / "cpuset.effective_cpus").read_text().strip()
     from orthros_py.cgroup.model import parse_cpu_list
 
     have = sorted(parse_cpu_list(cpus))
     if len(have) < 2:
         pytest.skip("needs two CPUs: one for the destination's narrower cpuset")
-    src, narrow = CGROOT / "cpuset" / group_name(), CGROOT / "cpuset" / group_name()
+    src, narrow = root / group_name(), root / group_name()
     for g in (src, narrow):
         cgroups.append(g)
         g.mkdir()
-        write(g / "cpuset.mems", "0")
+        if label != "unified":  # a v1 cpuset group starts with no memory node (v2 inherits)
+            write(g / "cpuset.mems", (root / "cpuset.effective_mems").read_text().strip())
     write(src / "cpuset.cpus", cpus)
     write(narrow / "cpuset.cpus", str(have[-1]))  # a "host" with one CPU
+    wanted = (src / "cpuset.cpus").read_text().strip()  # as the kernel writes the list back
 
     out = tmp_path / "counter.out"
     proc = spawner.workload("counter", "0.02", stdout=out)
@@ -231,8 +288,8 @@ def test_restore_refuses_cpus_the_destination_cannot_give(
     assert proc.wait(timeout=10) < 0
 
     r = run_orthros("restore", "-D", str(images), "--detach",
-                    "--cgroup-root", f"cpuset=/{narrow.name}/ctr")
+                    "--cgroup-root", f"{label}=/{narrow.name}/ctr")
     assert r.returncode == 10, r.stderr
-    assert "cannot honour" in r.stderr and f"CPUs {cpus}" in r.stderr, r.stderr
+    assert "cannot honour" in r.stderr and f"CPUs {wanted}" in r.stderr, r.stderr
     assert not (narrow / "ctr").exists()
     assert not psutil.pid_exists(proc.pid)  # CRIU was never asked: nothing restored

@@ -1,9 +1,16 @@
-"""``orthros check`` on this machine, run as a user would: the real CRIU, BCC and kernel."""
+"""``orthros check`` on this machine, run as a user would: the real CRIU, BCC and kernel.
+
+What the report should say is worked out here from the host itself (/proc/mounts, CapEff, a
+page's soft-dirty bit, where ``criu`` is), not from orthros's probe code, so that the same tests
+hold on the hybrid-cgroup development VM and on a pure cgroup v2 host, and fail when orthros
+misreports either.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -11,19 +18,55 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from helpers import run_orthros
+from helpers import host_cgroups, run_orthros
 from pyroute2 import IPRoute, netns
 
 from orthros_py.host.probe import parse_kernel_release
 
 VENV_BIN = Path(sys.executable).parent
-# CRIU 4.2.1 is built from source and installed here (PLATFORM.md); find_criu() looks in this
-# directory even when PATH lacks it, so hiding CRIU takes more than a PATH without it.
-CRIU_DIR = "/usr/local/sbin"
+# Where orthros looks for CRIU besides PATH (orthros_py.criu.binary); hiding CRIU means hiding
+# every copy in these too.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
+MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
+CAP_SYS_RESOURCE = 24
+PM_SOFT_DIRTY = 1 << 55  # /proc/PID/pagemap, Documentation/admin-guide/mm/pagemap.rst
+
+
+# --- what the host offers, read without orthros -------------------------------------------------
+
+def host_has_cap(cap: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    raise AssertionError("no CapEff line in /proc/self/status")
+
+
+def host_has_soft_dirty() -> bool:
+    """A page just written is soft-dirty exactly when the kernel tracks soft-dirty bits
+    (CONFIG_MEM_SOFT_DIRTY); without it bit 55 of its pagemap entry stays clear."""
+    with mmap.mmap(-1, mmap.PAGESIZE) as page:
+        page[0:1] = b"x"
+        cell = ctypes.c_char.from_buffer(page)
+        addr = ctypes.addressof(cell)
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(addr // mmap.PAGESIZE * 8)
+            entry = int.from_bytes(pagemap.read(8), "little")
+        del cell  # the buffer export must end before the mapping can close
+    assert entry >> 63 & 1, "the page just written is not present"
+    return bool(entry & PM_SOFT_DIRTY)
+
+
+def host_criu() -> list[str]:
+    """Every CRIU orthros could find (PATH first, then the sbin directories), real paths.
+    Set-up installs CRIU: a host without one fails here rather than skipping."""
+    found = [shutil.which("criu")] + [shutil.which("criu", path=d) for d in SBIN_DIRS]
+    paths = list(dict.fromkeys(os.path.realpath(p) for p in found if p))
+    assert paths, "no criu on PATH or in " + ":".join(SBIN_DIRS) + ": run 'make setup-tests'"
+    return paths
 
 
 def _leftovers() -> tuple[list[str], list[str]]:
@@ -52,13 +95,23 @@ def test_check_reports_this_machine() -> None:
     assert parse_kernel_release(criu["data"]["version"]) >= (4, 2)
     assert probes["criu_check"]["ok"] and probes["criu_check"]["required"]
 
-    # No CONFIG_MEM_SOFT_DIRTY on this kernel: reported, explained, but not required.
+    # Soft-dirty tracking: reported as the kernel has it; its absence is explained, not fatal.
     mem = probes["mem_track"]
-    assert mem["ok"] is False and mem["required"] is False and mem["status"] == "warn"
-    assert "pre-dump" in mem["detail"]
+    assert mem["required"] is False
+    if host_has_soft_dirty():
+        assert mem["ok"] is True and mem["status"] == "ok"
+    else:
+        assert mem["ok"] is False and mem["status"] == "warn"
+        assert "pre-dump" in mem["detail"] and "post-copy" not in mem["detail"]
 
+    # userfaultfd: the sysctl exists exactly when the kernel has CONFIG_USERFAULTFD.
     lazy = probes["lazy_pages"]
-    assert lazy["ok"] and lazy["data"]["syscall"] is True and lazy["data"]["criu"] is True
+    uffd = Path("/proc/sys/vm/unprivileged_userfaultfd").exists()
+    assert lazy["data"]["syscall"] is uffd
+    if uffd:
+        criu_says = subprocess.run([host_criu()[0], "check", "--feature", "uffd-noncoop"],
+                                   capture_output=True, timeout=60).returncode == 0
+        assert lazy["ok"] is criu_says and lazy["data"]["criu"] is criu_says
 
     xdp = probes["bpf_xdp"]
     assert xdp["ok"] and xdp["data"]["compiled"] is True
@@ -66,17 +119,22 @@ def test_check_reports_this_machine() -> None:
     assert report["default_network_lock"] == "xdp"
 
     assert probes["netns"]["ok"]
-    assert probes["cgroups"]["data"]["mode"] == "hybrid"
-    assert probes["cgroups"]["data"]["v2"] == "/sys/fs/cgroup/unified"
-    assert "memory" in probes["cgroups"]["data"]["v1"]
+    v1, v2 = host_cgroups()
+    cg = probes["cgroups"]["data"]
+    assert cg["mode"] == ("hybrid" if v1 and v2 else "v1" if v1 else "v2" if v2 else "none")
+    assert cg["v2"] == (str(v2) if v2 else None)
+    assert cg["v1"] == {k: str(p) for k, p in v1.items()}
     assert probes["iptables"]["ok"] and probes["iptables"]["data"]["backend"] in (
         "nf_tables", "legacy")
     assert probes["nft"]["ok"]
     assert probes["kernel"]["data"]["release"] == os.uname().release
     assert probes["kernel_headers"]["ok"]
-    # Root here lacks CAP_SYS_RESOURCE (PLATFORM.md).
-    assert probes["cap_sys_resource"]["ok"] is False
-    assert "RLIMIT_NOFILE" in probes["cap_sys_resource"]["detail"]
+    # The command runs with the capabilities of this test process.
+    cap = probes["cap_sys_resource"]
+    if host_has_cap(CAP_SYS_RESOURCE):
+        assert cap["ok"] is True
+    else:
+        assert cap["ok"] is False and "RLIMIT_NOFILE" in cap["detail"]
 
     # The human table goes to stderr, stdout carries only the JSON.
     assert "orthros check" in proc.stderr and "default network lock: xdp" in proc.stderr
@@ -93,27 +151,26 @@ def test_quick_skips_compiling() -> None:
     assert report["default_network_lock"] == "xdp"
 
 
-def _hide_criu_dir() -> None:
-    """In the child, before exec: a private mount namespace where CRIU's directory is empty."""
+def _hide(paths: list[str]) -> None:
+    """In the child, before exec: a private mount namespace where each of ``paths`` is
+    /dev/null, which no one can execute (so ``shutil.which`` passes it by)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for rc in (libc.unshare(CLONE_NEWNS),
-               # Private first, so that the tmpfs never propagates to the host's namespace.
-               libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
-               libc.mount(b"tmpfs", CRIU_DIR.encode(), b"tmpfs", 0, None)):
+    # Private first, so that the bind mounts never propagate to the host's namespace.
+    rcs = [libc.unshare(CLONE_NEWNS), libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)]
+    rcs += [libc.mount(b"/dev/null", p.encode(), None, MS_BIND, None) for p in paths]
+    for rc in rcs:
         if rc != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
 
 def test_without_criu_exits_4_naming_it() -> None:
-    assert shutil.which("criu") == f"{CRIU_DIR}/criu"
-    path = f"{VENV_BIN}:/usr/bin:/bin"
-    assert shutil.which("criu", path=path) is None
+    criu = host_criu()
     # preexec_fn is unsafe only with threads, and this test process runs none.
     proc = subprocess.run(
         [str(VENV_BIN / "orthros"), "check", "--json", "--quick"],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PATH": path}, preexec_fn=_hide_criu_dir,
+        preexec_fn=lambda: _hide(criu),
     )
     assert proc.returncode == 4, proc.stderr
     report = json.loads(proc.stdout)
@@ -121,7 +178,8 @@ def test_without_criu_exits_4_naming_it() -> None:
     message = " ".join(proc.stderr.split())
     assert "cannot dump or restore" in message
     assert "CRIU is not installed" in message and "make setup" in message
-    assert Path(CRIU_DIR, "criu").exists()  # the host's namespace never saw the tmpfs
+    # The host's namespace never saw the bind mounts.
+    assert all(os.access(p, os.X_OK) for p in criu)
 
 
 def test_old_criu_first_on_path_exits_4(tmp_path: Path) -> None:

@@ -16,11 +16,10 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import Spawner, kill_tree, run_orthros, wait_for
+from helpers import Spawner, host_cgroups, kill_tree, run_orthros, wait_for
 
 from orthros_py.proc.tree import read_cgroups
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 QUEUED = 1234  # bytes insp_tree.py leaves unread in the child's socket
 SOCK_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
               socket.SOCK_SEQPACKET: "seqpacket"}
@@ -154,28 +153,40 @@ def _remove_cgroup(path: Path) -> None:
 
 @pytest.fixture
 def test_cgroups() -> Iterator[ScratchCgroups]:
-    for hierarchy in ("cpu", "cpuset", "unified"):
-        if not (CGROUP_ROOT / hierarchy / "cgroup.procs").exists():
-            pytest.skip(f"no {hierarchy} cgroup hierarchy at {CGROUP_ROOT / hierarchy}")
+    """One group in v1 cpu, v1 cpuset and cgroup v2 (the hybrid layout this test is about);
+    a host without one of them (a pure cgroup v2 host) skips. Every group is removed at the
+    end, each tried even when an earlier one could not be."""
+    v1, v2 = host_cgroups()
+    for want, mount in (("v1 cpu", v1.get("cpu")), ("v1 cpuset", v1.get("cpuset")),
+                        ("cgroup2", v2)):
+        if mount is None or not (mount / "cgroup.procs").exists():
+            pytest.skip(f"no {want} hierarchy on this host (this test needs the hybrid layout)")
+    assert v2 is not None
     name = f"orthros-test-{uuid.uuid4().hex[:8]}"
-    cg = ScratchCgroups(name, CGROUP_ROOT / "cpu" / name, CGROUP_ROOT / "cpuset" / name,
-                     CGROUP_ROOT / "unified" / name)
+    cg = ScratchCgroups(name, v1["cpu"] / name, v1["cpuset"] / name, v2 / name)
     try:
         cg.cpu.mkdir()
         (cg.cpu / "cpu.cfs_quota_us").write_text("50000")
         (cg.cpu / "cpu.shares").write_text("512")
         cg.cpuset.mkdir()
         # A v1 cpuset group starts with no CPUs and no memory nodes: a task cannot join it.
-        (cg.cpuset / "cpuset.cpus").write_text("0")
-        (cg.cpuset / "cpuset.mems").write_text("0")
+        # The first of each that the host offers.
+        for f in ("cpus", "mems"):
+            have = (v1["cpuset"] / f"cpuset.effective_{f}").read_text().strip()
+            (cg.cpuset / f"cpuset.{f}").write_text(have.replace(",", "-").split("-")[0])
         # The hybrid layout's cgroup2 hierarchy holds no controllers here; a group in it still
         # shows how CRIU records v2 (controller "") and its few core files.
         cg.unified.mkdir()
         (cg.unified / "cgroup.max.descendants").write_text("5")
         yield cg
     finally:
+        failed = []
         for path in (cg.unified, cg.cpuset, cg.cpu):
-            _remove_cgroup(path)
+            try:
+                _remove_cgroup(path)
+            except (OSError, AssertionError) as err:
+                failed.append(f"{path}: {err}")
+        assert not failed, "cgroups left behind: " + "; ".join(failed)
 
 
 def test_inspect_shows_the_three_parts_of_the_cgroup_state(
@@ -222,8 +233,8 @@ def test_inspect_shows_the_three_parts_of_the_cgroup_state(
     limits = {(g["hierarchy"], g["path"]): g["limits"] for g in cgroups["limits"]}
     assert limits[("cpu", cg.path)]["cpu.cfs_quota_us"] == "50000"
     assert limits[("cpu", cg.path)]["cpu.shares"] == "512"
-    assert limits[("cpuset", cg.path)]["cpuset.cpus"] == "0"
-    assert limits[("cpuset", cg.path)]["cpuset.mems"] == "0"
+    for f in ("cpuset.cpus", "cpuset.mems"):
+        assert limits[("cpuset", cg.path)][f] == (cg.cpuset / f).read_text().strip()
     assert limits[("", cg.path)]["cgroup.max.descendants"] == "5"
     # Only membership markers are left out, never a limit.
     assert "cgroup.procs" not in limits[("cpu", cg.path)]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Spawner, dump_cli, read_lines, restore_cli, wait_for
+from helpers import CriuNetfilter, Spawner, dump_cli, read_lines, restore_cli, wait_for
 
 CLIENTS = 50
 log = logging.getLogger(__name__)
@@ -58,13 +58,15 @@ def collect(socks: list[socket.socket], sent: dict[int, bytes]) -> None:
 
 @pytest.mark.parametrize("lock", ["xdp", "iptables", "nftables"])
 def test_established_connections_survive_dump_and_restore(
-    spawner: Spawner, images: Path, tmp_path: Path, clients: list[socket.socket], lock: str
+    spawner: Spawner, images: Path, tmp_path: Path, clients: list[socket.socket], lock: str,
+    criu_netfilter: CriuNetfilter
 ) -> None:
     out = tmp_path / "server.out"
     server = spawner.workload("echo_server", "127.0.0.1", "0", stdout=out)
     wait_for(lambda: any(ln.startswith("listening ") for ln in read_lines(out)),
              what="the echo server to listen")
     port = int(next(ln for ln in read_lines(out) if ln.startswith("listening ")).split()[1])
+    criu_netfilter.ports.add(port)  # CRIU's iptables/nftables lock rules name it
 
     for _ in range(CLIENTS):
         s = socket.create_connection(("127.0.0.1", port), timeout=30)

@@ -63,7 +63,11 @@ def no_lock_left() -> Any:
     ours = [c for c in status["conns"] if "127.0.0.1" in (c["local"][0], c["remote"][0])]
     on_lo = [a for a in status["attachments"] if a["iface"] == "lo"]
     if ours or on_lo:
-        run_orthros("netlock", "flush")
+        # Undo exactly what this test left: its own connections and lo, never the host's lock.
+        conns = [f"{c['local'][0]}:{c['local'][1]},{c['remote'][0]}:{c['remote'][1]}"
+                 for c in ours]
+        run_orthros("netlock", "unlock", "--iface", "lo",
+                    *[arg for c in conns for arg in ("--conn", c)])
     assert ours == [], status
     assert on_lo == [], status
 
@@ -143,7 +147,8 @@ def test_leave_running_dump_unlocks_at_once(spawner: Spawner, images: Path) -> N
         pool.close()
 
 
-def test_sigkill_mid_dump_leaves_a_lock_that_flush_clears(spawner: Spawner, tmp_path: Path) -> None:
+def test_sigkill_mid_dump_leaves_a_lock_that_unlock_clears(spawner: Spawner,
+                                                            tmp_path: Path) -> None:
     port = free_port()
     # Enough memory that the dump takes a while: time to kill orthros while it holds the lock.
     server = start_server(spawner, port, "--ballast-mb", "1500")
@@ -164,9 +169,12 @@ def test_sigkill_mid_dump_leaves_a_lock_that_flush_clears(spawner: Spawner, tmp_
                  timeout=60, what="CRIU to finish")
         status = netlock_status()
         assert len(status["conns"]) == 10, "the lock must outlive a crashed orthros"
-        flushed = run_orthros("netlock", "flush")
-        assert flushed.returncode == 0, flushed.stderr
-        assert netlock_status()["conns"] == []
+        # The operator's way out: unlock that tree's connections (the server still runs: the
+        # dump was --leave-running), with the same arguments 'lock' would take.
+        unlocked = run_orthros("netlock", "unlock", "--pid", str(server.pid), "--iface", "lo")
+        assert unlocked.returncode == 0, unlocked.stderr
+        assert [c for c in netlock_status()["conns"]
+                if port in (c["local"][1], c["remote"][1])] == []
         pool.round()  # traffic flows again
         assert pool.stats.errors == 0, pool.stats.error_samples
     finally:
@@ -184,17 +192,41 @@ def _is_criu(pid: int) -> bool:
         return False
 
 
+# Runs its arguments (two orthros commands) in a private mount namespace with an empty BPF
+# filesystem: no pinned program is visible there, so the lock would have to compile, and the
+# host's own pins (an operator's locks) are neither seen nor touched.
+_EMPTY_BPFFS = """
+import ctypes, json, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 1 << 18
+for rc in (libc.unshare(CLONE_NEWNS), libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+           libc.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None)):
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), "mount namespace with an empty bpffs")
+out = []
+for argv in json.loads(sys.argv[1]):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    out.append({"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr})
+print(json.dumps(out))
+"""
+
+
 def test_bcc_missing_is_one_sentence_and_loads_nothing(tmp_path: Path) -> None:
-    run_orthros("netlock", "flush")  # no pinned program: the lock would have to compile
     fake = tmp_path / "bcc"
     fake.mkdir()
     (fake / "__init__.py").write_text('raise ImportError("libbcc.so.0: cannot open shared object")\n')
     exe = str(Path(sys.executable).parent / "orthros")
-    res = subprocess.run([exe, "netlock", "prepare"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
-    assert res.returncode == 4, res.stderr
-    assert "BCC" in res.stderr and "Traceback" not in res.stderr
-    assert netlock_status()["loaded"] is False
+    runs = subprocess.run(
+        [sys.executable, "-c", _EMPTY_BPFFS,
+         json.dumps([[exe, "netlock", "prepare"], [exe, "netlock", "status", "--json"]])],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        timeout=150, stdin=subprocess.DEVNULL)
+    assert runs.returncode == 0, runs.stderr
+    prepare, status = json.loads(runs.stdout)
+    assert prepare["rc"] == 4, prepare["stderr"]
+    assert "BCC" in prepare["stderr"] and "Traceback" not in prepare["stderr"]
+    assert status["rc"] == 0, status["stderr"]
+    assert json.loads(status["stdout"])["loaded"] is False
 
 
 def test_no_bpf_permission_is_one_sentence_and_attaches_nothing() -> None:

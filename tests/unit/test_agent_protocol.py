@@ -416,8 +416,9 @@ def test_bad_dump_options_are_refused(args: dict[str, Any], match: str) -> None:
 
 def test_op_table_binds_arguments_by_the_handlers_signatures() -> None:
     dump = OPS["dump"]
-    assert [p.name for p in dump.params] == ["pid", "image", "options"]
-    assert dump.bind({"pid": 5, "image": "w"}) == {"pid": 5, "image": "w", "options": None}
+    assert [p.name for p in dump.params] == ["pid", "image", "options", "page_nonce"]
+    assert dump.bind({"pid": 5, "image": "w"}) == {"pid": 5, "image": "w", "options": None,
+                                                   "page_nonce": None}
     with pytest.raises(ProtocolError, match="needs the argument pid"):
         dump.bind({"image": "w"})
     with pytest.raises(ProtocolError, match=r"takes no argument.*shell"):
@@ -441,6 +442,9 @@ def test_page_server_request() -> None:
     assert req.opts.HasField("ps") and req.opts.ps.address == "10.77.0.12"
     assert req.opts.ps.port == 0 and req.opts.log_file == "page-server.log"
     assert not page_server_request("", 27000, 2).opts.ps.HasField("address")
+    assert not req.opts.ps.HasField("fd") and not req.opts.tls
+    # On a connection the agent accepted and vetted itself: CRIU listens nowhere.
+    assert page_server_request("", 0, 2, fd=7).opts.ps.fd == 7
 
 
 # --- key files ---------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ class FakeAgent:
         self._hit("page_server", image)
         self.images.add(image)
         self.page_servers.add(image)
-        return SimpleNamespace(address=self.address, port=12345)
+        return SimpleNamespace(address=self.address, port=12345, nonce="ab" * 32)
 
     def page_server_stop(self, image: str) -> dict[str, Any]:
         self._hit("page_server_stop", image)
@@ -304,7 +304,8 @@ class FakeAgent:
         self.page_servers.discard(image)
         return {}
 
-    def dump(self, pid: int, image: str, opts: Any = None, *, timeout: float = 600.0) -> Any:
+    def dump(self, pid: int, image: str, opts: Any = None, *, timeout: float = 600.0,
+             page_nonce: str | None = None) -> Any:
         self.images.add(image)  # created (with CRIU's log) before CRIU may fail
         self._hit("dump", pid)
         assert opts.leave_stopped and opts.page_server is not None

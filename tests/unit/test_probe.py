@@ -263,6 +263,8 @@ def test_mem_track_missing_is_optional_and_explained() -> None:
     assert not r.ok and not r.required
     assert r.status is Status.WARN
     assert "pre-dump is unavailable" in r.detail and "single dump" in r.detail
+    # orthros has no post-copy migration: the probe must not promise one.
+    assert "post-copy" not in r.detail and "lazy" not in r.detail and "falls back" not in r.detail
     assert probe_mem_track(CriuFeatures(True, True, True)).ok
     assert not probe_mem_track("no usable CRIU").ok
 

@@ -7,15 +7,28 @@ messages per round, some are always queued in socket buffers when a dump freezes
 The parent prints "round N" after each complete round; on any loss, reordering or damage
 either process prints "ERROR ..." and exits 1.
 
-Usage: unix_pairs.py [PAIRS]
+With HOLD (a file name), two more pairs carry a backlog the child does not read until that file
+exists: HELD_BYTES on a stream pair and HELD_DGRAMS datagrams on a datagram pair, all written
+before the fork, so they are certainly queued in the child's receive buffers when a dump
+freezes the tree. The child prints "held queued BYTES DGRAMS" (its own FIONREAD and count) at
+start and "held received BYTES DGRAMS" once it has read and checked the whole backlog.
+
+Usage: unix_pairs.py [PAIRS [HOLD]]
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import socket
+import struct
 import sys
+import termios
+
+HELD_BYTES = 64 << 10  # fits a UNIX stream socket's buffers: written without blocking
+HELD_DGRAMS = 8  # below net.unix.max_dgram_qlen's default of 10
+DGRAM_SIZE = 1000
 
 
 def fail(msg: str) -> None:
@@ -55,13 +68,43 @@ def message(index: int, seq: int) -> bytes:
     return f"pair {index} seq {seq} ".encode() + bytes([65 + seq % 26]) * (index % 64)
 
 
-def child(pairs: list[Pair]) -> None:
+def held_data(i: int, size: int) -> bytes:
+    return bytes((i * 7 + k) % 251 for k in range(size))
+
+
+def queued_bytes(sk: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sk.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+def drain_held(stream: socket.socket, dgram: socket.socket) -> None:
+    got = b""
+    while len(got) < HELD_BYTES:
+        chunk = stream.recv(HELD_BYTES - len(got))
+        if not chunk:
+            fail("held stream: the peer closed its end")
+        got += chunk
+    if got != held_data(0, HELD_BYTES):
+        fail("held stream: the backlog came back damaged")
+    for i in range(HELD_DGRAMS):
+        if dgram.recv(DGRAM_SIZE * 2) != held_data(i + 1, DGRAM_SIZE):
+            fail(f"held datagram {i}: lost, reordered or damaged")
+    os.write(1, f"held received {len(got)} {HELD_DGRAMS}\n".encode())
+
+
+def child(pairs: list[Pair], held: tuple[socket.socket, socket.socket] | None = None,
+          hold: str | None = None) -> None:
     sel = selectors.DefaultSelector()
     expected = dict.fromkeys(range(len(pairs)), 0)
     for p in pairs:
         sel.register(p.sk, selectors.EVENT_READ, p)
+    if held is not None:
+        os.write(1, f"held queued {queued_bytes(held[0])} {HELD_DGRAMS}\n".encode())
     while True:
-        for key, _ in sel.select():
+        if held is not None and hold is not None and os.path.exists(hold):
+            drain_held(*held)
+            held = None
+        # A timeout, so that the hold file is noticed while the pairs are quiet too.
+        for key, _ in sel.select(timeout=0.05 if held is not None else None):
             p = key.data
             for msg in p.recv():
                 if msg != message(p.index, expected[p.index]):
@@ -70,7 +113,9 @@ def child(pairs: list[Pair]) -> None:
                 p.send(msg)
 
 
-def parent(pairs: list[Pair]) -> None:
+def parent(pairs: list[Pair], keep: list[socket.socket]) -> None:
+    """``keep``: the parent's ends of the held pairs, open (a closed stream peer would be an
+    end of file, not a backlog) and never touched again."""
     seq = 0
     rnd = 0
     while True:
@@ -90,6 +135,16 @@ def parent(pairs: list[Pair]) -> None:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    hold = sys.argv[2] if len(sys.argv) > 2 else None
+    held: tuple[socket.socket, socket.socket] | None = None
+    mine: list[socket.socket] = []
+    if hold is not None:
+        s_ours, s_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        d_ours, d_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s_ours.sendall(held_data(0, HELD_BYTES))
+        for i in range(HELD_DGRAMS):
+            d_ours.send(held_data(i + 1, DGRAM_SIZE))
+        held, mine = (s_theirs, d_theirs), [s_ours, d_ours]
     ours: list[Pair] = []
     theirs: list[Pair] = []
     for i in range(n):
@@ -99,13 +154,15 @@ def main() -> None:
         theirs.append(Pair(i, b))
     pid = os.fork()
     if pid == 0:
-        for p in ours:
-            p.sk.close()
-        child(theirs)
+        for sk in [*(p.sk for p in ours), *mine]:
+            sk.close()
+        child(theirs, held, hold)
     else:
         for p in theirs:
             p.sk.close()
-        parent(ours)
+        for sk in held or ():
+            sk.close()
+        parent(ours, mine)
 
 
 if __name__ == "__main__":
