@@ -3,6 +3,7 @@ agent), and the one sentence that names the option when CRIU refuses without it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -161,11 +162,13 @@ def test_migrate_passes_the_options_to_each_side() -> None:
 
 
 def test_migrate_journal_keeps_the_options() -> None:
-    from orthros_py.policies.journal import Entry, HostRef, from_dict, to_dict
-    from orthros_py.policies.migrate import Done, MigrateConfig
+    from orthros_py.policies.journal import HostRef, Record, from_dict, to_dict
+    from orthros_py.policies.migrate import Done, MigrateConfig, MigrateState
 
     cfg = MigrateConfig(file_locks=True, ghost_limit=1 << 30, dump_external=("mnt[/d]:k",))
     ref = HostRef(name="alpha", address="10.0.0.1", agent_port=7000)
-    entry = Entry(pid=5, image="img", source=ref, dest=ref, stage="dump", config=cfg,
-                  plan=None, done=Done(), cgroup_roots={}, coordinator=1, updated=0.0)
-    assert from_dict(to_dict(entry)).config == cfg
+    state = MigrateState(5, cfg, None, Done(), {}).to_dict()
+    record = Record(kind="migrate", id="img", hosts={"source": ref, "dest": ref},
+                    stage="dump", state=state, coordinator=1, updated=0.0)
+    again = from_dict(json.loads(json.dumps(to_dict(record))))
+    assert MigrateState.from_dict(again.state).config == cfg
