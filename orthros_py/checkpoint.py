@@ -20,18 +20,24 @@ from orthros_py.cgroup.fs import CgroupFs, remove_dirs, wait_empty
 from orthros_py.cgroup.model import FILE_NAME as CGROUP_FILE
 from orthros_py.cgroup.model import RESTORED_FILE_NAME as CGROUP_RESTORED_FILE
 from orthros_py.cgroup.model import CgroupFile, diff
+from orthros_py.criu.images import (
+    image_has_own_pidns,
+    image_root_mount,
+    read_dump_stats,
+    read_restore_stats,
+)
+from orthros_py.criu.images import image_pids as image_pids  # the agent's ops import it here
 from orthros_py.criu.request import (
     CgroupMode,
-    CriuNetworkLock,
     DumpOptions,
     RestoreOptions,
     dump_request,
     restore_request,
 )
 from orthros_py.criu.session import CriuSession, NotifyHook
-from orthros_py.criu.stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from orthros_py.criu.stats import DumpStats, RestoreStats
 from orthros_py.errors import BadImageError, NotRootError, OrthrosError
-from orthros_py.netlock.base import Conn
+from orthros_py.net.conn import Conn
 from orthros_py.netlock.tree import NetworkLock, TreeLock
 from orthros_py.proc.tree import ProcessRef, TreeSnapshot, snapshot
 
@@ -196,70 +202,6 @@ def load_cgroup_file(images_dir: Path) -> CgroupFile | None:
                             f"{err}") from err
 
 
-def _load_image(images_dir: Path, name: str) -> dict[str, Any]:
-    """One image of a checkpoint through pycriu; BadImageError naming the file if unreadable."""
-    from pycriu import images as pimages
-
-    try:
-        with (images_dir / name).open("rb") as f:
-            img: dict[str, Any] = pimages.load(f)
-    except pimages.MagicException as err:
-        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {name} is not a CRIU "
-                            f"image (unknown magic {err.magic & 0xFFFFFFFF:#010x})") from err
-    except Exception as err:  # pycriu raises bare exceptions of several kinds on bad data
-        raise BadImageError(f"the checkpoint in {images_dir} is corrupt: {name} cannot be "
-                            f"read ({err or type(err).__name__})") from err
-    return img
-
-
-def image_pids(images_dir: Path) -> list[int]:
-    """The PIDs recorded in a checkpoint's process tree; BadImageError if it cannot be read.
-
-    They are the PIDs in the tree's own PID namespace: host PIDs unless the root was the init of
-    a PID namespace of its own (see ``image_has_own_pidns``)."""
-    images_dir = images_dir.resolve()
-    if not images_dir.is_dir():
-        raise BadImageError(f"image directory {images_dir} does not exist")
-    for name in ("inventory.img", "pstree.img"):
-        if not (images_dir / name).exists():
-            raise BadImageError(f"{images_dir} holds no checkpoint: {name} is missing")
-    _load_image(images_dir, "inventory.img")
-    tree = _load_image(images_dir, "pstree.img")
-    pids: list[int] = []
-    for entry in tree.get("entries", []):
-        pids.append(int(entry["pid"]))
-        pids.extend(int(t) for t in entry.get("threads", []) if int(t) != int(entry["pid"]))
-    if not pids:
-        raise BadImageError(f"the checkpoint in {images_dir} has an empty process tree")
-    return pids
-
-
-def _task_ids(images_dir: Path, root_pid: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(the dumper's namespace ids, the root task's namespace ids), or None on old images."""
-    inventory = _load_image(images_dir, "inventory.img")["entries"][0]
-    ids_name = f"ids-{root_pid}.img"
-    if "root_ids" not in inventory or not (images_dir / ids_name).exists():
-        return None
-    return inventory["root_ids"], _load_image(images_dir, ids_name)["entries"][0]
-
-
-def image_has_own_pidns(images_dir: Path, root_pid: int) -> bool:
-    """Whether the checkpoint's root was the init of a PID namespace other than the dumper's:
-    CRIU then restores the tree into a new PID namespace, where its PIDs are free by nature."""
-    ids = _task_ids(images_dir, root_pid)
-    return ids is not None and int(ids[0]["pid_ns_id"]) != int(ids[1]["pid_ns_id"])
-
-
-def image_root_mount(images_dir: Path, root_pid: int) -> dict[str, Any] | None:
-    """The root mount ("/") of the checkpoint's mount namespace if the tree had one of its own
-    (CRIU then rebuilds that namespace), or None if it shared the dumper's."""
-    ids = _task_ids(images_dir, root_pid)
-    if ids is None or int(ids[0]["mnt_ns_id"]) == int(ids[1]["mnt_ns_id"]):
-        return None
-    mounts = _load_image(images_dir, f"mountpoints-{ids[1]['mnt_ns_id']}.img")
-    return next((m for m in mounts.get("entries", []) if m.get("mountpoint") == "/"), None)
-
-
 def is_host_root(mount: dict[str, Any]) -> bool:
     """Whether a dumped root mount is this host's root filesystem (CRIU keeps the kernel's
     device encoding, major << 20 | minor)."""
@@ -370,7 +312,7 @@ def restore_tree(
     lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
     lock.tidy()
-    if opts.tcp_close and opts.network_lock is CriuNetworkLock.IPTABLES:
+    if opts.tcp_close and opts.network_lock is NetworkLock.IPTABLES:
         from orthros_py.netlock.iptables import drop_criu_locks
 
         drop_criu_locks(checkpoint_conns(images_dir))  # CRIU 4.2.1 leaves them (see there)

@@ -26,8 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orthros_py.bench.echo import ClientPool
 from orthros_py.net.addr import in_netns
+from orthros_py.workloads.echo import ClientPool
 
 CLIENTS = 200
 PORT = 7000
@@ -91,7 +91,7 @@ def main() -> int:
         # The service runs inside alpha's network namespace, listening on the service address.
         server = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{alpha['netns']}", "--", sys.executable, "-m",
-             "orthros_py.bench.echo", "--host", SERVICE_IP, "--port", str(PORT)],
+             "orthros_py.workloads.echo", "--host", SERVICE_IP, "--port", str(PORT)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         pid = server.pid

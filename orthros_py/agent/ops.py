@@ -10,7 +10,8 @@ Interfaces and privileges, per operation:
 
 - ``dump``, ``restore``, ``page_server``: CRIU through ``orthros_py.checkpoint`` and
   ``orthros_py.criu.session`` (``criu swrk``): root. Memory crosses hosts only on the page
-  channel (``orthros_py.agent.pagechan``: a TCP port, the cluster key, TLS inside CRIU); paths
+  channel (``orthros_py.agent.pagechan``: a TCP port, the cluster key, then TLS inside CRIU
+  or the agents' own AES-GCM records); paths
   and external resources in options are held to ``orthros_py.agent.optpolicy``.
 - ``kill``, ``page_server_stop``: kill(2), only on processes this agent restored or started,
   or left stopped after a dump (checked by pid and start time): root, as the agent runs.
@@ -134,6 +135,8 @@ class PageServer:
     started_at: float
     listener: pagechan.Listener | None = None
     error: str | None = None  # why CRIU could not be started on the proven connection
+    channel: str | None = None  # how the stream is protected: "tls" or "aes-gcm"
+    joint: pagechan.Joint | None = None  # with "aes-gcm": between the channel and CRIU
 
     def alive(self) -> bool:
         if self.pid == 0:
@@ -150,6 +153,8 @@ class PageServer:
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        if self.joint is not None:
+            self.joint.close()
         if self.pid and self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signals.SIGKILL)
@@ -160,7 +165,8 @@ class PageServer:
                 "started_at": self.started_at, "running": self.alive(),
                 "state": chan.get("state", "stopped"), "refused": chan.get("refused", 0),
                 "refusals": chan.get("refusals", []), "peer": chan.get("peer"),
-                "error": self.error}
+                "error": self.error, "channel": self.channel,
+                "channel_error": self.joint.error if self.joint is not None else None}
 
 
 class Agent:
@@ -574,8 +580,9 @@ def page_server_request(address: str, port: int, log_level: int,
 def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
                page_nonce: str | None) -> DumpResult:
     """``dump_tree``; with a page server, over the page channel: we connect and prove
-    ourselves, and CRIU's dump reaches that connection through a loopback relay, with TLS
-    (see ``pagechan`` for why a relay and not ``ps.fd``)."""
+    ourselves, and CRIU's dump reaches that connection through a loopback relay, with CRIU's
+    TLS or, for a tree with its own IPC namespace, sealed by the relay (see ``pagechan`` for
+    why a relay and not ``ps.fd``, and why not always TLS)."""
     if opts.page_server is None:
         return dump_tree(pid, path, opts)
     if page_nonce is None:
@@ -591,9 +598,8 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
     host, port = opts.page_server
     use_tls = not _own_ipc_namespace(pid)
     if not use_tls:
-        log.warning("dump of pid %d: its tree has its own IPC namespace, which CRIU 4.2.1 "
-                    "cannot dump over TLS: the page channel is authenticated but not "
-                    "encrypted", pid)
+        log.info("dump of pid %d: its tree has its own IPC namespace, which CRIU 4.2.1 cannot "
+                 "dump over TLS: the agents encrypt the page channel (AES-256-GCM)", pid)
     tls = a.page_tls()
     start = time.perf_counter()
     try:
@@ -602,22 +608,24 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
         err.stage, err.pid = "dump", pid
         raise
     handshake_ms = (time.perf_counter() - start) * 1000
-    relay = pagechan.Relay(chan)
+    relay = pagechan.Relay(chan.sock, chan.records, label=f"image {image}")
     try:
         local = dataclasses.replace(opts, page_server=("127.0.0.1", relay.port))
         result = dump_tree(pid, path, local, session=CriuSession(tls=tls if use_tls else None))
     except OrthrosError as err:
         if relay.error or relay.upstream_closed:
-            # Seen from here only as a broken connection; the destination's log has the cause.
-            err.msg = (f"{err.msg}: the destination closed the page channel ({host}:{port}) "
-                       "during the transfer: its page server refused what arrived (with TLS "
-                       "on, data damaged or forged in transit ends it so), see "
-                       f"{PAGE_SERVER_LOG} in its image")
+            # Mostly seen from here as a broken connection; the destination's log has the cause.
+            err.msg = (f"{err.msg}: the page channel ({host}:{port}, {chan.protection}) broke "
+                       f"during the transfer ({relay.error or 'closed by the destination'}): "
+                       "data damaged or forged in transit ends it so, or the destination's "
+                       f"page server refused what arrived; see {PAGE_SERVER_LOG} in its image "
+                       "and its agent's log")
         raise
     finally:
         relay.close()
     result.extra["page_channel"] = {
-        "peer": f"{host}:{port}", "tls": use_tls, "handshake_ms": round(handshake_ms, 3),
+        "peer": f"{host}:{port}", "channel": chan.protection,
+        "handshake_ms": round(handshake_ms, 3),
         "bytes_sent": relay.bytes_up, "bytes_received": relay.bytes_down,
         "refused_local": relay.refused}
     return result
@@ -625,7 +633,7 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
 
 def _own_ipc_namespace(pid: int) -> bool:
     """Whether a process of the tree of ``pid`` is in another IPC namespace than the agent
-    (CRIU then dumps that namespace in a forked child: see ``pagechan`` on TLS)."""
+    (CRIU then dumps that namespace in a forked child: see ``pagechan`` on ``aes-gcm``)."""
     try:
         mine = os.stat("/proc/self/ns/ipc").st_ino
         root = psutil.Process(pid)
@@ -643,9 +651,10 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
 
     Connections to the port must prove within seconds that they hold the cluster key; others
     are refused, logged and counted (``refused`` in status) while it keeps waiting, up to
-    ``wait`` s. On the first that proves itself, a CRIU page server receives over TLS on that
-    very connection, for one dump, and exits. ``port`` 0 lets the kernel choose; ``address``
-    defaults to the agent's own listen address.
+    ``wait`` s. On the first that proves itself, a CRIU page server receives one dump and
+    exits: over TLS on that very connection, or, when the sender asks for the agents' records,
+    through a socketpair joined to it by this agent. ``port`` 0 lets the kernel choose;
+    ``address`` defaults to the agent's own listen address.
     """
     if not 0 <= port < 65536:
         raise _bad_request(f"{port} is not a TCP port")
@@ -665,23 +674,34 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
     tls = a.page_tls()
     server = PageServer(image, 0, None, 0, addr, time.time())
 
-    def on_channel(conn: socket.socket, peer: str, use_tls: bool) -> None:
+    def on_channel(chan: pagechan.Channel) -> None:
+        conn, joint = pagechan.criu_end(chan, f"image {image}")
+        server.channel, server.joint = chan.protection, joint
         try:
             with conn, a.busy(image, "page server start"):
-                session = CriuSession(tls=tls if use_tls else None, pass_fds=(conn.fileno(),))
+                session = CriuSession(tls=tls if chan.tls else None, pass_fds=(conn.fileno(),))
                 resp = session.call(page_server_request("", 0, log_level, fd=conn.fileno()),
                                     images_dir=path)
-        except OrthrosError as err:
+        except BaseException as err:
+            if joint is not None:
+                joint.close()
+            else:
+                chan.sock.close()
+            if not isinstance(err, OrthrosError):
+                raise
             server.error = str(err)
-            log.warning("page server of image %s could not start for %s: %s", image, peer, err)
+            log.warning("page server of image %s could not start for %s: %s", image,
+                        chan.peer, err)
             return
+        if joint is not None:
+            joint.start()  # CRIU holds its end now, and we closed our copy of it
         pid = int(resp.ps.pid)
         with contextlib.suppress(psutil.NoSuchProcess):
             server.create_time = psutil.Process(pid).create_time()
         server.pid = pid
-        log.info("page server %d receives image %s from %s %s", pid, image, peer,
-                 "over TLS" if use_tls else "WITHOUT TLS (the sender's tree has its own IPC "
-                 "namespace)")
+        log.info("page server %d receives image %s from %s over %s", pid, image, chan.peer,
+                 "CRIU's TLS" if chan.tls else "the agents' AES-256-GCM records (the sender's "
+                 "tree has its own IPC namespace)")
 
     listener = pagechan.Listener(a.key, image, addr, port, on_channel, wait=wait)
     server.listener, server.port = listener, listener.port

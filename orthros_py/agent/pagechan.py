@@ -4,30 +4,35 @@ CRIU's page server accepts the first TCP connection from anyone and then trusts 
 whoever connects first breaks the migration, and whoever sits on the path can rewrite memory.
 So the agents open the connection themselves. The destination's agent listens (``Listener``);
 each connection must prove within ``HANDSHAKE_TIMEOUT`` that it holds the cluster key (a mutual
-HMAC-SHA256 challenge-response bound to the image and to both sides' fresh nonces); any other
-is refused, logged and counted, and the agent keeps waiting. The connection that passes goes to
-CRIU's page server as ``ps.fd``. The source's agent connects (``connect``) and hands the same
-connection to its CRIU dump. On it CRIU runs TLS (gnutls, mutual, TLS 1.3) with a certificate
-every agent derives from the cluster key (``derive_credentials``): encrypted, and a byte
-changed in transit fails the transfer instead of landing in memory.
+HMAC-SHA256 challenge-response bound to the image, to both sides' fresh nonces and to how the
+stream is protected next); any other is refused, logged and counted, and the agent keeps
+waiting. The source's agent connects (``connect``). What follows the handshake is always
+encrypted and integrity-protected, in one of two ways (``Channel.protection``):
 
-Why the source goes through a loopback ``Relay``: CRIU 4.2.1's dump skips TLS on a socket it
-is handed (``connect_to_page_server`` jumps over ``tls_x509_init`` when ``ps_socket`` is set;
-its page server does run TLS on one). So the dump connects, with TLS, to a loopback port of
-its agent, which copies the (encrypted) bytes to and from the authenticated connection. That
-works with an unpatched CRIU (setup may use a system CRIU, which orthros does not patch).
+``tls``: CRIU runs TLS (gnutls, mutual, TLS 1.3) with a certificate every agent derives from
+the cluster key (``derive_credentials``). The destination hands the connection to CRIU's page
+server as ``ps.fd``. The source goes through a loopback ``Relay``: CRIU 4.2.1's dump skips TLS
+on a socket it is handed (``connect_to_page_server`` jumps over ``tls_x509_init`` when
+``ps_socket`` is set; its page server does run TLS on one), so the dump connects, with TLS, to
+a loopback port of its agent, which copies the (encrypted) bytes to and from the connection.
+That works with an unpatched CRIU (setup may use a system CRIU, which orthros does not patch).
 
-When TLS is off: CRIU 4.2.1 dumps a tree's own IPC namespace (SysV shared memory) in a forked
-child that sends its pages on the same connection with a copy of the parent's TLS state, so
-the peer's records go out of sequence and the dump fails ("Decryption has failed"). For such a
-tree the sender asks, inside the authenticated hello, for no TLS: the channel is still
-authenticated (nobody else gets in), but not encrypted nor protected on the path.
+``aes-gcm``: CRIU 4.2.1 dumps a tree's own IPC namespace (SysV shared memory) in a forked child
+that sends its pages on the same connection with a copy of the parent's TLS state, so the
+peer's records go out of sequence and the dump fails ("Decryption has failed"). For such a tree
+the sender asks, inside the authenticated hello, for no CRIU TLS, and the agents encrypt the
+stream themselves (``Records``): a key per direction from HKDF-SHA256 over the cluster key and
+both nonces, and AES-256-GCM records of up to ``RECORD_BYTES`` numbered per direction (the
+number is the nonce and is checked, so a record damaged, forged, replayed, reordered or
+dropped, or a stream cut short, aborts the channel and both CRIUs fail). The source's ``Relay``
+seals what its CRIU sends and opens what comes back; the destination gives its page server one
+end of a UNIX socketpair (CRIU splices from UNIX stream sockets too) and a ``Joint`` between
+the other end and the connection does the same on that side.
 
-Interfaces: TCP sockets (any port), /proc/net/tcp{,6} (who owns a loopback peer), the
-filesystem (the PEM files, mode 0600, in a directory of mode 0700 the agent owns), threads.
-No privileges of its own; the CRIU it feeds needs root.
+Interfaces: TCP sockets (any port), UNIX socketpairs, /proc/net/tcp{,6} (who owns a loopback
+peer), the filesystem (the PEM files, mode 0600, in a directory of mode 0700 the agent owns),
+threads. No privileges of its own; the CRIU it feeds needs root.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +43,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +61,11 @@ NONCE_BYTES = 32
 MAC_BYTES = 32
 MAGIC = b"ORTHPS1\n"  # says "this is the page channel", so garbage is told apart from a bad key
 HELLO_BYTES = len(MAGIC) + 1 + NONCE_BYTES + MAC_BYTES  # magic, TLS flag, nonce, proof
+RECORD_BYTES = 256 * 1024  # plaintext per record: large, so the per-record Python cost is small
+TAG_BYTES = 16  # AES-GCM's
+_HEADER = struct.Struct(">IQ")  # sealed length (top bit: the end record), record number
+_END = 0x8000_0000
+_RECORDS_INFO = b"orthros page channel records v1"
 MAX_PENDING = 16  # connections proving themselves at once; more are refused at the door
 KEEP_REFUSALS = 32  # refusals kept for status (all are counted)
 CERT_INFO = b"orthros page channel v1"
@@ -66,6 +77,11 @@ KEY_FILE = "page-channel.key"
 
 class PageChannelError(AgentError):
     """The page channel could not be opened: the peer failed the handshake, or went silent."""
+
+
+class RecordError(PageChannelError):
+    """A record of the agents' encryption was damaged, forged, replayed, reordered, dropped or
+    cut short on the path: the channel is aborted."""
 
 
 # --- the handshake (pure but for the socket) ----------------------------------------------------
@@ -80,9 +96,9 @@ def proof(key: bytes, role: bytes, image: str, server_nonce: bytes, client_nonce
           tls: bool = True) -> bytes:
     """The MAC one side sends: bound to its role (so a proof cannot be reflected back), to the
     image (a proof for one migration opens no other), to both nonces (none replays) and to
-    whether CRIU runs TLS next (nobody on the path can switch it off)."""
+    how the stream is protected next (nobody on the path can switch CRIU's TLS off)."""
     msg = b"\x00".join((role, image.encode(), server_nonce, client_nonce,
-                        b"tls" if tls else b"plain"))
+                        b"tls" if tls else b"aes-gcm"))
     return hmac.new(_handshake_key(key), msg, hashlib.sha256).digest()
 
 
@@ -139,9 +155,9 @@ def serve_handshake(sock: socket.socket, key: bytes, image: str, server_nonce: b
 
 
 def connect(host: str, port: int, key: bytes, image: str, server_nonce: bytes, *,
-            timeout: float = HANDSHAKE_TIMEOUT, tls: bool = True) -> socket.socket:
+            timeout: float = HANDSHAKE_TIMEOUT, tls: bool = True) -> Channel:
     """The source's half: connect to the destination's page port, prove ourselves, check its
-    proof. Returns the connected socket, blocking (ready for CRIU)."""
+    proof. Returns the channel, its socket blocking (ready for CRIU or a ``Relay``)."""
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -171,10 +187,158 @@ def connect(host: str, port: int, key: bytes, image: str, server_nonce: bytes, *
                                    "the cluster key: not our destination")
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return Channel.open(sock, f"{host}:{port}", key, image, server_nonce, client_nonce,
+                            tls=tls, source=True)
     except BaseException:
         sock.close()
         raise
+
+
+# --- the agents' records, when CRIU runs no TLS (pure) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    to_dest: bytes  # seals the source's stream
+    to_source: bytes  # seals the destination's answers
+
+
+def session_keys(key: bytes, image: str, server_nonce: bytes,
+                 client_nonce: bytes) -> SessionKeys:
+    """A key per direction, HKDF-SHA256 over the cluster key salted with both nonces: fresh for
+    each channel (either side's nonce alone makes them new), and one direction's records never
+    open as the other's."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    def derive(direction: bytes) -> bytes:
+        info = b"\x00".join((_RECORDS_INFO, direction, image.encode()))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=server_nonce + client_nonce,
+                    info=info).derive(key)
+
+    return SessionKeys(derive(b"source->dest"), derive(b"dest->source"))
+
+
+def _nonce(number: int) -> bytes:
+    return b"\x00\x00\x00\x00" + number.to_bytes(8, "big")
+
+
+class Records:
+    """AES-256-GCM records on one connection: ``seal`` what this side sends, ``open`` what it
+    receives, each direction with its own key and its own count. A record is a header (sealed
+    length, end flag, record number), authenticated as associated data, and the sealed body;
+    its nonce is its number, so under one key no nonce repeats. The receiver expects the next
+    number: a record replayed, reordered or dropped is refused by number, one damaged or forged
+    by its tag. The sender's last record is an empty one flagged as the end, so a stream cut
+    short on the path is told apart from one that ended. One thread per direction."""
+
+    HEADER_BYTES = _HEADER.size
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._seal = AESGCM(send_key)
+        self._open = AESGCM(recv_key)
+        self.sent = 0  # records sealed
+        self.received = 0  # records opened
+        self.ended = False  # the peer's end record has been opened
+
+    def seal(self, data: bytes, *, end: bool = False) -> bytes:
+        if len(data) > RECORD_BYTES:
+            raise ValueError(f"a record holds at most {RECORD_BYTES} bytes, not {len(data)}")
+        number = self.sent
+        header = _HEADER.pack((len(data) + TAG_BYTES) | (_END if end else 0), number)
+        self.sent += 1
+        return header + self._seal.encrypt(_nonce(number), data, header)
+
+    def seal_end(self) -> bytes:
+        return self.seal(b"", end=True)
+
+    def body_bytes(self, header: bytes) -> int:
+        """How many bytes follow ``header``, once its number and length are plausible."""
+        word, number = _HEADER.unpack(header)
+        if self.ended:
+            raise RecordError("a record arrived after the peer's end record")
+        if number != self.received:
+            raise RecordError(f"record {number} arrived where record {self.received} was due: "
+                              "replayed, reordered or dropped on the path")
+        size = int(word) & ~_END
+        if not TAG_BYTES <= size <= RECORD_BYTES + TAG_BYTES:
+            raise RecordError(f"record {number} claims {size} bytes: damaged on the path")
+        return size
+
+    def open(self, header: bytes, body: bytes | bytearray) -> bytes | None:
+        """The plaintext of a received record; None for the peer's end record."""
+        from cryptography.exceptions import InvalidTag
+
+        if len(body) != self.body_bytes(header):
+            raise RecordError(f"record {self.received} was cut short")
+        word, number = _HEADER.unpack(header)
+        try:
+            data = self._open.decrypt(_nonce(number), body, header)
+        except InvalidTag as err:
+            raise RecordError(f"record {number} does not authenticate: damaged or forged on the "
+                              "path, or sealed with another key") from err
+        self.received += 1
+        if word & _END:
+            self.ended = True
+            return None
+        return data
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes from ``sock``; None at end of stream before the first, RecordError after."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise RecordError(f"the stream ended inside a record ({got} of {n} bytes): cut on "
+                              "the path")
+        got += k
+    return buf
+
+
+def recv_record(sock: socket.socket, records: Records) -> bytes | None:
+    """The next record's plaintext from ``sock``; None once the peer's end record is opened.
+    RecordError for anything else, a stream that ends without its end record included."""
+    header = _read_exact(sock, Records.HEADER_BYTES)
+    if header is None:
+        raise RecordError("the stream ended without the peer's end record: cut on the path")
+    body = _read_exact(sock, records.body_bytes(bytes(header)))
+    if body is None:
+        raise RecordError(f"the stream ended inside record {records.received}: cut on the path")
+    return records.open(bytes(header), body)
+
+
+@dataclass
+class Channel:
+    """A connection that passed the handshake, and how its stream is protected: CRIU's TLS
+    (``records`` None), or this side's ``Records`` (keys from both nonces)."""
+
+    sock: socket.socket
+    peer: str
+    records: Records | None
+
+    @property
+    def tls(self) -> bool:
+        return self.records is None
+
+    @property
+    def protection(self) -> str:
+        return "tls" if self.records is None else "aes-gcm"
+
+    @classmethod
+    def open(cls, sock: socket.socket, peer: str, key: bytes, image: str, server_nonce: bytes,
+             client_nonce: bytes, *, tls: bool, source: bool) -> Channel:
+        if tls:
+            return cls(sock, peer, None)
+        keys = session_keys(key, image, server_nonce, client_nonce)
+        return cls(sock, peer, Records(keys.to_dest, keys.to_source) if source
+                   else Records(keys.to_source, keys.to_dest))
 
 
 # --- the certificate (pure) ----------------------------------------------------------------------
@@ -267,7 +431,7 @@ def _listen(address: str, port: int) -> socket.socket:
     return sock
 
 
-OnChannel = Callable[[socket.socket, str, bool], None]  # (connection, peer, TLS asked)
+OnChannel = Callable[[Channel], None]
 
 
 class Listener:
@@ -355,8 +519,8 @@ class Listener:
     def _vet(self, conn: socket.socket, peer: str) -> None:
         try:
             try:
-                _, tls = serve_handshake(conn, self.key, self.image, self.nonce,
-                                         timeout=self.handshake_timeout)
+                client_nonce, tls = serve_handshake(conn, self.key, self.image, self.nonce,
+                                                    timeout=self.handshake_timeout)
             except PageChannelError as err:
                 conn.close()
                 self._refuse(peer, err.msg)
@@ -372,7 +536,8 @@ class Listener:
             self.close("connected")
             log.info("page channel of image %s: %s proved itself", self.image, peer)
             conn.settimeout(None)  # blocking again: CRIU gets the fd as it is
-            self._on_channel(conn, peer, tls)
+            self._on_channel(Channel.open(conn, peer, self.key, self.image, self.nonce,
+                                          client_nonce, tls=tls, source=False))
         finally:
             with self._lock:
                 self._pending -= 1
@@ -400,30 +565,167 @@ def _proc_net_uid(local: tuple[str, int], remote: tuple[str, int]) -> int | None
     return None
 
 
-class Relay:
-    """A loopback port that CRIU's dump connects to (with TLS), joined byte for byte to the
-    authenticated ``upstream`` connection. Only a connection owned by root (the uid CRIU runs
-    as) is joined: another local user's is refused and the relay keeps waiting for CRIU's."""
+class Joint:
+    """Joins ``local`` (CRIU's side) to ``net`` (the channel), both ways, on a thread each. With
+    ``records``, what ``local`` sends goes out sealed and what ``net`` brings is opened before
+    ``local`` sees it; without, bytes pass as they are (CRIU's TLS is on the wire).
 
-    def __init__(self, upstream: socket.socket, *, wait: float = 600.0) -> None:
+    Ends: a side that ends its stream has the other side's writing end shut (after the end
+    record, with ``records``), so each CRIU reads to the end of what was sent before its EOF.
+    Anything wrong (a record that fails, a stream cut short, a socket error) aborts: both
+    sockets are shut both ways, so both CRIUs fail rather than take half a stream, and the
+    reason is logged and kept in ``error``. Sockets are closed when both directions are done."""
+
+    def __init__(self, local: socket.socket, net: socket.socket, records: Records | None,
+                 label: str) -> None:
+        self.local, self.net, self.records, self.label = local, net, records, label
+        self.bytes_out = 0  # to the network, as sent on the wire
+        self.bytes_in = 0  # from the network, as received on the wire
+        self.error: str | None = None
+        self.local_done = False  # the local side ended its stream
+        self.net_ended = False  # the network side ended its stream before the local side did
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._running = 2
+        self._threads = [
+            threading.Thread(target=self._run, args=(self._outbound, "to the peer"),
+                             name=f"page-joint-out-{label}", daemon=True),
+            threading.Thread(target=self._run, args=(self._inbound, "from the peer"),
+                             name=f"page-joint-in-{label}", daemon=True)]
+
+    def start(self) -> Joint:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _outbound(self) -> None:
+        while data := self.local.recv(RECORD_BYTES):
+            wire = data if self.records is None else self.records.seal(data)
+            self.net.sendall(wire)
+            self.bytes_out += len(wire)
+        self.local_done = True
+        if self.records is not None:
+            end = self.records.seal_end()
+            self.net.sendall(end)
+            self.bytes_out += len(end)
+        _shut(self.net, socket.SHUT_WR)
+
+    def _inbound(self) -> None:
+        while True:
+            if self.records is None:
+                data: bytes | None = self.net.recv(RECORD_BYTES)
+                self.bytes_in += len(data or b"")
+            else:
+                data = recv_record(self.net, self.records)
+                self.bytes_in += Records.HEADER_BYTES + TAG_BYTES + len(data or b"")
+            if not data:
+                break
+            self.local.sendall(data)
+        if not self.local_done and not self._closed.is_set():
+            self.net_ended = True
+        _shut(self.local, socket.SHUT_WR)
+
+    def _run(self, body: Callable[[], None], way: str) -> None:
+        try:
+            body()
+        except (OSError, PageChannelError) as err:
+            self._abort(way, err)
+        finally:
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self.local.close()
+                self.net.close()
+
+    def _abort(self, way: str, err: OSError | PageChannelError) -> None:
+        why = err.msg if isinstance(err, PageChannelError) else (err.strerror or str(err))
+        with self._lock:
+            first = self.error is None and not self._closed.is_set()
+            if first:
+                self.error = f"{way}: {why}"
+        if first:
+            log.error("page channel of %s (%s): %s: aborting the transfer", self.label,
+                      self.protection, self.error)
+        _shut(self.local, socket.SHUT_RDWR)
+        _shut(self.net, socket.SHUT_RDWR)
+
+    @property
+    def protection(self) -> str:
+        return "tls" if self.records is None else "aes-gcm"
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for both directions to end; whether they did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def close(self) -> None:
+        self._closed.set()
+        for s in (self.local, self.net):
+            _shut(s, socket.SHUT_RDWR)
+        if any(t.ident is not None for t in self._threads):
+            self.join(timeout=5)
+        self.local.close()
+        self.net.close()
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+def criu_end(chan: Channel, label: str) -> tuple[socket.socket, Joint | None]:
+    """The destination's socket for CRIU's page server (``ps.fd``): with CRIU's TLS, the
+    channel's own; with the agents' records, one end of a UNIX socketpair whose other end a
+    ``Joint`` (not started: start it once CRIU holds its end) joins to the channel. The caller
+    closes its copy of the returned socket once CRIU has it."""
+    if chan.records is None:
+        return chan.sock, None
+    theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return theirs, Joint(ours, chan.sock, chan.records, label)
+
+
+class Relay:
+    """A loopback port that CRIU's dump connects to, joined (``Joint``) to the authenticated
+    ``upstream`` connection: byte for byte under CRIU's TLS, or sealed into ``records``. Only
+    a connection owned by root (the uid CRIU runs as) is joined: another local user's is
+    refused and the relay keeps waiting for CRIU's."""
+
+    def __init__(self, upstream: socket.socket, records: Records | None = None, *,
+                 wait: float = 600.0, label: str = "a dump") -> None:
         self.upstream = upstream
+        self.records = records
+        self.label = label
         self.wait = wait
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(4)
         self.port = int(self._sock.getsockname()[1])
         self.refused = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.error: str | None = None
-        self.upstream_closed = False  # the destination ended the stream before CRIU did
-        self._local_done = False
+        self.joint: Joint | None = None
         self._closed = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._local: socket.socket | None = None
-        t = threading.Thread(target=self._run, name="page-relay", daemon=True)
-        self._threads.append(t)
-        t.start()
+        self._thread = threading.Thread(target=self._run, name="page-relay", daemon=True)
+        self._thread.start()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.joint.bytes_out if self.joint is not None else 0
+
+    @property
+    def bytes_down(self) -> int:
+        return self.joint.bytes_in if self.joint is not None else 0
+
+    @property
+    def error(self) -> str | None:
+        return self.joint.error if self.joint is not None else None
+
+    @property
+    def upstream_closed(self) -> bool:
+        """The destination ended the stream before CRIU did."""
+        return self.joint is not None and self.joint.net_ended
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.wait
@@ -442,46 +744,23 @@ class Relay:
                             addr[0], addr[1], uid)
                 conn.close()
                 continue
-            self._local = conn
+            conn.settimeout(None)
             self._sock.close()
-            up = threading.Thread(target=self._pipe, args=(conn, self.upstream, "up"),
-                                  name="page-relay-up", daemon=True)
-            down = threading.Thread(target=self._pipe, args=(self.upstream, conn, "down"),
-                                    name="page-relay-down", daemon=True)
-            self._threads += [up, down]
-            up.start()
-            down.start()
+            if self._closed.is_set():
+                conn.close()
+                return
+            self.joint = Joint(conn, self.upstream, self.records, self.label).start()
             return
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, way: str) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 18)
-                if not data:
-                    if way == "up":
-                        self._local_done = True
-                    elif not self._local_done and not self._closed.is_set():
-                        self.upstream_closed = True
-                    break
-                dst.sendall(data)
-                if way == "up":
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
-        except OSError as err:
-            if not self._closed.is_set() and self.error is None:
-                self.error = f"{way}: {err.strerror or err}"
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         self._closed.set()
-        for s in (self._sock, self._local, self.upstream):
-            if s is None:
-                continue
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self.joint is not None:
+            self.joint.close()
+        else:
+            _shut(self.upstream, socket.SHUT_RDWR)
+            self.upstream.close()

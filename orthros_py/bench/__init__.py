@@ -1,1 +1,2 @@
-"""Workloads and measurement shared by the demo, the benchmarks in scripts/ and the tests."""
+"""Benchmark runners and their rendering (the workloads they start live in
+``orthros_py.workloads``)."""

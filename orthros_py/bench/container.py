@@ -1,6 +1,6 @@
 """The Orthros paper's container migration, timed part by part (seed 000's table).
 
-The workload (``orthros_py.bench.unixpair``): two processes in their own PID, UTS, IPC and mount
+The workload (``orthros_py.workloads.unixpair``): two processes in their own PID, UTS, IPC and mount
 namespaces, each holding N accepted UNIX stream sockets to the other and exchanging messages on
 all of them, in cgroups that limit CPU cores (cpuset) and CPU time (cpu quota). It is migrated
 between the lab's hosts back and forth with ``orthros_py.policies.migrate`` and each migration is
@@ -14,7 +14,7 @@ split into the paper's parts:
 - *whole*: dump to running on the destination (dump, transfer, address move, restore).
 
 CRIU's parts come from its level-4 log, read from the images both hosts keep (see
-``criulog.part_times``: the time between consecutive lines of a part in one task; a lower
+``criu.log.part_times``: the time between consecutive lines of a part in one task; a lower
 bound). Level 4 logging costs time of its own, so every repetition also runs one migration at
 level 2, from which the *whole* times are taken. Needs root.
 """
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orthros_py.bench.criulog import part_times_in
 from orthros_py.bench.stats import fmt_ms, median
+from orthros_py.criu.log import part_times_in
 
 # Seed 000 (Orthros), its table of one container failover, ms.
 PAPER_MS: dict[str, float] = {"cgroup": 287.90, "namespaces": 0.02, "unix": 0.97,
@@ -297,8 +297,8 @@ class ContainerBench:
         return [fs.dir(g.hierarchy, g.path) for g in groups]
 
     def run(self) -> list[Run]:
-        from orthros_py.bench.unixpair import max_restorable_sockets, start
         from orthros_py.errors import OrthrosError
+        from orthros_py.workloads.unixpair import max_restorable_sockets, start
 
         limit = max_restorable_sockets()
         too_many = [n for n in self.config.sockets if n > limit]

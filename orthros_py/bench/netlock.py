@@ -7,7 +7,7 @@ keep-alive connections busy. One run: a fresh nginx, C established connections, 
 more of traffic, then ab is stopped with SIGINT and its report read. Methods: CRIU's
 ``iptables`` and ``nftables``, orthros's ``xdp`` (BPF map writes), and ``none`` (nobody locks:
 the floor). Each phase is split into CRIU's own part and the lock: for iptables/nftables the
-time CRIU spent in its lock calls, read from its own log at level 4 (``criulog``); for xdp the
+time CRIU spent in its lock calls, read from its own log at level 4 (``criu.log``); for xdp the
 map writes orthros timed itself.
 
 Interfaces: pyroute2 (network namespace, veth, addresses), nsenter (ab inside the namespace, no
@@ -55,8 +55,8 @@ from orthros_py.errors import (
     NotRootError,
     OrthrosError,
 )
-from orthros_py.netlock.base import Conn
-from orthros_py.netlock.tree import NetworkLock
+from orthros_py.net.conn import Conn
+from orthros_py.netlock.method import NetworkLock
 from orthros_py.proc.tree import alive, kill_tree, reap
 from orthros_py.run import run
 
@@ -64,7 +64,8 @@ from orthros_py.run import run
 
 
 class Method(enum.StrEnum):
-    """A way to keep the connections silent while the tree is away."""
+    """One arm of the benchmark: a ``NetworkLock`` under the name the figures give it ("none"
+    for skip, the floor)."""
 
     IPTABLES = "iptables"  # CRIU: two forks of sh + iptables per connection, lock and unlock
     NFTABLES = "nftables"  # CRIU: libnftables, one set element per direction
@@ -77,7 +78,7 @@ class Method(enum.StrEnum):
 
     @property
     def criu_locks(self) -> bool:
-        return self in (Method.IPTABLES, Method.NFTABLES)
+        return self.lock.criu_locks
 
 
 METHODS: tuple[Method, ...] = tuple(Method)
@@ -762,9 +763,8 @@ class ClientNet:
         self.close()
 
     def open(self) -> None:
-        from pyroute2 import netns as pnetns
-
-        from orthros_py.net.addr import in_netns, iproute
+        from orthros_py.net.addr import in_netns
+        from orthros_py.net.links import add_veth, create_netns, link_up, loopback_up
 
         remove_stale_namespaces()
         if self.subnet is None:
@@ -775,19 +775,13 @@ class ClientNet:
         hosts = list(self.subnet.hosts())
         self.server_ip, self.client_ip = str(hosts[0]), str(hosts[1])
         prefix = self.subnet.prefixlen
-        pnetns.create(self.name)
+        create_netns(self.name)
         self.made = True
-        with iproute(None) as ipr:
-            ipr.link("add", ifname=self.host_if, kind="veth",
-                     peer={"ifname": "eth0", "net_ns_fd": self.path})
-            idx = ipr.link_lookup(ifname=self.host_if)[0]
-            ipr.addr("add", index=idx, address=self.server_ip, prefixlen=prefix)
-            ipr.link("set", index=idx, ifalias=f"orthros bench {self.name}", state="up")
-        with iproute(self.name) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=idx, address=self.client_ip, prefixlen=prefix)
-            ipr.link("set", index=idx, state="up")
+        add_veth(None, self.host_if, peer="eth0", peer_netns=self.name)
+        link_up(None, self.host_if, address=ipaddress.IPv4Interface(f"{self.server_ip}/{prefix}"),
+                alias=f"orthros bench {self.name}")
+        loopback_up(self.name)
+        link_up(self.name, "eth0", address=ipaddress.IPv4Interface(f"{self.client_ip}/{prefix}"))
         # Many runs of many connections from one client: a wide port range, so that the
         # TIME_WAITs of earlier runs never run it dry. This namespace's own setting.
         with in_netns(self.name), open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
@@ -804,16 +798,12 @@ class ClientNet:
 
 def _remove_net(name: str, host_if: str) -> None:
     from pyroute2 import NetlinkError
-    from pyroute2 import netns as pnetns
 
-    from orthros_py.net.addr import iproute
+    from orthros_py.net.links import delete_link, remove_netns
 
-    with contextlib.suppress(NetlinkError, OSError, OrthrosError), iproute(None) as ipr:
-        found = ipr.link_lookup(ifname=host_if)
-        if found:
-            ipr.link("del", index=found[0])
-    if Path(f"/run/netns/{name}").exists():
-        pnetns.remove(name)
+    with contextlib.suppress(NetlinkError, OSError, OrthrosError):
+        delete_link(None, host_if)
+    remove_netns(name)
 
 
 def remove_stale_namespaces() -> list[str]:
@@ -1087,20 +1077,16 @@ Progress = Callable[[str], None]
 def _reason(err: BaseException, log: Path | None = None) -> str:
     """One line for the table: the error, and for CRIU, when the error itself says little
     (a CRIU that aborts leaves only "exited in the middle"), where its log stops."""
-    from orthros_py.bench.criulog import lock_spans_in
-    from orthros_py.criu.session import main_reason
+    from orthros_py.criu.log import lock_spans, main_reason, read_lines
 
     if not isinstance(err, OrthrosError):
         return f"{type(err).__name__}: {err}"
     text = err.msg
     if not isinstance(err, CriuError) or main_reason(err.log_tail) or log is None:
         return text
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return text
+    lines = read_lines(log)
     last = [ln.strip() for ln in lines if ln.startswith("(")][-1:]
-    spans = lock_spans_in(log)
+    spans = lock_spans(lines)
     if spans.calls and last and "Running " in last[0]:
         return (f"{text}: CRIU died inside its {spans.calls}th {spans.tool} lock call "
                 f"({last[0].split('[', 1)[-1].rstrip(']')[:100]})")
@@ -1200,17 +1186,16 @@ class NetlockBench:
         finally:
             lock = XdpNetLock()
             try:
-                st = lock.status()
-                if not existed and not st.conns and not st.attachments:
-                    lock.flush()
+                if not existed:
+                    lock.flush_if_unused()
             finally:
                 lock.close()
 
     # -- one run ------------------------------------------------------------------------------
 
     def run_one(self, item: PlannedRun, seq: int) -> RunRecord:
-        from orthros_py.bench.criulog import lock_spans_in
         from orthros_py.checkpoint import dump_tree, restore_tree
+        from orthros_py.criu.log import lock_spans_in
         from orthros_py.criu.request import DumpOptions, RestoreOptions
 
         assert self.net is not None and self.tmp is not None

@@ -17,13 +17,9 @@ from types import FrameType
 import click
 
 from orthros_py.agent.auth import DEFAULT_KEY_PATH, REPLAY_WINDOW, load_key, write_key
-from orthros_py.agent.protocol import (
-    DEFAULT_PORT,
-    PROTOCOL_VERSION,
-    format_endpoint,
-    parse_endpoint,
-)
+from orthros_py.agent.protocol import DEFAULT_PORT, PROTOCOL_VERSION
 from orthros_py.cli.context import Env
+from orthros_py.net.conn import format_endpoint, parse_endpoint
 
 DEFAULT_IMAGES_ROOT = Path("/var/lib/orthros/images")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -68,7 +64,7 @@ def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | 
     from orthros_py.agent.server import AgentServer
 
     try:
-        host, port = parse_endpoint(listen)
+        host, port = parse_endpoint(listen, listen=True)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--listen") from err
     log = _log_to(env, verbose)

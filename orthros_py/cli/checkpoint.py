@@ -20,7 +20,8 @@ from orthros_py.criu.request import (
     check_external,
     parse_size,
 )
-from orthros_py.netlock.tree import NetworkLock, default_method
+from orthros_py.netlock.method import NetworkLock
+from orthros_py.netlock.tree import default_method
 from orthros_py.proc.tree import read_namespaces
 
 CG_MODES = [m.value for m in CgroupMode]

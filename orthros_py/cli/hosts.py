@@ -28,7 +28,7 @@ from orthros_py.inventory import INVENTORY_ENV, Inventory, load_inventory
 
 if TYPE_CHECKING:
     from orthros_py.agent.client import AgentClient
-    from orthros_py.policies.migrate import Host
+    from orthros_py.policies.hosts import Host
 
 inventory_option = click.option(
     "--inventory", type=click.Path(path_type=Path, dir_okay=False), envvar=INVENTORY_ENV,
@@ -68,7 +68,7 @@ class Cluster:
                            timeout=timeout or CALL_TIMEOUT, connector=self.connector(name))
 
     def host(self, name: str) -> Host:
-        from orthros_py.policies.migrate import Host
+        from orthros_py.policies.hosts import Host
 
         h = self.inventory.host(name)
         return Host(name, self.client(name), h.address, h.agent_port)
@@ -166,9 +166,11 @@ def hosts(env: Env, inventory: Path | None, key_path: Path | None, journal_dir: 
     if as_json:
         env.emit_json({"inventory": str(cluster.inventory.source), "key": str(cluster.key_path),
                        "hosts": rows,
+                       # every policy's, each with its hosts by role (migrate's: source, dest)
                        "interrupted_migrations": [
-                           {"image": e.image, "pid": e.pid, "source": e.source.name,
-                            "dest": e.dest.name, "stage": e.stage} for e in pending]})
+                           {"image": e.id, "pid": e.pid,
+                            **{role: ref.name for role, ref in e.hosts.items()},
+                            "stage": e.stage} for e in pending]})
         return
     table = Table(title=f"hosts of {cluster.inventory.source}", title_justify="left")
     for col in ("host", "address", "agent", "orthros", "CRIU", "kernel", "check", "services"):
@@ -201,9 +203,9 @@ def hosts(env: Env, inventory: Path | None, key_path: Path | None, journal_dir: 
             env.console.print(f"[yellow]{r['name']} holds {s}, which the inventory does not "
                               "give it[/]")
     for e in pending:
-        env.console.print(f"[red]interrupted migration {e.image}[/]: pid {e.pid} from "
-                          f"{e.source.name} to {e.dest.name}, stopped during {e.stage}; "
-                          "run orthros recover", soft_wrap=True)
+        env.console.print(f"[red]interrupted {e.kind} {e.id}[/]: {escape(e.title)}, stopped "
+                          f"during {e.stage}; run orthros recover (or orthros recover --forget "
+                          f"{e.id} if its hosts are gone for good)", soft_wrap=True)
 
 
 COMMANDS = [hosts]

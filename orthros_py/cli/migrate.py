@@ -17,53 +17,16 @@ from rich.table import Table
 from orthros_py.cli.checkpoint import Size, check_externals, external_option, file_locks_option
 from orthros_py.cli.context import Env
 from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
+from orthros_py.cli.progress import ProgressView
 from orthros_py.criu.request import CgroupMode
 
 if TYPE_CHECKING:
-    from orthros_py.policies.migrate import Event, MigrationResult
+    from orthros_py.policies.migrate import MigrationResult
 
 LOCKS = ("xdp", "nftables", "iptables", "skip")
 # The rows of the timings table (the policy measures a few more; --json has them all).
 TABLE_ROWS = ("lock", "dump", "transfer", "address move", "restore", "unlock", "total")
 EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "criu restore")
-
-
-class ProgressView:
-    """Renders the policy's events: a spinner on the running stage, a line per finished one."""
-
-    def __init__(self, env: Env, quiet: bool) -> None:
-        self.env = env
-        self.quiet = quiet
-        self.status = env.console.status("starting")
-
-    def __enter__(self) -> ProgressView:
-        if not self.quiet:
-            self.status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.status.stop()
-
-    def __call__(self, ev: Event) -> None:
-        from orthros_py.policies.migrate import Stage
-
-        if self.quiet:
-            return
-        con = self.env.console
-        name = ev.stage.value
-        if ev.kind == "start":
-            if ev.stage is Stage.ROLLBACK:
-                con.print(f"[bold red]rolling back[/]: {escape(ev.message)}")
-            self.status.update(f"{name} ...")
-        elif ev.kind == "done" and ev.stage is not Stage.DONE:
-            ms = f"{ev.elapsed_ms:9.1f} ms" if ev.elapsed_ms is not None else ""
-            colour = "yellow" if ev.stage in (Stage.ROLLED_BACK, Stage.FAILED) else "green"
-            con.print(f"[{colour}]\u2713[/] {name:<13} {ms}")
-        elif ev.kind == "failed":
-            con.print(f"[red]\u2717[/] {name:<13} {escape(ev.message)}")
-        elif ev.kind == "note":
-            where = f"{ev.host}: " if ev.host else ""
-            con.print(f"  [dim]{escape(where + ev.message)}[/]")
 
 
 @click.command()
@@ -204,58 +167,4 @@ def render_result(env: Env, r: MigrationResult) -> None:
         con.print(f"[yellow]warning:[/] {escape(w)}")
 
 
-@click.command()
-@click.argument("image", required=False)
-@inventory_option
-@key_option
-@journal_option
-@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-@click.pass_obj
-def recover(env: Env, image: str | None, inventory: Path | None, key_path: Path | None,
-            journal_dir: Path | None, as_json: bool) -> None:
-    """Finish or undo migrations whose `orthros migrate` died half way (killed, crashed, its
-    session lost): from the journal it kept, finish one whose destination already runs the
-    tree, roll back any other, so that nothing stays stopped, locked or moved. IMAGE picks one
-    (`orthros recover` alone lists and handles them all)."""
-    from orthros_py.policies.journal import Journal
-    from orthros_py.policies.migrate import Migration
-
-    journal = Journal(journal_dir) if journal_dir else Journal()
-    entries = [journal.read(image)] if image else journal.entries()
-    waiting = [e for e in entries if e.coordinator_alive()]
-    todo = [e for e in entries if not e.coordinator_alive()]
-    for e in waiting:
-        env.console.print(f"migration {e.image} of pid {e.pid} is still running "
-                          f"(orthros migrate, pid {e.coordinator}): left alone")
-    if not todo:
-        if not waiting:
-            env.console.print(f"no interrupted migration in {journal.directory}")
-        if as_json:
-            env.emit_json([])
-        return
-    cluster = open_cluster(inventory, key_path)
-    done = []
-    for e in todo:
-        env.console.print(f"[bold]{e.image}[/]: pid {e.pid} from {e.source.name} to "
-                          f"{e.dest.name}, stopped during {e.stage}")
-        job = Migration.resume(e, cluster.host(e.source.name), cluster.host(e.dest.name),
-                               journal=journal)
-        with ProgressView(env, quiet=as_json) as view:
-            job.observer = view
-            result = job.recover()
-        done.append(result.to_dict())
-        if not as_json:
-            where = (f"pid {result.pid} runs on {result.runs_on}"
-                     + (f" as pid {result.runs_as}" if result.runs_as not in (None, result.pid)
-                        else "")) if result.runs_as is not None else "the tree does not run"
-            style = "green" if result.outcome != "failed" else "red"
-            env.console.print(f"[{style}]{result.outcome}[/]: {where}", soft_wrap=True)
-            for line in result.problems + result.leftovers + result.warnings:
-                env.console.print(f"  [yellow]{escape(line)}[/]", soft_wrap=True)
-    if as_json:
-        env.emit_json(done)
-    if any(d["outcome"] == "failed" for d in done):
-        raise SystemExit(1)
-
-
-COMMANDS = [migrate, recover]
+COMMANDS = [migrate]

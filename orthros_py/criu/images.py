@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycriu import images as pimages
-
 from orthros_py.criu.stats import DumpStats, RestoreStats, dump_stats_from, restore_stats_from
 from orthros_py.errors import BadImageError
 
@@ -602,6 +600,8 @@ class _Reader:
     ) -> list[dict[str, Any]] | None:
         """The entries of image ``name``, or None if the file does not exist."""
         file = self.path / name
+        from pycriu import images as pimages  # lazy: ``orthros --help`` runs without pycriu
+
         try:
             with file.open("rb") as f:
                 img = pimages.load(f, no_payload=no_payload)
@@ -638,6 +638,8 @@ class _Reader:
 
 
 def _reason(err: Exception) -> str:
+    from pycriu import images as pimages
+
     if isinstance(err, pimages.MagicException):
         return f"unknown image magic {err.magic & 0xFFFFFFFF:#010x}"
     if isinstance(err, struct.error):
@@ -646,6 +648,67 @@ def _reason(err: Exception) -> str:
     if type(err).__name__ == "DecodeError":  # google.protobuf's, whichever backend raised it
         return f"its protobuf data is damaged ({text})"
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_dump_stats(path: Path) -> DumpStats | None:
+    """CRIU's ``stats-dump`` of a checkpoint, if CRIU wrote one."""
+    entry = _Reader(path).one_optional("stats-dump", "STATS")
+    return dump_stats_from(entry) if entry else None
+
+
+def read_restore_stats(path: Path) -> RestoreStats | None:
+    """CRIU's ``stats-restore``, written into the image directory by a restore."""
+    entry = _Reader(path).one_optional("stats-restore", "STATS")
+    return restore_stats_from(entry) if entry else None
+
+
+def image_pids(images_dir: Path) -> list[int]:
+    """The PIDs recorded in a checkpoint's process tree; BadImageError if it cannot be read.
+
+    They are the PIDs in the tree's own PID namespace: host PIDs unless the root was the init of
+    a PID namespace of its own (see ``image_has_own_pidns``). Reads inventory and pstree only."""
+    images_dir = images_dir.resolve()
+    if not images_dir.is_dir():
+        raise BadImageError(f"image directory {images_dir} does not exist")
+    for name in ("inventory.img", "pstree.img"):
+        if not (images_dir / name).exists():
+            raise BadImageError(f"{images_dir} holds no checkpoint: {name} is missing")
+    r = _Reader(images_dir)
+    r.one("inventory.img", "INVENTORY")
+    pids: list[int] = []
+    for entry in r.required("pstree.img", "PSTREE"):
+        pids.append(int(entry["pid"]))
+        pids.extend(int(t) for t in entry.get("threads", []) if int(t) != int(entry["pid"]))
+    if not pids:
+        raise BadImageError(f"the checkpoint in {images_dir} has an empty process tree")
+    return pids
+
+
+def _task_ids(images_dir: Path, root_pid: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the dumper's namespace ids, the root task's namespace ids), or None on old images."""
+    r = _Reader(images_dir)
+    inventory = r.one("inventory.img", "INVENTORY")
+    task_ids = r.one_optional(f"ids-{root_pid}.img", "IDS")
+    if "root_ids" not in inventory or task_ids is None:
+        return None
+    return inventory["root_ids"], task_ids
+
+
+def image_has_own_pidns(images_dir: Path, root_pid: int) -> bool:
+    """Whether the checkpoint's root was the init of a PID namespace other than the dumper's:
+    CRIU then restores the tree into a new PID namespace, where its PIDs are free by nature."""
+    ids = _task_ids(images_dir, root_pid)
+    return ids is not None and int(ids[0]["pid_ns_id"]) != int(ids[1]["pid_ns_id"])
+
+
+def image_root_mount(images_dir: Path, root_pid: int) -> dict[str, Any] | None:
+    """The root mount ("/") of the checkpoint's mount namespace if the tree had one of its own
+    (CRIU then rebuilds that namespace), or None if it shared the dumper's."""
+    ids = _task_ids(images_dir, root_pid)
+    if ids is None or int(ids[0]["mnt_ns_id"]) == int(ids[1]["mnt_ns_id"]):
+        return None
+    mounts = _Reader(images_dir).required(f"mountpoints-{ids[1]['mnt_ns_id']}.img", "MNTS")
+    return next((m for m in mounts if m.get("mountpoint") == "/"), None)
 
 
 def read_tcp(path: Path) -> list[TcpSocket]:

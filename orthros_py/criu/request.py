@@ -7,11 +7,15 @@ into protobuf messages, so that every flag the CLI offers is unit-tested without
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pycriu import rpc_pb2 as rpc
+from orthros_py.netlock.method import NetworkLock
+
+if TYPE_CHECKING:
+    from pycriu import rpc_pb2
 
 
 class CgroupMode(enum.StrEnum):
@@ -25,27 +29,35 @@ class CgroupMode(enum.StrEnum):
     IGNORE = "ignore"
 
 
-class CriuNetworkLock(enum.StrEnum):
-    """CRIU's own network lock methods. ``skip`` means CRIU locks nothing and the caller must."""
-
-    IPTABLES = "iptables"
-    NFTABLES = "nftables"
-    SKIP = "skip"
+# The name callers outside netlock used for CRIU's choice; one enum with it.
+CriuNetworkLock = NetworkLock
 
 
-_CG_MODE = {
-    CgroupMode.NONE: rpc.CG_NONE,
-    CgroupMode.PROPS: rpc.PROPS,
-    CgroupMode.SOFT: rpc.SOFT,
-    CgroupMode.FULL: rpc.FULL,
-    CgroupMode.STRICT: rpc.STRICT,
-    CgroupMode.IGNORE: rpc.IGNORE,
-}
-_NET_LOCK = {
-    CriuNetworkLock.IPTABLES: rpc.IPTABLES,
-    CriuNetworkLock.NFTABLES: rpc.NFTABLES,
-    CriuNetworkLock.SKIP: rpc.SKIP,
-}
+
+
+@functools.cache
+def pycriu_rpc() -> Any:
+    """pycriu's ``rpc_pb2``."""
+    # Imported on first use: ``orthros --help`` and the unit tests of the option types run on a
+    # host without pycriu.
+    from pycriu import rpc_pb2
+
+    return rpc_pb2
+
+
+def _cg_mode(mode: CgroupMode) -> int:
+    rpc = pycriu_rpc()
+    return int({CgroupMode.NONE: rpc.CG_NONE, CgroupMode.PROPS: rpc.PROPS,
+                CgroupMode.SOFT: rpc.SOFT, CgroupMode.FULL: rpc.FULL,
+                CgroupMode.STRICT: rpc.STRICT, CgroupMode.IGNORE: rpc.IGNORE}[mode])
+
+
+def _net_lock(method: NetworkLock) -> int:
+    rpc = pycriu_rpc()
+    # xdp: orthros locks, so CRIU is told skip.
+    return int({NetworkLock.IPTABLES: rpc.IPTABLES, NetworkLock.NFTABLES: rpc.NFTABLES,
+                NetworkLock.SKIP: rpc.SKIP}[method.criu])
+
 
 DUMP_LOG = "dump.log"
 GLOBAL_CG_ROOT = "*"  # a cgroup root for every hierarchy not named otherwise
@@ -94,7 +106,7 @@ class CommonOptions:
     shell_job: bool = False
     file_locks: bool = False
     manage_cgroups: CgroupMode = CgroupMode.SOFT
-    network_lock: CriuNetworkLock = CriuNetworkLock.IPTABLES
+    network_lock: NetworkLock = NetworkLock.IPTABLES
     log_level: int = 2
     # External resources, in CRIU's --external syntax (e.g. "mnt[/path]:key").
     external: tuple[str, ...] = ()
@@ -162,7 +174,7 @@ class RestoreOptions(CommonOptions):
     cgroup_yard: str | None = None
 
 
-def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file: str) -> None:
+def _common(opts: rpc_pb2.criu_opts, o: CommonOptions, images_dir_fd: int, log_file: str) -> None:
     opts.images_dir_fd = images_dir_fd
     opts.log_file = log_file
     opts.log_level = o.log_level
@@ -171,8 +183,8 @@ def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file:
     opts.shell_job = o.shell_job
     opts.file_locks = o.file_locks
     opts.manage_cgroups = o.manage_cgroups is not CgroupMode.NONE
-    opts.manage_cgroups_mode = _CG_MODE[o.manage_cgroups]
-    opts.network_lock = _NET_LOCK[o.network_lock]
+    opts.manage_cgroups_mode = _cg_mode(o.manage_cgroups)
+    opts.network_lock = _net_lock(o.network_lock)
     opts.notify_scripts = o.notify
     opts.external.extend(o.external)
     opts.auto_dedup = o.auto_dedup
@@ -180,6 +192,7 @@ def _common(opts: rpc.criu_opts, o: CommonOptions, images_dir_fd: int, log_file:
 
 def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
     """A DUMP request for the tree rooted at ``o.pid``."""
+    rpc = pycriu_rpc()
     if o.pid <= 0:
         raise ValueError("a dump needs the pid of the tree's root")
     req = rpc.criu_req(type=rpc.DUMP)
@@ -206,6 +219,7 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
 
 
 def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:
+    rpc = pycriu_rpc()
     req = rpc.criu_req(type=rpc.RESTORE)
     _common(req.opts, o, images_dir_fd, RESTORE_LOG)
     req.opts.rst_sibling = o.sibling
@@ -225,11 +239,13 @@ def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:
 
 
 def check_request() -> Any:
+    rpc = pycriu_rpc()
     return rpc.criu_req(type=rpc.CHECK, opts=rpc.criu_opts(images_dir_fd=-1))
 
 
 def feature_request() -> Any:
     """Ask which optional features (memory tracking, lazy pages) this kernel gives CRIU."""
+    rpc = pycriu_rpc()
     req = rpc.criu_req(type=rpc.FEATURE_CHECK, opts=rpc.criu_opts(images_dir_fd=-1))
     req.features.mem_track = True
     req.features.lazy_pages = True
@@ -238,6 +254,7 @@ def feature_request() -> Any:
 
 
 def notify_ack(success: bool = True) -> Any:
+    rpc = pycriu_rpc()
     return rpc.criu_req(type=rpc.NOTIFY, notify_success=success)
 
 
@@ -275,6 +292,7 @@ def page_server_request(address: str, port: int, log_level: int, *, fd: int | No
     and exits. With ``fd`` (a connected socket passed into swrk) it listens nowhere and serves
     that connection: CRIU honours ``ps.fd`` only in swrk mode.
     """
+    rpc = pycriu_rpc()
     req = rpc.criu_req(type=rpc.PAGE_SERVER_CHLD)
     req.opts.images_dir_fd = -1  # set by CriuSession.call
     req.opts.log_file = log_file

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -17,81 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pycriu import rpc_pb2 as rpc
-
 from orthros_py.criu.binary import CriuBinary, find_criu
-from orthros_py.criu.request import TlsFiles, apply_tls
+from orthros_py.criu.log import advice, log_tail, main_reason
+from orthros_py.criu.request import TlsFiles, apply_tls, notify_ack, pycriu_rpc
 from orthros_py.errors import CriuError, OperationTimeout, OrthrosError
 
 # Called with (script name, pid) for each CRIU notification; raising refuses it, which aborts CRIU.
 NotifyHook = Callable[[str, int], None]
 
-_REQ_NAMES = {rpc.DUMP: "dump", rpc.RESTORE: "restore", rpc.CHECK: "check",
-              rpc.FEATURE_CHECK: "feature check", rpc.PRE_DUMP: "pre-dump",
-              rpc.PAGE_SERVER_CHLD: "page server start"}
+
+def _req_name(req_type: int) -> str:
+    rpc = pycriu_rpc()
+    return {rpc.DUMP: "dump", rpc.RESTORE: "restore", rpc.CHECK: "check",
+            rpc.FEATURE_CHECK: "feature check", rpc.PRE_DUMP: "pre-dump",
+            rpc.PAGE_SERVER_CHLD: "page server start"}.get(req_type, "request")
+
+
 _MAX_MSG = 1 << 20
-
-
-# Error lines that say nothing about why a request failed.
-_NOISE = (
-    # CRIU tries to raise its own RLIMIT_NOFILE; without CAP_SYS_RESOURCE that fails harmlessly.
-    "Can't setup RLIMIT_NOFILE for self",
-    "Dumping FAILED",
-    "Restoring FAILED",
-    "Pre-dumping FAILED",
-)
-_PREFIX = re.compile(
-    r"^\s*(?:\(?[\d.]+\)?\s*)?(?:\d+: )?(?:pie: \d+: )?(?:Error|Warn) \([^)]*\):\s*")
-
-
-def log_tail(path: Path, lines: int = 8) -> list[str]:
-    """The last lines of a CRIU log, errors first: what a user needs to see of a refusal."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    errors = [ln for ln in text if "Error (" in ln]
-    tail = errors[-lines:] if errors else text[-lines:]
-    return [ln.rstrip() for ln in tail]
-
-
-def main_reason(tail: list[str]) -> str:
-    """The first error line of a CRIU log (the cause; later ones are its echoes), unadorned."""
-    for line in tail:
-        if "Error (" in line and not any(n in line for n in _NOISE):
-            return _PREFIX.sub("", line.strip()).rstrip(".")
-    return ""
-
-
-# CRIU reasons that have a plain cause and remedy on orthros's side.
-_ADVICE = (
-    (re.compile(r"Unix socket \S+ without peer"),
-     "a UNIX socket of the tree is connected to a process outside it: allow such external "
-     "sockets with --ext-unix-sk"),
-    (re.compile(r"Some file locks are hold by dumping tasks"),
-     "the tree holds file locks (flock, POSIX or OFD): pass --file-locks to dump and restore "
-     "them"),
-    (re.compile(r"Can't dump ghost file .* size, increase limit"),
-     "the tree holds open a deleted file larger than CRIU's ghost limit (1 MiB unless "
-     "raised): raise --ghost-limit above its size"),
-    (re.compile(r"Can't create link remap for"),
-     "the tree holds open, or watches with inotify, a file unlinked from the path it was "
-     "opened by but linked elsewhere: pass --link-remap to let CRIU link it back"),
-    (re.compile(r"The root process \d+ is not a session leader"),
-     "the tree's root does not lead a session of its own: start it with setsid, or pass "
-     "--shell-job"),
-    (re.compile(r"A session leader of .* is outside of its pid namespace"),
-     "the tree's session leader is outside the tree's PID namespace: start the namespace's "
-     "init with setsid (unshare --pid --fork setsid CMD)"),
-    (re.compile(r"In-flight connection \(l\)"),
-     "a listening socket of the tree holds connections not yet accepted: pass "
-     "--skip-in-flight to drop them (their clients connect again)"),
-    (re.compile(r"Unaccessible path opened"),
-     "a file the tree holds open is no longer what its path names (a device node hidden by a "
-     "remount?): for the same device under that path, pass --evasive-devices"),
-    (re.compile(r"Connected TCP socket, consider using"),
-     "the tree has established TCP connections: pass --tcp-established to carry them"),
-)
 
 
 class CriuSession:
@@ -114,7 +55,7 @@ class CriuSession:
         on_notify: NotifyHook | None = None,
         pid: int | None = None,
     ) -> Any:
-        what = _REQ_NAMES.get(req.type, "request")
+        what = _req_name(req.type)
         dir_fd = -1
         if images_dir is not None:
             dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
@@ -179,9 +120,9 @@ class CriuSession:
                     stage=what) from err
             if not buf:
                 raise CriuError(f"CRIU exited in the middle of the {what}", pid=pid, stage=what)
-            resp = rpc.criu_resp()
+            resp = pycriu_rpc().criu_resp()
             resp.ParseFromString(buf)
-            if resp.type != rpc.NOTIFY:
+            if resp.type != pycriu_rpc().NOTIFY:
                 if hook_error is not None and not resp.success:
                     # CRIU failed because our hook refused: the hook's reason is the real one.
                     raise hook_error
@@ -192,7 +133,7 @@ class CriuSession:
                     on_notify(resp.notify.script, resp.notify.pid)
                 except Exception as err:  # refused notification: CRIU aborts and rolls back
                     hook_error, ok = err, False
-            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+            sk.send(notify_ack(ok).SerializeToString())
 
     def _error(
         self, req: Any, resp: Any, what: str, images_dir: Path | None, pid: int | None
@@ -208,9 +149,9 @@ class CriuSession:
                 reason = os.strerror(errno)
         target = f" of pid {pid}" if pid else ""
         msg = f"CRIU refused the {what}{target}: {reason or 'no reason given'}"
-        advice = next((a for pattern, a in _ADVICE if reason and pattern.search(reason)), None)
-        if advice:
-            msg = f"{msg} ({advice})"
+        fix = advice(reason)
+        if fix:
+            msg = f"{msg} ({fix})"
         return CriuError(
             msg, errno=errno, log_tail=tail, log_path=str(log_path) if log_path else None,
             pid=pid, stage=what,

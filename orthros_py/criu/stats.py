@@ -1,4 +1,5 @@
-"""CRIU's per-run statistics (``stats-dump`` and ``stats-restore`` images), read through pycriu.
+"""CRIU's per-run statistics (``stats-dump`` and ``stats-restore`` images), from their entries
+(``criu/images.py`` reads the files).
 
 CRIU records its phases in microseconds; these classes give milliseconds.
 """
@@ -6,10 +7,7 @@ CRIU records its phases in microseconds; these classes give milliseconds.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
-
-from pycriu import images as pimages
 
 
 @dataclass(frozen=True)
@@ -38,15 +36,6 @@ class RestoreStats:
         return asdict(self)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    with path.open("rb") as f:
-        img = pimages.load(f)
-    entries = img.get("entries") or []
-    return entries[0] if entries else None
-
-
 def dump_stats_from(entry: dict[str, Any]) -> DumpStats:
     d = entry.get("dump", {})
     return DumpStats(
@@ -69,13 +58,3 @@ def restore_stats_from(entry: dict[str, Any]) -> RestoreStats:
         pages_compared=int(r.get("pages_compared", 0)),
         pages_restored=int(r.get("pages_restored", 0)),
     )
-
-
-def read_dump_stats(images_dir: Path) -> DumpStats | None:
-    entry = _load(images_dir / "stats-dump")
-    return dump_stats_from(entry) if entry else None
-
-
-def read_restore_stats(images_dir: Path) -> RestoreStats | None:
-    entry = _load(images_dir / "stats-restore")
-    return restore_stats_from(entry) if entry else None

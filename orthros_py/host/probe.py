@@ -40,6 +40,7 @@ from typing import Any
 from orthros_py.criu.binary import FIX as CRIU_FIX
 from orthros_py.criu.binary import MIN_VERSION, CriuBinary, find_criu
 from orthros_py.errors import MissingFeatureError, OrthrosError
+from orthros_py.host.caps import CAP_SYS_RESOURCE, has_cap, parse_cap_eff
 from orthros_py.run import run
 
 # Items without which orthros cannot dump or restore anything: `orthros check` fails on them.
@@ -48,7 +49,6 @@ REQUIRED = ("root", "criu", "criu_check")
 SETUP_FIX = "run 'make setup'"
 # Where Debian keeps root's tools; a non-root PATH (or a service's) often lacks them.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
-CAP_SYS_RESOURCE = 24  # include/uapi/linux/capability.h
 
 ProgressHook = Callable[[str], None]
 
@@ -154,18 +154,6 @@ def missing_error(report: Report) -> MissingFeatureError | None:
 
 
 # --- pure parsers (unit-tested) -------------------------------------------------------------
-
-
-def parse_cap_eff(status_text: str) -> int:
-    """The effective capability mask from the text of /proc/PID/status."""
-    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", status_text, re.MULTILINE)
-    if m is None:
-        raise ValueError("no CapEff line in the process status")
-    return int(m.group(1), 16)
-
-
-def has_cap(mask: int, cap: int) -> bool:
-    return bool(mask >> cap & 1)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,7 @@ import contextlib
 import enum
 import errno
 import fcntl
-import importlib
 import importlib.util
-import inspect
 import ipaddress
 import json
 import os
@@ -41,7 +39,6 @@ from typing import Any, TypeVar
 
 import psutil
 from pyroute2 import NetlinkError
-from pyroute2 import netns as pyroute2_netns
 
 from orthros_py.errors import MissingFeatureError, NotRootError, OperationTimeout, OrthrosError
 from orthros_py.inventory import Inventory, LabSettings, inventory_path, load_inventory
@@ -56,6 +53,15 @@ from orthros_py.net.addr import (
     netns_exists,
     netns_path,
 )
+from orthros_py.net.links import (
+    add_bridge,
+    add_veth,
+    create_netns,
+    link_up,
+    loopback_up,
+    remove_netns,
+)
+from orthros_py.proc.tree import ProcessRef
 from orthros_py.run import run
 
 T = TypeVar("T")
@@ -113,14 +119,9 @@ class LabHost:
         return netns_path(self.netns)
 
     def agent_alive(self) -> bool:
-        if self.agent_pid is None:
+        if self.agent_pid is None or self.agent_create_time is None:
             return False
-        try:
-            proc = psutil.Process(self.agent_pid)
-            return (proc.create_time() == self.agent_create_time
-                    and proc.status() != psutil.STATUS_ZOMBIE)
-        except psutil.NoSuchProcess:
-            return False
+        return ProcessRef(self.agent_pid, self.agent_create_time).alive()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -549,12 +550,10 @@ class Lab:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (state_dir / MARKER).write_text("made by orthros lab up; removed by orthros lab down\n")
 
-        pyroute2_netns.create(s.bridge_netns)
-        with iproute(s.bridge_netns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.link("add", ifname=s.bridge, kind="bridge")
-            br = ipr.link_lookup(ifname=s.bridge)[0]
-            ipr.link("set", index=br, ifalias=f"{ALIAS}bridge", state="up")
+        create_netns(s.bridge_netns)
+        loopback_up(s.bridge_netns)
+        add_bridge(s.bridge_netns, s.bridge)
+        link_up(s.bridge_netns, s.bridge, alias=f"{ALIAS}bridge")
 
         hosts = [LabHost(h.name, Role.HOST, s.netns_prefix + h.name, h.interface, h.agent_port)
                  for h in inv.hosts]
@@ -608,10 +607,8 @@ class Lab:
             proc = self.popen(h, argv, stdin=subprocess.DEVNULL, stdout=out,
                               stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         _CHILDREN[proc.pid] = proc
-        try:
-            created = psutil.Process(proc.pid).create_time()
-        except psutil.NoSuchProcess:
-            created = None
+        ref = ProcessRef.find(proc.pid)
+        created = ref.create_time if ref is not None else None
         return LabHost(h.name, h.role, h.netns, h.interface, h.agent_port, proc.pid, created,
                        log, images)
 
@@ -641,35 +638,20 @@ class Lab:
 
 def _make_host(s: LabSettings, h: LabHost) -> None:
     """Namespace, veth (eth0 inside, b-NAME on the bridge), address, links up."""
-    pyroute2_netns.create(h.netns)
+    create_netns(h.netns)
     port = f"b-{h.name}"
-    with iproute(s.bridge_netns) as ipr:
-        ipr.link("add", ifname=port, kind="veth",
-                 peer={"ifname": h.ifname, "net_ns_fd": str(h.netns_path)})
-        idx = ipr.link_lookup(ifname=port)[0]
-        br = ipr.link_lookup(ifname=s.bridge)[0]
-        # The alias names the namespace at the far end: `down` finds it even without state.
-        ipr.link("set", index=idx, master=br, ifalias=f"{ALIAS}{h.netns}", state="up")
-    with iproute(h.netns) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        idx = ipr.link_lookup(ifname=h.ifname)[0]
-        ipr.addr("add", index=idx, address=h.address, prefixlen=h.interface.network.prefixlen)
-        ipr.link("set", index=idx, state="up")
+    add_veth(s.bridge_netns, port, peer=h.ifname, peer_netns=h.netns)
+    # The alias names the namespace at the far end: `down` finds it even without state.
+    link_up(s.bridge_netns, port, master=s.bridge, alias=f"{ALIAS}{h.netns}")
+    loopback_up(h.netns)
+    link_up(h.netns, h.ifname, address=h.interface)
 
 
 def _make_controller_link(s: LabSettings) -> None:
     assert s.controller is not None
-    with iproute(None) as ipr:
-        ipr.link("add", ifname=s.controller_link, kind="veth",
-                 peer={"ifname": CONTROLLER_PORT, "net_ns_fd": str(netns_path(s.bridge_netns))})
-        idx = ipr.link_lookup(ifname=s.controller_link)[0]
-        ipr.addr("add", index=idx, address=str(s.controller.ip),
-                 prefixlen=s.controller.network.prefixlen)
-        ipr.link("set", index=idx, ifalias=f"{ALIAS}controller", state="up")
-    with iproute(s.bridge_netns) as ipr:
-        idx = ipr.link_lookup(ifname=CONTROLLER_PORT)[0]
-        br = ipr.link_lookup(ifname=s.bridge)[0]
-        ipr.link("set", index=idx, master=br, ifalias=f"{ALIAS}controller", state="up")
+    add_veth(None, s.controller_link, peer=CONTROLLER_PORT, peer_netns=s.bridge_netns)
+    link_up(None, s.controller_link, address=s.controller, alias=f"{ALIAS}controller")
+    link_up(s.bridge_netns, CONTROLLER_PORT, master=s.bridge, alias=f"{ALIAS}controller")
 
 
 def _check_subnet_free(subnet: ipaddress.IPv4Network, own_link: str) -> None:
@@ -757,10 +739,10 @@ def teardown(inventory: Inventory | Path | str | None = None,
 
 def _xdp_pinned() -> bool:
     try:
-        from orthros_py.netlock.xdp import PIN_DIR
+        from orthros_py.netlock.xdp import XdpNetLock
     except Exception:
         return True  # cannot tell: never remove what may not be ours
-    return PIN_DIR.exists()
+    return XdpNetLock().pinned
 
 
 def _xdp_detach(state_dir: Path, report: DownReport) -> None:
@@ -782,10 +764,8 @@ def _xdp_detach(state_dir: Path, report: DownReport) -> None:
             for name in [h.netns for h in lab.all_hosts]:
                 if netns_exists(name):
                     lock.detach(None, netns=name)  # by the namespace's identity
-        if not lab.xdp_pinned_before and _xdp_pinned():
-            st = lock.status()
-            if not st.conns and not st.attachments:
-                lock.flush()
+        if not lab.xdp_pinned_before and lock.pinned:
+            lock.flush_if_unused()
     except Exception as err:
         report.warnings.append(f"could not take the XDP lock off the lab: {err}")
     finally:
@@ -835,7 +815,7 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
 
     # 2. Network locks some test or migration may have left in those namespaces.
     subnets = [x.subnet for x in (lab, inv) if x is not None]
-    _netlock_flush(names, report, subnets)
+    _xdp_release(subnets, report)
 
     # 3. Links: the bridge side of every veth (the peer goes with it), the bridge, and the
     # controller veth in this namespace if it carries the lab's alias.
@@ -848,7 +828,7 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
     # 4. Namespaces.
     for n in names:
         try:
-            pyroute2_netns.remove(n)
+            remove_netns(n)
             report.namespaces.append(n)
         except OSError as err:
             report.warnings.append(f"cannot remove namespace {n}: {err}")
@@ -958,52 +938,20 @@ def _stop(procs: list[psutil.Process], report: DownReport) -> None:
         report.warnings.append(f"process {p.pid} survived SIGKILL")
 
 
-def _netlock_flush(names: Sequence[str], report: DownReport,
-                   subnets: Sequence[ipaddress.IPv4Network] = ()) -> None:
-    """Clear network locks while the lab's interfaces still exist: ``orthros_py.netlock.flush``
-    once per namespace if it takes one, else once; without such a function, the XDP lock's
-    part that is the lab's (``_xdp_release``)."""
-    try:
-        netlock = importlib.import_module("orthros_py.netlock")
-    except Exception:  # not written yet, or broken: not the lab's problem
-        return
-    flush = getattr(netlock, "flush", None)
-    if not callable(flush):
-        _xdp_release(subnets, report)
-        return
-    try:
-        per_netns = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-                        for p in inspect.signature(flush).parameters.values())
-    except (TypeError, ValueError):
-        per_netns = False
-    for n in names if per_netns else [None]:
-        try:
-            if n is None:
-                flush()
-            else:
-                flush(n)
-        except Exception as err:
-            report.warnings.append(f"netlock flush{f' in {n}' if n else ''} failed: {err}")
-
-
 def _xdp_release(subnets: Sequence[ipaddress.IPv4Network],
                  report: DownReport) -> None:
-    """Unlock the XDP lock's connections of the lab's subnets (map writes: no lock file is
-    taken, which ``_locked`` holds). Its programs came off the lab's interfaces before
-    (``_xdp_detach``); the pins stay."""
+    """Unlock the XDP lock's connections of the lab's subnets while the lab's interfaces still
+    exist (no lock file is taken, which ``_locked`` holds). Its programs came off the lab's
+    interfaces before (``_xdp_detach``); the pins stay."""
     try:
-        from orthros_py.netlock.xdp import PIN_DIR, XdpNetLock
+        from orthros_py.netlock.xdp import XdpNetLock
     except Exception:
         return
     lock = XdpNetLock()
-    if not PIN_DIR.exists():
+    if not lock.pinned:
         return
     try:
-        ours = [lc.conn for lc in lock.locked()
-                if any(ipaddress.ip_address(ip) in net for net in subnets
-                       for ip in (lc.conn.local_ip, lc.conn.remote_ip))]
-        if ours:
-            lock.unlock(ours)
+        lock.release_subnets(subnets)
     except Exception as err:
         report.warnings.append(f"could not release the XDP lock of the lab: {err}")
     finally:

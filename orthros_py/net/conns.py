@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from orthros_py.errors import NoSuchProcessError, NotRootError, OrthrosError
-from orthros_py.netlock.base import Conn
+from orthros_py.net.conn import Conn
 
 # TCP states (include/net/tcp_states.h) in which a socket still exchanges packets with its peer,
 # so a lock must cover it: established, and the half-closed states CRIU also checkpoints.

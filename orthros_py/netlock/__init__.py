@@ -33,14 +33,16 @@ from orthros_py.netlock.base import (
     LockStatus,
     NetLock,
 )
+from orthros_py.netlock.method import NetworkLock
 
 if TYPE_CHECKING:
     from orthros_py.netlock.xdp import XdpNetLock
 
-BACKENDS = ("xdp", "iptables", "nftables")
+# The backends, named as the methods that lock with them (skip has none).
+BACKENDS: tuple[str, ...] = tuple(m.backend for m in NetworkLock if m.backend is not None)
 
 __all__ = ["BACKENDS", "Attachment", "Conn", "FlushResult", "LockStatus", "LockedConn",
-           "NetLock", "XdpNetLock", "backend"]
+           "NetLock", "NetworkLock", "XdpNetLock", "backend"]
 
 
 def backend(name: str, **kwargs: Any) -> NetLock:

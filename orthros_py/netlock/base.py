@@ -11,128 +11,14 @@ Pure Python, no privileges: the backends' modules say what they need.
 from __future__ import annotations
 
 import abc
-import functools
-import ipaddress
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-_FAMILIES: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+from orthros_py.net.conn import Conn
 
-
-def _endpoint(text: str) -> tuple[str, int]:
-    """``IP:PORT`` or ``[IPv6]:PORT`` -> (address, port); ValueError saying what is wrong."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r} is not [IPv6]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r} is not IP:PORT")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 endpoint as [ADDRESS]:PORT")
-    try:
-        _normal_ip(host)
-    except ValueError as err:
-        raise ValueError(f"{host!r} is not an IP address") from err
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{port!r} is not a TCP port (1-65535)")
-    return host, int(port)
-
-
-def _unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address
-              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    # A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d, but its packets on the wire are
-    # IPv4: the lock must match them as such.
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-@functools.lru_cache(maxsize=4096)
-def _normal_ip(text: str) -> tuple[int, str]:
-    """(IP version, compressed text) of an address, IPv4-mapped IPv6 as IPv4. Cached: a tree's
-    thousands of connections share a handful of addresses, and ipaddress is slow."""
-    addr = _unmapped(ipaddress.ip_address(text))
-    return addr.version, addr.compressed
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class Conn:
-    """One TCP connection as seen from the host that owns the local end.
-
-    Addresses are kept normalized (compressed text; IPv4-mapped IPv6 becomes IPv4), so that two
-    Conn values for the same connection compare and hash equal.
-    """
-
-    family: int  # socket.AF_INET or socket.AF_INET6
-    local_ip: str
-    local_port: int
-    remote_ip: str
-    remote_port: int
-
-    def __post_init__(self) -> None:
-        lver, local = _normal_ip(self.local_ip)
-        rver, remote = _normal_ip(self.remote_ip)
-        if lver != rver:
-            raise ValueError(f"{local} and {remote} are not of the same IP version")
-        family = int(socket.AF_INET if lver == 4 else socket.AF_INET6)
-        for port in (self.local_port, self.remote_port):
-            if not 0 < int(port) < 65536:
-                raise ValueError(f"{port} is not a TCP port (1-65535)")
-        # Frozen, so normalize through object.__setattr__ (the documented dataclass idiom).
-        object.__setattr__(self, "family", family)
-        object.__setattr__(self, "local_ip", local)
-        object.__setattr__(self, "remote_ip", remote)
-        object.__setattr__(self, "local_port", int(self.local_port))
-        object.__setattr__(self, "remote_port", int(self.remote_port))
-
-    @classmethod
-    def of(cls, local: tuple[str, int], remote: tuple[str, int]) -> Conn:
-        """From two (ip, port) pairs; the family follows the addresses."""
-        fam = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-        return cls(fam, local[0], local[1], remote[0], remote[1])
-
-    @classmethod
-    def parse(cls, text: str) -> Conn:
-        """``SRC:PORT,DST:PORT`` (local end first; ``[v6]:PORT`` for IPv6) -> Conn."""
-        src, sep, dst = text.partition(",")
-        if not sep:
-            raise ValueError(f"{text!r} is not SRC:PORT,DST:PORT")
-        (laddr, lport), (raddr, rport) = _endpoint(src), _endpoint(dst)
-        if _normal_ip(laddr)[0] != _normal_ip(raddr)[0]:
-            raise ValueError(f"{text!r} mixes IPv4 and IPv6")
-        return cls(socket.AF_INET, laddr, lport, raddr, rport)  # the family follows the addresses
-
-    @property
-    def local(self) -> tuple[str, int]:
-        return (self.local_ip, self.local_port)
-
-    @property
-    def remote(self) -> tuple[str, int]:
-        return (self.remote_ip, self.remote_port)
-
-    def reversed(self) -> Conn:
-        """The same connection seen from the other end."""
-        return Conn(self.family, self.remote_ip, self.remote_port, self.local_ip, self.local_port)
-
-    def __str__(self) -> str:
-        def ep(ip: str, port: int) -> str:
-            return f"[{ip}]:{port}" if self.family == socket.AF_INET6 else f"{ip}:{port}"
-        return f"{ep(self.local_ip, self.local_port)},{ep(self.remote_ip, self.remote_port)}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": _FAMILIES[self.family], "local": list(self.local),
-                "remote": list(self.remote)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Conn:
-        return cls.of((str(data["local"][0]), int(data["local"][1])),
-                      (str(data["remote"][0]), int(data["remote"][1])))
+__all__ = ["Attachment", "Conn", "FlushResult", "LockStatus", "LockedConn", "NetLock"]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ at once, when the dump failed or left the tree running). Needs root (CAP_BPF, CA
 
 from __future__ import annotations
 
-import enum
 import importlib.util
 import os
 import time
@@ -16,28 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orthros_py.criu.request import CriuNetworkLock
 from orthros_py.errors import NetlockError
-from orthros_py.netlock.base import Conn
+from orthros_py.net.conn import Conn
+from orthros_py.netlock.method import NetworkLock
+
+__all__ = ["LockReport", "NetworkLock", "TreeLock", "default_method"]
 
 if TYPE_CHECKING:
     from orthros_py.netlock.xdp import XdpNetLock
-
-
-class NetworkLock(enum.StrEnum):
-    """How a tree's TCP connections are kept silent while it is frozen or away."""
-
-    XDP = "xdp"  # orthros's BPF map: N connections cost 2N map writes
-    IPTABLES = "iptables"  # CRIU's: two forks of sh + iptables per connection
-    NFTABLES = "nftables"  # CRIU's: libnftables, one set element per direction
-    SKIP = "skip"  # nobody locks: packets meanwhile may reset connections
-
-    @property
-    def criu(self) -> CriuNetworkLock:
-        """What CRIU itself is asked to do."""
-        if self in (NetworkLock.XDP, NetworkLock.SKIP):
-            return CriuNetworkLock.SKIP
-        return CriuNetworkLock(self.value)
 
 
 def default_method() -> NetworkLock:

@@ -37,6 +37,7 @@ from typing import Any
 from pyroute2 import NetlinkError
 
 from orthros_py.errors import MissingFeatureError, NetlockError, OrthrosError
+from orthros_py.host.caps import CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, effective_caps
 from orthros_py.net.addr import iproute, netns_path
 from orthros_py.netlock.base import (
     Attachment,
@@ -215,19 +216,9 @@ def prog_name_by_id(prog_id: int) -> str | None:
         os.close(fd)
 
 
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
-
-
-def _effective_caps() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def require_caps(*, attach: bool = False) -> None:
     """Fail early, with the fix, where libbcc would only print an error and give up."""
-    caps = _effective_caps()
+    caps = effective_caps()
     missing = []
     if not caps & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN):
         missing.append("CAP_BPF")
@@ -940,7 +931,29 @@ class XdpNetLock(NetLock):
                             for c in range(len(raw) // slot))
         return out
 
+    def release_subnets(self, subnets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                        ) -> list[Conn]:
+        """Unlock every connection with an end in one of ``subnets``, whoever locked it; returns
+        them. Map writes only, no flock: a caller may hold the state directory's lock."""
+        nets = list(subnets)
+        ours = [lc.conn for lc in self.locked()
+                if any(ipaddress.ip_address(ip) in net for net in nets
+                       for ip in (lc.conn.local_ip, lc.conn.remote_ip))]
+        return self.unlock(ours)
+
     # -- status and flush -------------------------------------------------------------------
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the programs and map are pinned on this host (by anyone, at any time)."""
+        return self.pin_dir.exists()
+
+    def flush_if_unused(self) -> FlushResult | None:
+        """``flush`` if nobody holds a lock or an attachment in the pins, else None (kept)."""
+        st = self.status()
+        if st.conns or st.attachments:
+            return None
+        return self.flush()
 
     def status(self) -> LockStatus:
         objs = self._objects(create=False)

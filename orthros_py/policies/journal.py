@@ -1,38 +1,38 @@
-"""The migration journal: what a migration may have done so far, on the coordinator's disk.
+"""The policy journal: what a running policy may have done so far, on the coordinator's disk.
 
-``orthros migrate`` writes it before every call to an agent (the record says what that call may
-do, before it does it) and removes it once the migration has finished or been rolled back
-whole. A coordinator that dies half way (SIGKILL, a crash, a lost laptop session) leaves it
-behind, and ``orthros recover`` reads it to finish the migration, if the destination already
-runs the tree, or to roll it back. Without it, a killed coordinator would leave the tree stopped
-on the source and its connections locked, with nobody knowing which.
+A policy writes its record before every call to an agent (the record says what that call may
+do, before it does it) and removes it once the policy has finished or been rolled back whole.
+A coordinator that dies half way (SIGKILL, a crash, a lost laptop session) leaves it behind,
+and ``orthros recover`` reads it and hands it to the recover function of the policy that wrote
+it (by ``Record.kind``), which finishes or rolls back. Without it, a killed coordinator would
+leave a tree stopped and its connections locked, with nobody knowing which.
 
-Plain JSON, one file per migration, written to a temporary name and renamed: a reader sees
-either the previous record or the new one. Writes survive the death of the writing process
-(the kernel keeps them), not that of the host.
+The record is generic (kind, id, the hosts by role, the stage, the coordinator); what the policy
+needs to go on is its own ``state``, plain JSON that only the policy reads. Nothing here knows
+any policy.
+
+Plain JSON, one file per record, written to a temporary name and renamed: a reader sees either
+the previous record or the new one. Writes survive the death of the writing process (the kernel
+keeps them), not that of the host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import ipaddress
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orthros_py.errors import OrthrosError
-from orthros_py.netlock.base import Conn
 
-if TYPE_CHECKING:
-    from orthros_py.policies.migrate import Done, MigrateConfig, Plan
-
-JOURNAL_DIR = Path("/run/orthros/migrations")
-VERSION = 1
+JOURNAL_DIR = Path("/run/orthros/migrations")  # the name predates other policies; kept
+VERSION = 2
+# Version 1 was written by migrate alone: its fields are those of migrate's state today.
+_V1_STATE = ("pid", "config", "plan", "done", "cgroup_roots")
 
 
 class JournalError(OrthrosError):
@@ -41,7 +41,7 @@ class JournalError(OrthrosError):
 
 @dataclass(frozen=True)
 class HostRef:
-    """Where to find a migration's host again."""
+    """Where to find a policy's host again."""
 
     name: str
     address: str
@@ -49,23 +49,21 @@ class HostRef:
 
 
 @dataclass
-class Entry:
-    """One interrupted (or running) migration, as its coordinator last recorded it."""
+class Record:
+    """One interrupted (or running) policy run, as its coordinator last recorded it."""
 
-    pid: int
-    image: str
-    source: HostRef
-    dest: HostRef
+    kind: str  # the policy that wrote it: its recover function reads ``state``
+    id: str  # unique among running policies (a migration's image name)
+    hosts: dict[str, HostRef]  # role ("source", "dest", ...) -> host
     stage: str
-    config: MigrateConfig
-    plan: Plan | None
-    done: Done
-    cgroup_roots: dict[str, str]
+    state: dict[str, Any]  # the policy's own, plain JSON
     coordinator: int  # the pid of the process that wrote it
     updated: float
+    title: str = ""  # one line for people: "pid 4242 from alpha to beta"
+    pid: int | None = field(default=None)  # the tree it is about, if one
 
     def coordinator_alive(self) -> bool:
-        """Whether the writing process still runs (then the migration is not interrupted)."""
+        """Whether the writing process still runs (then the policy is not interrupted)."""
         if self.coordinator == os.getpid():
             return False
         try:
@@ -77,67 +75,35 @@ class Entry:
         return True
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (ipaddress.IPv4Interface, Conn)):
-        return str(value) if isinstance(value, Conn) else value.with_prefixlen
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def to_dict(record: Record) -> dict[str, Any]:
+    return {"version": VERSION, "kind": record.kind, "id": record.id,
+            "hosts": {role: dataclasses.asdict(h) for role, h in record.hosts.items()},
+            "stage": record.stage, "state": record.state, "coordinator": record.coordinator,
+            "updated": record.updated, "title": record.title, "pid": record.pid}
 
 
-def to_dict(entry: Entry) -> dict[str, Any]:
-    plan = None
-    if entry.plan is not None:
-        plan = {f.name: _plain(getattr(entry.plan, f.name))
-                for f in dataclasses.fields(entry.plan)}
-    return {"version": VERSION, "pid": entry.pid, "image": entry.image,
-            "source": dataclasses.asdict(entry.source), "dest": dataclasses.asdict(entry.dest),
-            "stage": entry.stage,
-            "config": {f.name: _plain(getattr(entry.config, f.name))
-                       for f in dataclasses.fields(entry.config)},
-            "plan": plan, "done": _plain(dataclasses.asdict(entry.done)),
-            "cgroup_roots": entry.cgroup_roots, "coordinator": entry.coordinator,
-            "updated": entry.updated}
+def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 record (migrate's, before the journal was shared) as version 2."""
+    src, dst = d["source"], d["dest"]
+    return {"version": VERSION, "kind": "migrate", "id": d["image"],
+            "hosts": {"source": src, "dest": dst}, "stage": d["stage"],
+            "state": {k: d[k] for k in _V1_STATE if k in d}, "coordinator": d["coordinator"],
+            "updated": d["updated"], "pid": d["pid"],
+            "title": f"pid {d['pid']} from {src['name']} to {dst['name']}"}
 
 
-def from_dict(d: dict[str, Any]) -> Entry:
-    """The entry of ``to_dict``; ValueError (or KeyError) on anything else."""
-    from orthros_py.criu.request import CgroupMode
-    from orthros_py.policies.migrate import Done, LockMethod, MigrateConfig, Plan
-
+def from_dict(d: dict[str, Any]) -> Record:
+    """The record of ``to_dict`` (or of version 1); ValueError (or KeyError) on anything else."""
+    if d.get("version") == 1:
+        d = _upgrade_v1(d)
     if d.get("version") != VERSION:
         raise ValueError(f"journal version {d.get('version')!r}, expected {VERSION}")
-    cfg = dict(d["config"])
-    cfg["network_lock"] = LockMethod(cfg["network_lock"])
-    cfg["manage_cgroups"] = CgroupMode(cfg["manage_cgroups"])
-    for name in ("dump_external", "restore_external"):  # JSON has lists only
-        if name in cfg:
-            cfg[name] = tuple(cfg[name])
-    config = MigrateConfig(**{k: v for k, v in cfg.items()
-                              if k in {f.name for f in dataclasses.fields(MigrateConfig)}})
-    plan = None
-    if d.get("plan") is not None:
-        p = d["plan"]
-        plan = Plan(pid=int(p["pid"]), image=str(p["image"]), source=str(p["source"]),
-                    dest=str(p["dest"]),
-                    service=ipaddress.IPv4Interface(p["service"]) if p["service"] else None,
-                    src_ifname=p["src_ifname"], dst_ifname=str(p["dst_ifname"]),
-                    src_lock_ifaces=tuple(p["src_lock_ifaces"]), lock=LockMethod(p["lock"]),
-                    release_first=bool(p["release_first"]),
-                    conns=tuple(Conn.parse(c) for c in p["conns"]),
-                    notes=tuple(p.get("notes", ())))
-    raw = dict(d["done"])
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
-                              if k in {f.name for f in dataclasses.fields(Done)}}
-    done = Done(**fields)
-    return Entry(pid=int(d["pid"]), image=str(d["image"]), source=HostRef(**d["source"]),
-                 dest=HostRef(**d["dest"]), stage=str(d["stage"]), config=config, plan=plan,
-                 done=done, cgroup_roots=dict(d.get("cgroup_roots", {})),
-                 coordinator=int(d["coordinator"]), updated=float(d["updated"]))
+    pid = d.get("pid")
+    return Record(kind=str(d["kind"]), id=str(d["id"]),
+                  hosts={str(role): HostRef(**h) for role, h in d["hosts"].items()},
+                  stage=str(d["stage"]), state=dict(d["state"]),
+                  coordinator=int(d["coordinator"]), updated=float(d["updated"]),
+                  title=str(d.get("title", "")), pid=None if pid is None else int(pid))
 
 
 class Journal:
@@ -146,39 +112,43 @@ class Journal:
     def __init__(self, directory: Path = JOURNAL_DIR) -> None:
         self.directory = directory
 
-    def path(self, image: str) -> Path:
-        return self.directory / f"{image}.json"
+    def path(self, id: str) -> Path:
+        return self.directory / f"{id}.json"
 
-    def write(self, entry: Entry) -> None:
-        entry.updated = time.time()
+    def write(self, record: Record) -> None:
+        record.updated = time.time()
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.path(entry.image).with_suffix(".tmp")
-            tmp.write_text(json.dumps(to_dict(entry)))
-            os.replace(tmp, self.path(entry.image))
+            tmp = self.path(record.id).with_suffix(".tmp")
+            tmp.write_text(json.dumps(to_dict(record)))
+            os.replace(tmp, self.path(record.id))
         except OSError as err:
-            raise JournalError(f"cannot write the migration journal in {self.directory}: "
-                               f"{err.strerror}", hint="orthros migrate records its progress "
-                               "there, so that orthros recover can finish or undo it") from err
+            raise JournalError(f"cannot write the journal in {self.directory}: "
+                               f"{err.strerror}", hint=f"orthros {record.kind} records its "
+                               "progress there, so that orthros recover can finish or undo "
+                               "it") from err
 
-    def remove(self, image: str) -> None:
-        for p in (self.path(image), self.path(image).with_suffix(".tmp")):
+    def remove(self, id: str) -> None:
+        for p in (self.path(id), self.path(id).with_suffix(".tmp")):
             p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.directory.rmdir()  # only once empty: nothing of orthros stays behind
 
-    def read(self, image: str) -> Entry:
-        path = self.path(image)
+    def exists(self, id: str) -> bool:
+        return self.path(id).exists()
+
+    def read(self, id: str) -> Record:
+        path = self.path(id)
         try:
             return from_dict(json.loads(path.read_text()))
         except FileNotFoundError as err:
-            raise JournalError(f"no journal of a migration {image} in {self.directory}") from err
+            raise JournalError(f"no journal record {id} in {self.directory}") from err
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise JournalError(f"the migration journal {path} cannot be read: {err}") from err
+            raise JournalError(f"the journal record {path} cannot be read: {err}") from err
 
-    def entries(self) -> list[Entry]:
-        """Every readable entry, oldest first (unreadable ones are skipped)."""
-        out: list[Entry] = []
+    def entries(self) -> list[Record]:
+        """Every readable record, oldest first (unreadable ones are skipped)."""
+        out: list[Record] = []
         if not self.directory.is_dir():
             return out
         for path in sorted(self.directory.glob("*.json")):

@@ -38,6 +38,11 @@ comes back first. ``MigrationError`` then says in one sentence what failed where
 rollback did; failures after the point of no return leave the tree on the destination and are
 reported as warnings (unlock, cleanup) or as an error that says so (verify).
 
+The stages run on ``orthros_py.policies.engine`` (events, timings, the journal record before
+every agent call, the retrying undo); the hosts are ``policies.hosts``, the steps shared with
+other policies ``policies.steps``. A coordinator that died leaves a journal record of kind
+``migrate``, which ``recover`` (registered with the engine) finishes or rolls back.
+
 No privileges here and no I/O but the agent calls: the agents do the work (see
 ``orthros_py.agent.ops``). Never prints: progress goes to an observer callback.
 """
@@ -48,14 +53,13 @@ import contextlib
 import dataclasses
 import enum
 import ipaddress
-import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
-from orthros_py.agent.errors import AgentError, AgentUnreachable
+from orthros_py.agent.client import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.cgroup.model import CgroupFile
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
@@ -63,19 +67,37 @@ from orthros_py.errors import (
     CriuError,
     ExitStatus,
     NoSuchProcessError,
-    OperationTimeout,
     OrthrosError,
 )
-from orthros_py.netlock.base import Conn
+from orthros_py.net.conn import Conn
+from orthros_py.policies import steps
+from orthros_py.policies.engine import (
+    Event,
+    Observer,
+    Policy,
+    PolicyError,
+    PolicyStage,
+    Recovery,
+    UndoOutcome,
+    is_transport,
+    reason,
+    register_recover,
+)
+from orthros_py.policies.hosts import Host, HostFacts, TreeFacts, shared_pid_space
+from orthros_py.policies.journal import Journal, Record
 
-if TYPE_CHECKING:
-    from orthros_py.policies.journal import Entry as JournalEntry
-    from orthros_py.policies.journal import Journal
+# Re-exported: what callers of this module used to find here.
+__all__ = ["Event", "Facts", "Host", "HostFacts", "LockMethod", "MigrateConfig", "Migration",
+           "MigrationError", "MigrationResult", "Observer", "Plan", "PlanError", "Recovery",
+           "Stage", "TreeFacts", "Undo", "new_image_name", "plan", "recover", "rollback_plan",
+           "shared_pid_space"]
+
+KIND = "migrate"  # its journal records' kind
 
 # --- stages, methods, configuration --------------------------------------------------------------
 
 
-class Stage(enum.Enum):
+class Stage(PolicyStage):
     """Where a migration is. The forward stages run in this order; ROLLBACK replaces the rest
     when one of them before the point of no return fails."""
 
@@ -88,6 +110,7 @@ class Stage(enum.Enum):
     UNLOCK = "unlock"
     VERIFY = "verify"
     CLEANUP = "cleanup"
+    # The engine's names (``engine.DONE``, ...), which its events carry.
     DONE = "done"
     ROLLBACK = "rollback"
     ROLLED_BACK = "rolled back"
@@ -98,8 +121,6 @@ class Stage(enum.Enum):
         return self in _BEFORE_PONR
 
 
-FORWARD = (Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS, Stage.RESTORE,
-           Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP)
 # A failure in one of these rolls back. RESTORE is the last: only its success passes the point
 # of no return.
 _BEFORE_PONR = frozenset({Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
@@ -122,14 +143,6 @@ class LockMethod(enum.StrEnum):
         return None if self is LockMethod.SKIP else self.value
 
 
-# Timing rows, in the order a table shows them; "total" is the whole run's wall time and
-# "downtime" the span from the lock to the unlock (what the clients wait through).
-TIMING_ROWS = ("prepare", "lock", "dump", "transfer", "address move", "restore", "unlock",
-               "verify", "cleanup", "downtime", "total")
-# Parts of "restore", shown apart: killing the stopped source tree (before the restore when the
-# hosts share a PID space, after it otherwise: then it counts in "unlock"), and CRIU's own
-# restore time (the rest is waiting for the tree's PIDs to be free, and the RPC).
-DETAIL_ROWS = ("cgroup check", "release source", "criu restore")
 
 
 @dataclass(frozen=True)
@@ -209,58 +222,6 @@ def parse_service_ip(text: str) -> ipaddress.IPv4Interface:
         raise PlanError(f"{text!r} is not an IPv4 service address") from err
 
 
-# --- the hosts, as the policy sees them ----------------------------------------------------------
-
-
-class AgentAPI(Protocol):
-    """What the policy calls on an agent (``orthros_py.agent.client.AgentClient`` has it all;
-    unit tests hand in fakes)."""
-
-    name: str
-
-    def status(self) -> dict[str, Any]: ...
-    def tree(self, pid: int) -> dict[str, Any]: ...
-    def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]: ...
-    def netlock_prepare(self, backend: str = "xdp", *, timeout: float = 120.0
-                        ) -> dict[str, Any]: ...
-    def netlock_lock(self, backend: str, *, conns: Iterable[str | Conn] = (),
-                     pids: Iterable[int] = (), ifaces: Iterable[str] = (),
-                     netns: str | None = None, timeout: float = 120.0) -> list[str]: ...
-    def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
-                       netns: str | None = None, detach: Iterable[str] = (),
-                       tidy: bool = False) -> list[str]: ...
-    def page_server(self, image: str, *, address: str | None = None, port: int = 0,
-                    log_level: int = 2) -> Any: ...
-    def page_server_stop(self, image: str) -> dict[str, Any]: ...
-    def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = 600.0, page_nonce: str | None = None) -> Any: ...
-    def restore(self, image: str, opts: RestoreOptions | None = None, *,
-                timeout: float = 600.0) -> Any: ...
-    def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
-                    dest_name: str | None = None, overwrite: bool = False,
-                    timeout: float = 600.0, files: Iterable[str] | None = None,
-                    prefixes: Iterable[str] | None = None) -> list[Any]: ...
-    def kill(self, pid: int, *, signal: str = "KILL", wait: float = 5.0) -> Any: ...
-    def resume(self, pid: int) -> dict[str, Any]: ...
-    def remove_image(self, image: str) -> bool: ...
-    def cgroup_check(self, text: str, roots: Mapping[str, str] | None = None) -> list[str]: ...
-    def cgroup_release(self, image: str) -> dict[str, Any]: ...
-    def addr_add(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
-    def addr_del(self, ifname: str, address: str, *, netns: str | None = None) -> bool: ...
-    def garp(self, ifname: str, address: str, *, count: int = 1,
-             netns: str | None = None) -> int: ...
-
-
-@dataclass(frozen=True)
-class Host:
-    """One end of a migration: its name, its agent (the transport, opened by the caller), and
-    where the *other* host reaches it (agent port, page server)."""
-
-    name: str
-    agent: AgentAPI
-    address: str
-    agent_port: int
-
 
 # --- facts and the plan (pure) -------------------------------------------------------------------
 
@@ -270,46 +231,6 @@ class PlanError(OrthrosError):
 
     exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
 
-
-@dataclass(frozen=True)
-class HostFacts:
-    name: str
-    address: str  # the host's own cluster address
-    interfaces: Mapping[str, tuple[ipaddress.IPv4Interface, ...]]  # ifname -> addresses
-    boot_id: str | None = None
-    pid_ns: int | None = None
-
-    @classmethod
-    def from_agent(cls, name: str, address: str, status: Mapping[str, Any],
-                   interfaces: Sequence[Mapping[str, Any]]) -> HostFacts:
-        return cls(name, address,
-                   {str(i["ifname"]): tuple(ipaddress.IPv4Interface(a) for a in i["addresses"])
-                    for i in interfaces},
-                   status.get("boot_id"), status.get("pid_ns"))
-
-    def holder_of(self, ip: ipaddress.IPv4Address) -> tuple[str, ipaddress.IPv4Interface] | None:
-        """(ifname, address/prefix) of the interface holding ``ip``, or None."""
-        for ifname, addrs in sorted(self.interfaces.items()):
-            for a in addrs:
-                if a.ip == ip:
-                    return ifname, a
-        return None
-
-
-@dataclass(frozen=True)
-class TreeFacts:
-    pid: int
-    pids: tuple[int, ...]
-    conns: tuple[Conn, ...]  # everything a lock must cover
-    interfaces: tuple[str, ...] = ()  # where their packets leave
-    in_agent_netns: bool = True
-
-    @classmethod
-    def from_agent(cls, data: Mapping[str, Any]) -> TreeFacts:
-        return cls(int(data["pid"]), tuple(int(p["pid"]) for p in data["processes"]),
-                   tuple(Conn.parse(c) for c in data["conns"]),
-                   tuple(str(i) for i in data.get("interfaces", [])),
-                   bool(data.get("agent_netns", True)))
 
 
 @dataclass(frozen=True)
@@ -321,12 +242,6 @@ class Facts:
     # the tree's connections name one).
     candidates: tuple[str, ...] = ()
 
-
-def shared_pid_space(a: HostFacts, b: HostFacts) -> bool | None:
-    """Whether processes of ``a`` and ``b`` draw from one PID space; None if unknown."""
-    if None in (a.boot_id, b.boot_id, a.pid_ns, b.pid_ns):
-        return None
-    return a.boot_id == b.boot_id and a.pid_ns == b.pid_ns
 
 
 @dataclass(frozen=True)
@@ -495,6 +410,12 @@ class Undo(enum.Enum):
         return str(self.value[0])
 
     @property
+    def sides(self) -> frozenset[str]:
+        # The restore on the source fetches the memory from the destination: it needs both.
+        return frozenset({"source", "dest"}) if self is Undo.RESTORE_SOURCE else \
+            frozenset({self.side})
+
+    @property
     def what(self) -> str:
         return str(self.value[1])
 
@@ -542,21 +463,9 @@ def rollback_plan(done: Done) -> list[Undo]:
     return steps
 
 
+
 # --- progress, results, errors -------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Event:
-    """A progress report: a stage started or ended, or a note within one."""
-
-    stage: Stage
-    kind: str  # "start", "done", "note", "failed"
-    message: str = ""
-    elapsed_ms: float | None = None
-    host: str | None = None
-
-
-Observer = Callable[[Event], None]
 
 
 @dataclass
@@ -593,73 +502,93 @@ class MigrationResult:
         }
 
 
-@dataclass
-class Recovery:
-    """What ``orthros recover`` did with one interrupted migration."""
 
-    image: str
-    pid: int
-    died_in: str  # the stage its coordinator was in
-    outcome: str  # "completed", "rolled back" or "failed"
-    runs_as: int | None  # the tree's pid where it runs now, if it does
-    runs_on: str
-    problems: list[str] = field(default_factory=list)
-    leftovers: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class MigrationError(OrthrosError):
+class MigrationError(PolicyError):
     """A migration failed. ``rolled_back``: the tree runs on the source again with its address
     and no lock is left; ``problems`` lists what the rollback could not undo of those,
     ``leftovers`` the files it could not remove (images on a host that does not answer)."""
 
-    def __init__(self, msg: str, *, cause: BaseException | None = None,
-                 rolled_back: bool = False, problems: Sequence[str] = (),
-                 leftovers: Sequence[str] = (), service_down: bool = False,
-                 **context: Any) -> None:
-        super().__init__(msg, **context)
-        self.cause = cause
-        self.rolled_back = rolled_back
-        self.problems = list(problems)
-        self.leftovers = list(leftovers)
-        self.service_down = service_down
 
-    def __str__(self) -> str:
-        return self.msg  # one sentence that already says where
+# --- the journal state (migrate's own part of its record) ----------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Conn):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Interface):
+        return value.with_prefixlen
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class MigrateState:
+    """What a migration records to go on after its coordinator died."""
+
+    pid: int
+    config: MigrateConfig
+    plan: Plan | None
+    done: Done
+    cgroup_roots: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data.update(rolled_back=self.rolled_back, problems=self.problems,
-                    leftovers=self.leftovers, service_down=self.service_down,
-                    cause=self.cause.to_dict() if isinstance(self.cause, OrthrosError) else
-                    (repr(self.cause) if self.cause else None))
-        return data
+        plan = None
+        if self.plan is not None:
+            plan = {f.name: _plain(getattr(self.plan, f.name))
+                    for f in dataclasses.fields(self.plan)}
+        return {"pid": self.pid,
+                "config": {f.name: _plain(getattr(self.config, f.name))
+                           for f in dataclasses.fields(self.config)},
+                "plan": plan, "done": _plain(dataclasses.asdict(self.done)),
+                "cgroup_roots": dict(self.cgroup_roots)}
 
-
-def _is_transport(err: BaseException) -> bool:
-    """Did the call fail to reach the agent or to hear back (rather than being refused)?"""
-    return isinstance(err, AgentUnreachable | OperationTimeout) or type(err) is AgentError
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OrthrosError):
-        text = err.msg
-        if err.hint and not isinstance(err, MigrationError):
-            text += f" ({err.hint})"
-        return text
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(err).__name__}: {err}"
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MigrateState:
+        """The state of ``to_dict``; ValueError (or KeyError) on anything else."""
+        cfg = dict(d["config"])
+        cfg["network_lock"] = LockMethod(cfg["network_lock"])
+        cfg["manage_cgroups"] = CgroupMode(cfg["manage_cgroups"])
+        for name in ("dump_external", "restore_external"):  # JSON has lists only
+            if name in cfg:
+                cfg[name] = tuple(cfg[name])
+        names = {f.name for f in dataclasses.fields(MigrateConfig)}
+        config = MigrateConfig(**{k: v for k, v in cfg.items() if k in names})
+        plan = None
+        if d.get("plan") is not None:
+            p = d["plan"]
+            plan = Plan(pid=int(p["pid"]), image=str(p["image"]), source=str(p["source"]),
+                        dest=str(p["dest"]),
+                        service=ipaddress.IPv4Interface(p["service"]) if p["service"] else None,
+                        src_ifname=p["src_ifname"], dst_ifname=str(p["dst_ifname"]),
+                        src_lock_ifaces=tuple(p["src_lock_ifaces"]), lock=LockMethod(p["lock"]),
+                        release_first=bool(p["release_first"]),
+                        conns=tuple(Conn.parse(c) for c in p["conns"]),
+                        notes=tuple(p.get("notes", ())))
+        done_names = {f.name for f in dataclasses.fields(Done)}
+        raw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                               for k, v in dict(d["done"]).items() if k in done_names}
+        done = Done(**raw)
+        return cls(int(d["pid"]), config, plan, done, dict(d.get("cgroup_roots", {})))
 
 
 # --- the state machine ---------------------------------------------------------------------------
 
 
-class Migration:
+class Migration(Policy):
     """One migration of the tree of ``pid`` from ``source`` to ``dest``; ``run()`` once."""
+
+    kind = KIND
+    stages = (Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
+              Stage.RESTORE, Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP)
+    # Only the restore's success passes it: the tree runs on the destination.
+    point_of_no_return = Stage.RESTORE
+    # Its destination lock counts as "lock", the move itself as "address move".
+    self_timed = frozenset({Stage.ADDRESS})
 
     def __init__(self, pid: int, source: Host, dest: Host,
                  config: MigrateConfig | None = None, *, observer: Observer | None = None,
@@ -667,90 +596,47 @@ class Migration:
                  clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep,
                  journal: Journal | None = None) -> None:
+        super().__init__({"source": source, "dest": dest}, observer=observer, clock=clock,
+                         sleep=sleep, journal=journal)
         self.pid = pid
         self.source = source
         self.dest = dest
         self.config = config or MigrateConfig()
-        self.observer = observer
         self.candidates = tuple(candidates)
         self.image = image or new_image_name(pid)
-        self.clock = clock
-        self.sleep = sleep
-        self.stage = Stage.PREPARE
         self.done = Done()
         self.plan: Plan | None = None
-        self.timings: dict[str, float] = {}
-        self.warnings: list[str] = []
-        self._failed_on: str | None = None
-        self._dumped: Any = None
-        self._restored: Any = None
+        self._dumped: RemoteDump | None = None
+        self._restored: RemoteRestore | None = None  # None if learnt of from a status
+        self._restored_pid: int | None = None
         self._bytes = 0
         self._established = 0
         self._lock_started: float | None = None
-        self._page_server: Any = None
+        self._page_server: PageServerInfo | None = None
         self._cgroup_roots: dict[str, str] = {}  # where the destination recreates the groups
-        # Where the progress is recorded before every agent call (see policies.journal).
-        self.journal = journal
 
-    # -- plumbing -------------------------------------------------------------------------------
+    # -- what the engine asks of a policy ----------------------------------------------------
 
-    def _emit(self, stage: Stage, kind: str, message: str = "",
-              elapsed_ms: float | None = None, host: str | None = None) -> None:
-        if self.observer is not None:
-            self.observer(Event(stage, kind, message, elapsed_ms, host))
+    @property
+    def id(self) -> str:
+        return self.image
 
-    def _note(self, message: str, host: str | None = None) -> None:
-        self._emit(self.stage, "note", message, host=host)
+    def title(self) -> str:
+        return f"pid {self.pid} from {self.source.name} to {self.dest.name}"
 
-    def _record(self) -> None:
-        """Write what may be done by now to the journal, before the next agent call."""
-        if self.journal is None:
-            return
-        from orthros_py.policies.journal import Entry, HostRef
+    def tree_pid(self) -> int:
+        return self.pid
 
-        self.journal.write(Entry(
-            pid=self.pid, image=self.image,
-            source=HostRef(self.source.name, self.source.address, self.source.agent_port),
-            dest=HostRef(self.dest.name, self.dest.address, self.dest.agent_port),
-            stage=self.stage.value, config=self.config, plan=self.plan, done=self.done,
-            cgroup_roots=dict(self._cgroup_roots), coordinator=os.getpid(), updated=0.0))
+    def journal_state(self) -> dict[str, Any]:
+        return MigrateState(self.pid, self.config, self.plan, self.done,
+                            dict(self._cgroup_roots)).to_dict()
 
-    def _forget(self) -> None:
-        if self.journal is not None:
-            self.journal.remove(self.image)
-
-    @contextlib.contextmanager
-    def _enter(self, stage: Stage) -> Iterator[None]:
-        self.stage = stage
-        self._record()
-        self._emit(stage, "start")
-        start = self.clock()
-        yield
-        self._emit(stage, "done", elapsed_ms=(self.clock() - start) * 1000)
-
-    @contextlib.contextmanager
-    def _timed(self, row: str) -> Iterator[None]:
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self.timings[row] = self.timings.get(row, 0.0) + (self.clock() - start) * 1000
-
-    @contextlib.contextmanager
-    def _on(self, host: Host) -> Iterator[None]:
-        """Calls to ``host``'s agent: an error is marked with the host and the stage. What the
-        calls may do is in ``self.done`` already: recorded first, for a successor to undo."""
-        self._record()
-        try:
-            yield
-        except OrthrosError as err:
-            err.host = err.host or host.name
-            err.stage = err.stage or self.stage.value
-            self._failed_on = err.host
-            raise
-        except BaseException:
-            self._failed_on = host.name
-            raise
+    def step(self, stage: PolicyStage) -> Callable[[], None]:
+        return {Stage.PREPARE: self._prepare, Stage.LOCK: self._lock_source,
+                Stage.DUMP: self._dump, Stage.TRANSFER: self._transfer,
+                Stage.ADDRESS: self._address, Stage.RESTORE: self._restore,
+                Stage.UNLOCK: self._unlock_stage, Stage.VERIFY: self._verify,
+                Stage.CLEANUP: self._cleanup}[Stage(stage)]
 
     @property
     def _backend(self) -> str | None:
@@ -761,65 +647,24 @@ class Migration:
 
     def run(self) -> MigrationResult:
         """Migrate; MigrationError (after a rollback, when one is possible) if it fails."""
-        total_start = self.clock()
-        try:
-            with self._enter(Stage.PREPARE), self._timed("prepare"):
-                self._prepare()
-            with self._enter(Stage.LOCK), self._timed("lock"):
-                self._lock_started = self.clock()
-                self._lock_source()
-            with self._enter(Stage.DUMP), self._timed("dump"):
-                self._dump()
-            with self._enter(Stage.TRANSFER), self._timed("transfer"):
-                self._transfer()
-            with self._enter(Stage.ADDRESS):
-                self._lock_dest()
-                with self._timed("address move"):
-                    self._move_address()
-            with self._enter(Stage.RESTORE), self._timed("restore"):
-                self._restore()
-        except BaseException as err:
-            self.timings["total"] = (self.clock() - total_start) * 1000
-            failure = self._rollback(err)
-            if failure is err:
-                self._forget()
-                raise  # nothing was touched: the error as it came
-            if isinstance(failure, MigrationError) and failure.rolled_back \
-                    and not failure.leftovers:
-                self._forget()  # else orthros recover can try again what is left
-            raise failure from err
-
-        # === POINT OF NO RETURN: the tree runs on the destination. From here on nothing is
-        # rolled back; what fails is reported (warnings), and the tree stays where it is.
-        with self._enter(Stage.UNLOCK), self._timed("unlock"):
-            self._release_source_after()
-            self._unlock()
-        if self._lock_started is not None:
-            self.timings["downtime"] = (self.clock() - self._lock_started) * 1000
-        with self._enter(Stage.VERIFY), self._timed("verify"):
-            self._verify()
-        with self._enter(Stage.CLEANUP), self._timed("cleanup"):
-            self._cleanup()
-        self.stage = Stage.DONE
-        self._forget()
-        self.timings["total"] = (self.clock() - total_start) * 1000
-        self._emit(Stage.DONE, "done", elapsed_ms=self.timings["total"])
+        self.run_stages()
         return self._result()
 
     # -- recovery of a migration whose coordinator died ------------------------------------
 
     @classmethod
-    def resume(cls, entry: JournalEntry, source: Host, dest: Host, *,
+    def resume(cls, record: Record, source: Host, dest: Host, *,
                journal: Journal | None = None, observer: Observer | None = None,
                clock: Callable[[], float] = time.perf_counter,
                sleep: Callable[[float], None] = time.sleep) -> Migration:
-        """The migration a journal entry describes, picked up where its coordinator stopped."""
-        m = cls(entry.pid, source, dest, entry.config, observer=observer, image=entry.image,
+        """The migration a journal record describes, picked up where its coordinator stopped."""
+        state = MigrateState.from_dict(record.state)
+        m = cls(state.pid, source, dest, state.config, observer=observer, image=record.id,
                 clock=clock, sleep=sleep, journal=journal)
-        m.stage = Stage(entry.stage)
-        m.plan = entry.plan
-        m.done = entry.done
-        m._cgroup_roots = dict(entry.cgroup_roots)
+        m.stage = Stage(record.stage)
+        m.plan = state.plan
+        m.done = state.done
+        m._cgroup_roots = dict(state.cgroup_roots)
         return m
 
     def recover(self) -> Recovery:
@@ -827,23 +672,19 @@ class Migration:
         died past the point of no return), else roll it back. The journal goes once nothing
         is left to do; if the destination cannot be asked, nothing is touched (OrthrosError).
         """
-        died_in = self.stage
-        if self.done.src_image and not self.done.held and self._source_holds():
+        died_in = Stage(self.stage)
+        if self.done.src_image and not self.done.held and steps.holds(self.source, self.pid):
             self.done.held = True  # the dump succeeded but its answer was lost with us
         known, found = self._restored_on_dest()
         if found is not None:
-            self._restored = _Restored(found)
+            self._restored_pid = found
             self.done.restored_pid = found
-            self._note(f"{self.dest.name} runs the tree as pid {found}: finishing the migration")
-            with self._enter(Stage.UNLOCK):
-                self._release_source_after()
-                self._unlock()
-            with self._enter(Stage.VERIFY):
-                self._verify()
-            with self._enter(Stage.CLEANUP):
-                self._cleanup()
+            self.note(f"{self.dest.name} runs the tree as pid {found}: finishing the migration")
+            for stage in (Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP):
+                with self.enter(stage):
+                    self.step(stage)()
             self.stage = Stage.DONE
-            self._forget()
+            self.forget()
             return Recovery(self.image, self.pid, died_in.value, "completed", found,
                             self.dest.name, warnings=list(self.warnings))
         if not known and (self.done.restore_in_doubt or died_in is Stage.RESTORE):
@@ -852,19 +693,15 @@ class Migration:
                 f"(image {self.image}): it does not answer; nothing was touched",
                 host=self.dest.name, pid=self.pid, stage="recover",
                 hint="run orthros recover again once its agent answers")
-        steps = rollback_plan(self.done)
-        if self.config.keep_images:
-            steps = [s for s in steps if s not in (Undo.REMOVE_IMAGE_DEST,
-                                                   Undo.REMOVE_IMAGE_SOURCE)]
         self.stage = Stage.ROLLBACK
-        self._emit(Stage.ROLLBACK, "start", f"the coordinator stopped during {died_in.value}")
-        out = self._undo(steps)
+        self.emit(Stage.ROLLBACK, "start", f"the coordinator stopped during {died_in.value}")
+        out = self._undo_all()
         complete = out.tree_back and not out.problems
         self.stage = Stage.ROLLED_BACK if complete else Stage.FAILED
-        self._emit(self.stage, "done" if complete else "failed",
-                   "; ".join(out.problems + out.leftovers))
+        self.emit(self.stage, "done" if complete else "failed",
+                  "; ".join(out.problems + out.leftovers))
         if complete and not out.leftovers:
-            self._forget()
+            self.forget()
         return Recovery(self.image, self.pid, died_in.value,
                         "rolled back" if complete else "failed",
                         out.pid if out.tree_back else None, self.source.name,
@@ -872,12 +709,12 @@ class Migration:
 
     def _prepare(self) -> None:
         cfg, src, dst = self.config, self.source, self.dest
-        with self._on(src):
+        with self.on(src):
             src_status = src.agent.status()
             tree_data = src.agent.tree(self.pid)
             tree = TreeFacts.from_agent(tree_data)
             src_ifaces = src.agent.addr_list()
-        with self._on(dst):
+        with self.on(dst):
             dst_status = dst.agent.status()
             dst_ifaces = dst.agent.addr_list()
         for host, status in ((src, src_status), (dst, dst_status)):
@@ -885,34 +722,29 @@ class Migration:
             if not criu.get("version"):
                 raise OrthrosError(f"CRIU is not usable on {host.name}: "
                                    f"{criu.get('error') or 'not found'}", host=host.name,
-                                   stage=self.stage.value, hint="run scripts/setup.sh there")
+                                   stage=str(self.stage), hint="run scripts/setup.sh there")
         facts = Facts(HostFacts.from_agent(src.name, src.address, src_status, src_ifaces),
                       HostFacts.from_agent(dst.name, dst.address, dst_status, dst_ifaces),
                       tree, self.candidates)
         self.plan = plan(facts, cfg, self.image)
         for note in self.plan.notes:
-            self._note(note)
+            self.note(note)
         if cfg.manage_cgroups is not CgroupMode.IGNORE:
-            with self._timed("cgroup check"):
+            with self.timed("cgroup check"):
                 self._check_cgroups(tree_data.get("cgroups"), src_status, dst_status)
-        self._note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
-                   + (f", service address {self.plan.service.with_prefixlen}"
-                      if self.plan.service else ""))
+        self.note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
+                  + (f", service address {self.plan.service.with_prefixlen}"
+                     if self.plan.service else ""))
         backend = self._backend
         if backend is not None:
-            for host in (src, dst):
-                with self._on(host):
-                    info = host.agent.netlock_prepare(backend, timeout=cfg.prepare_timeout_s)
-                if info.get("compiled"):
-                    self._note(f"compiled the {backend} lock on {host.name} in "
-                               f"{info.get('compile_seconds') or 0:.1f} s", host=host.name)
+            steps.prepare_locks(self, (src, dst), backend, timeout=cfg.prepare_timeout_s)
             if self.plan.src_lock_ifaces and backend == "xdp":
                 self.done.src_attached = self.plan.src_lock_ifaces
-                with self._on(src):
-                    src.agent.netlock_lock(backend, ifaces=self.plan.src_lock_ifaces,
-                                           timeout=cfg.prepare_timeout_s)
+                with self.on(src):
+                    steps.lock(src, backend, ifaces=self.plan.src_lock_ifaces,
+                               timeout=cfg.prepare_timeout_s)
         self.done.page_server = self.done.dest_image = True
-        with self._on(dst):
+        with self.on(dst):
             self._page_server = dst.agent.page_server(
                 self.image, address=dst.address, log_level=cfg.criu_log_level)
 
@@ -929,38 +761,40 @@ class Migration:
             return
         self._cgroup_roots = cgf.relocated(str(src_status.get("cgroup_root") or "/"),
                                            str(dst_status.get("cgroup_root") or "/"))
-        with self._on(dst):
+        with self.on(dst):
             problems = dst.agent.cgroup_check(text, self._cgroup_roots)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise CgroupError(f"{dst.name} cannot honour the cgroup limits of pid {self.pid}: "
                               f"{problems[0]}{more}", host=dst.name, pid=self.pid,
-                              stage=self.stage.value,
+                              stage=str(self.stage),
                               hint="migrate where the limits fit, or change them on the source")
-        self._note(f"{len(cgf.groups)} cgroups with {len(cgf.limits())} limits go to "
-                   f"{dst.name}" + (f" below {dst_status.get('cgroup_root')}"
-                                    if self._cgroup_roots else ""))
+        self.note(f"{len(cgf.groups)} cgroups with {len(cgf.limits())} limits go to "
+                  f"{dst.name}" + (f" below {dst_status.get('cgroup_root')}"
+                                   if self._cgroup_roots else ""))
 
     def _lock_source(self) -> None:
         assert self.plan is not None
+        self._lock_started = self.clock()
         backend = self._backend
         if backend is None:
             return
         # Found again by the agent now: the connections of this very moment.
         self.done.src_locked = tuple(str(c) for c in self.plan.conns)  # at least these
-        with self._on(self.source):
-            locked = self.source.agent.netlock_lock(
-                backend, pids=[self.pid], ifaces=self.plan.src_lock_ifaces,
-                timeout=self.config.prepare_timeout_s)
+        with self.on(self.source):
+            locked = steps.lock(self.source, backend, pids=[self.pid],
+                                ifaces=self.plan.src_lock_ifaces,
+                                timeout=self.config.prepare_timeout_s)
         self.done.src_locked = tuple(dict.fromkeys([*locked, *self.done.src_locked]))
 
     def _dump(self) -> None:
         cfg, src = self.config, self.source
         ps = self._page_server
+        assert ps is not None
         opts = cfg.dump_options((str(ps.address or self.dest.address), int(ps.port)))
         self.done.src_image = True
         try:
-            with self._on(src):
+            with self.on(src):
                 # The nonce opens the destination's page channel: only an agent holding the
                 # cluster key gets its memory there, and over TLS.
                 self._dumped = src.agent.dump(self.pid, self.image, opts,
@@ -969,30 +803,23 @@ class Migration:
         except BaseException as err:
             # A dump that failed leaves the tree running (CRIU resumes it). One whose answer
             # was lost may have succeeded: ask whether the tree is held stopped.
-            if _is_transport(err):
-                self.done.held = self._source_holds()
+            if is_transport(err):
+                self.done.held = steps.holds(src, self.pid)
             raise
         self.done.held = True
         # The page server serves one dump and exits.
         self.done.page_server = False
         stats = self._dumped.stats or {}
-        self._note(f"dumped {len(self._dumped.pids)} processes, "
-                   f"{stats.get('pages_written', 0)} pages sent to {self.dest.name}")
-
-    def _source_holds(self) -> bool:
-        with contextlib.suppress(BaseException):
-            held = self.source.agent.status().get("held", [])
-            return any(int(t["pid"]) == self.pid for t in held)
-        return True  # cannot tell: assume it is held, so that the rollback tries to resume it
+        self.note(f"dumped {len(self._dumped.pids)} processes, "
+                  f"{stats.get('pages_written', 0)} pages sent to {self.dest.name}")
 
     def _transfer(self) -> None:
         src, dst = self.source, self.dest
-        with self._on(src):
-            sent = src.agent.push_images(self.image, dst.address, dst.agent_port,
-                                         dest_name=dst.name,
-                                         timeout=self.config.transfer_timeout_s)
-        self._bytes = sum(int(getattr(f, "size", 0)) for f in sent)
-        self._note(f"{len(sent)} image files ({self._bytes} bytes) sent to {dst.name}")
+        with self.on(src):
+            sent: list[FileInfo] = steps.push_images(src, dst, self.image,
+                                                     timeout=self.config.transfer_timeout_s)
+        self._bytes = sum(f.size for f in sent)
+        self.note(f"{len(sent)} image files ({self._bytes} bytes) sent to {dst.name}")
 
     def _lock_dest(self) -> None:
         assert self.plan is not None
@@ -1002,9 +829,14 @@ class Migration:
         ifaces = (self.plan.dst_ifname,) if backend == "xdp" else ()
         self.done.dst_attached = ifaces
         self.done.dst_locked = self.done.src_locked
-        with self._timed("lock"), self._on(self.dest):
-            self.dest.agent.netlock_lock(backend, conns=self.done.src_locked, ifaces=ifaces,
-                                         timeout=self.config.prepare_timeout_s)
+        with self.timed("lock"), self.on(self.dest):
+            steps.lock(self.dest, backend, conns=self.done.src_locked, ifaces=ifaces,
+                       timeout=self.config.prepare_timeout_s)
+
+    def _address(self) -> None:
+        self._lock_dest()
+        with self.timed("address move"):
+            self._move_address()
 
     def _move_address(self) -> None:
         p, src, dst = self.plan, self.source, self.dest
@@ -1013,13 +845,11 @@ class Migration:
             return
         assert p.src_ifname is not None
         self.done.address_off_source = True
-        with self._on(src):
-            src.agent.addr_del(p.src_ifname, p.service.with_prefixlen)
+        with self.on(src):
+            steps.drop_address(src, p.src_ifname, p.service)
         self.done.address_on_dest = True
-        with self._on(dst):
-            dst.agent.addr_add(p.dst_ifname, p.service.with_prefixlen)
-            if self.config.garp_count > 0:
-                dst.agent.garp(p.dst_ifname, str(p.service.ip), count=self.config.garp_count)
+        with self.on(dst):
+            steps.take_address(dst, p.dst_ifname, p.service, garp_count=self.config.garp_count)
 
     def _restore(self) -> None:
         assert self.plan is not None
@@ -1027,12 +857,12 @@ class Migration:
         if self.plan.release_first:
             self._release_source()
         try:
-            with self._on(dst):
+            with self.on(dst):
                 opts = dataclasses.replace(cfg.restore_options(), cgroup_roots=self._cgroup_roots)
                 self._restored = dst.agent.restore(self.image, opts,
                                                    timeout=cfg.restore_timeout_s)
         except BaseException as err:
-            if not (_is_transport(err) or isinstance(err, KeyboardInterrupt)):
+            if not (is_transport(err) or isinstance(err, KeyboardInterrupt)):
                 raise
             # No answer (or we stopped listening): the restore may have happened all the same,
             # or still be under way there. Ask before undoing.
@@ -1040,50 +870,29 @@ class Migration:
             if found is None:
                 self.done.restore_in_doubt = not known
                 raise
-            self._note(f"{dst.name} did not answer the restore, but runs the tree as pid "
-                       f"{found}: going on", host=dst.name)
-            self._restored = _Restored(found)
-        self.done.restored_pid = int(self._restored.pid)
-        criu_ms = getattr(self._restored, "elapsed_ms", None)
-        if criu_ms is not None:
+            self.note(f"{dst.name} did not answer the restore, but runs the tree as pid "
+                      f"{found}: going on", host=dst.name)
+            self._restored_pid = found
+        else:
+            self._restored_pid = self._restored.pid
             # The restore call also waits for the tree's PIDs to be free (one PID space).
-            self.timings["criu restore"] = float(criu_ms)
-        self._note(f"restored on {dst.name} as pid {self._restored.pid}")
+            self.timings["criu restore"] = self._restored.elapsed_ms
+        self.done.restored_pid = self._restored_pid
+        self.note(f"restored on {dst.name} as pid {self._restored_pid}")
 
     def _release_source(self) -> None:
         """Kill the held source tree (its sockets are in repair mode: its peers hear nothing)."""
         self.done.released = True  # SIGKILL is on its way: from now on it cannot be resumed
-        with self._timed("release source"), self._on(self.source):
-            killed = self.source.agent.kill(self.pid, wait=self.config.kill_wait_s)
-        if not killed.exited:
-            raise OrthrosError(f"the stopped tree of pid {self.pid} did not exit after SIGKILL",
-                               host=self.source.name, pid=self.pid, stage=self.stage.value)
+        with self.timed("release source"), self.on(self.source):
+            steps.release_held(self.source, self.pid, wait=self.config.kill_wait_s,
+                               stage=str(self.stage))
 
     def _restored_on_dest(self) -> tuple[bool, int | None]:
-        """(whether the destination could be asked, the pid of a running tree it restored
-        from our image); asked again while it does not answer or is still restoring."""
-        deadline = self.clock() + self.config.dest_retry_s
-        while True:
-            try:
-                status = self.dest.agent.status()
-            except Exception as err:
-                if not _is_transport(err) or self.clock() >= deadline:
-                    return False, None
-                self.sleep(self.config.retry_interval_s)
-                continue
-            for t in status.get("restored", []):
-                if t.get("image") == self.image and t.get("running"):
-                    return True, int(t["pid"])
-            busy = self.image in (status.get("busy") or {})  # the restore still runs
-            if not busy or self.clock() >= deadline:
-                return True, None
-            self.sleep(self.config.retry_interval_s)
+        return steps.restored_on(self.dest, self.image, clock=self.clock, sleep=self.sleep,
+                                 retry_s=self.config.dest_retry_s,
+                                 interval=self.config.retry_interval_s)
 
     # -- after the point of no return -------------------------------------------------------
-
-    def _warn(self, what: str, err: BaseException, host: Host) -> None:
-        self.warnings.append(f"{what} on {host.name} failed: {_reason(err)}")
-        self._note(self.warnings[-1], host=host.name)
 
     def _release_source_after(self) -> None:
         assert self.plan is not None
@@ -1092,7 +901,13 @@ class Migration:
         try:
             self._release_source()
         except Exception as err:
-            self._warn(f"killing the stopped tree of pid {self.pid}", err, self.source)
+            self.warn(f"killing the stopped tree of pid {self.pid}", err, self.source)
+
+    def _unlock_stage(self) -> None:
+        self._release_source_after()
+        self._unlock()
+        if self._lock_started is not None:
+            self.timings["downtime"] = (self.clock() - self._lock_started) * 1000
 
     def _unlock(self) -> None:
         backend = self._backend
@@ -1102,9 +917,9 @@ class Migration:
             if backend is None or not (conns or ifaces):
                 continue
             try:
-                host.agent.netlock_unlock(backend, conns, detach=ifaces, tidy=True)
+                steps.unlock(host, backend, conns, ifaces)
             except Exception as err:
-                self._warn("unlocking the connections", err, host)
+                self.warn("unlocking the connections", err, host)
         # Announce the address once more, now that nothing is in a hurry (one frame went out
         # with the move; a switch that missed it learns it now).
         p = self.plan
@@ -1112,11 +927,11 @@ class Migration:
             try:
                 self.dest.agent.garp(p.dst_ifname, str(p.service.ip), count=1)
             except Exception as err:
-                self._warn("announcing the address again", err, self.dest)
+                self.warn("announcing the address again", err, self.dest)
 
     def _verify(self) -> None:
-        assert self._restored is not None
-        new_pid = int(self._restored.pid)
+        assert self._restored_pid is not None
+        new_pid = self._restored_pid
         assert self.plan is not None
         # What was locked (found again at the lock), or without a lock what the plan found.
         expected = {str(c) for c in (self.done.src_locked or self.plan.conns)}
@@ -1131,7 +946,7 @@ class Migration:
                     f"gone)", cause=err, host=self.dest.name, pid=new_pid,
                     stage=Stage.VERIFY.value) from err
             except Exception as err:
-                self._warn(f"checking the restored tree of pid {new_pid}", err, self.dest)
+                self.warn(f"checking the restored tree of pid {new_pid}", err, self.dest)
                 return
             established = set(tree.get("established", []))
             missing = expected - established
@@ -1147,8 +962,8 @@ class Migration:
             self.warnings.append(f"{len(missing)} of {len(expected)} connections are not "
                                  f"established on {self.dest.name} (closed meanwhile?), e.g. "
                                  f"{sorted(missing)[0]}")
-        self._note(f"pid {new_pid} runs on {self.dest.name} with {self._established} "
-                   "established connections")
+        self.note(f"pid {new_pid} runs on {self.dest.name} with {self._established} "
+                  "established connections")
 
     def _cleanup(self) -> None:
         # The page server exited after the dump; this only drops the agent's record of it.
@@ -1162,21 +977,22 @@ class Migration:
                 for why in released.get("left", []):
                     self.warnings.append(f"cgroup left on {self.source.name}: {why}")
             except Exception as err:
-                self._warn("removing the tree's old cgroups", err, self.source)
+                self.warn("removing the tree's old cgroups", err, self.source)
         if self.config.keep_images:
             return
         for host in (self.dest, self.source):
             try:
                 host.agent.remove_image(self.image)
             except Exception as err:
-                self._warn(f"removing image {self.image}", err, host)
+                self.warn(f"removing image {self.image}", err, host)
 
     def _result(self) -> MigrationResult:
-        assert self.plan is not None and self._dumped is not None and self._restored is not None
+        assert self.plan is not None and self._dumped is not None
+        assert self._restored_pid is not None
         stats = self._dumped.stats or {}
-        raw = getattr(self._dumped, "raw", {}) or {}
+        raw = self._dumped.raw or {}
         return MigrationResult(
-            pid=self.pid, new_pid=int(self._restored.pid), source=self.source.name,
+            pid=self.pid, new_pid=self._restored_pid, source=self.source.name,
             dest=self.dest.name, plan=self.plan, timings_ms=dict(self.timings),
             processes=len(self._dumped.pids),
             connections=len(raw.get("tcp", [])) or len(self.done.src_locked),
@@ -1185,28 +1001,24 @@ class Migration:
             frozen_ms=float(stats["frozen_ms"]) if "frozen_ms" in stats else None,
             warnings=list(self.warnings),
             cgroups={"dump": raw.get("cgroups"),
-                     "restore": (getattr(self._restored, "raw", {}) or {}).get("cgroups"),
+                     "restore": (self._restored.raw if self._restored else {}).get("cgroups"),
                      "roots": dict(self._cgroup_roots)})
 
     # -- rollback ---------------------------------------------------------------------------
 
-    def _rollback(self, err: BaseException) -> BaseException:
+    def rollback(self, err: BaseException) -> BaseException:
         """Undo what ``self.done`` records; the error to raise, saying what happened."""
-        failed_stage = self.stage
+        failed_stage = Stage(self.stage)
         where = self._failed_on or (err.host if isinstance(err, OrthrosError) else None)
         head = (f"migration of pid {self.pid} from {self.source.name} to {self.dest.name} "
                 f"failed during {failed_stage.value}" + (f" on {where}" if where else "")
-                + f": {_reason(err)}")
-        steps = rollback_plan(self.done)
-        if not steps and not self.done.held:
+                + f": {reason(err)}")
+        if not rollback_plan(self.done) and not self.done.held:
             return err  # nothing was touched: the plain error says it all
-        if self.config.keep_images:
-            steps = [s for s in steps if s not in (Undo.REMOVE_IMAGE_DEST,
-                                                   Undo.REMOVE_IMAGE_SOURCE)]
         self.stage = Stage.ROLLBACK
-        self._emit(Stage.ROLLBACK, "start", _reason(err))
+        self.emit(Stage.ROLLBACK, "start", reason(err))
         start = self.clock()
-        out = self._undo(steps)
+        out = self._undo_all()
         self.timings["rollback"] = (self.clock() - start) * 1000
         if self.done.restore_in_doubt:
             out.problems.append(f"{self.dest.name} did not answer the restore and could not be "
@@ -1214,8 +1026,8 @@ class Migration:
                                 "whose connections stay locked there")
         complete = out.tree_back and not out.problems
         self.stage = Stage.ROLLED_BACK if complete else Stage.FAILED
-        self._emit(self.stage, "done" if complete else "failed",
-                   "; ".join(out.problems + out.leftovers), elapsed_ms=self.timings["rollback"])
+        self.emit(self.stage, "done" if complete else "failed",
+                  "; ".join(out.problems + out.leftovers), elapsed_ms=self.timings["rollback"])
         if out.tree_back:
             pid_text = (f"pid {self.pid}" if out.pid in (None, self.pid)
                         else f"pid {self.pid} (now {out.pid})")
@@ -1239,55 +1051,19 @@ class Migration:
                               service_down=not out.tree_back, host=where, pid=self.pid,
                               stage=failed_stage.value)
 
-    def _undo(self, steps: list[Undo]) -> _UndoOutcome:
-        """Run the rollback steps in order, retrying those whose host does not answer until
-        ``dest_retry_s`` runs out (a host found silent is skipped for the rest of a pass, so
-        that the other host's steps, the service's return first, are not held up). Locks are
-        lifted and images removed only once the tree runs on the source again."""
-        out = _UndoOutcome(tree_back=not self.done.held,  # never dumped, or CRIU resumed it
-                           pid=None if self.done.held else self.pid)
-        tree_lost = False
-        pending = list(steps)
-        deadline: float | None = None
-        while pending:
-            silent: set[str] = set()
-            still: list[Undo] = []
-            for step in pending:
-                if step.needs_tree and not out.tree_back:
-                    if not tree_lost:
-                        still.append(step)
-                    continue
-                # RESTORE_SOURCE fetches the memory from the destination: it needs both.
-                sides = {"source", "dest"} if step is Undo.RESTORE_SOURCE else {step.side}
-                if sides & silent:
-                    still.append(step)
-                    continue
-                try:
-                    pid = self._undo_one(step)
-                except BaseException as err:
-                    if _is_transport(err):
-                        silent.add("dest" if isinstance(err, OrthrosError)
-                                   and err.host == self.dest.name else step.side)
-                        still.append(step)
-                        self._emit(Stage.ROLLBACK, "note", f"no answer; will try again to "
-                                   f"{step.what}: {_reason(err)}")
-                        continue
-                    out.fail(step, _reason(err))
-                    tree_lost = tree_lost or step.brings_tree
-                    continue
-                if step.brings_tree:
-                    out.tree_back, out.pid = True, pid
-            if not still or (tree_lost and all(s.needs_tree for s in still)):
-                break
-            if deadline is None:
-                deadline = self.clock() + self.config.dest_retry_s
-            if self.clock() >= deadline:
-                for step in still:
-                    out.fail(step, f"no answer for {self.config.dest_retry_s:g} s")
-                break
-            self.sleep(self.config.retry_interval_s)
-            pending = still
-        if not out.tree_back and any(s in (Undo.UNLOCK_SOURCE, Undo.UNLOCK_DEST) for s in steps):
+    def _undo_all(self) -> UndoOutcome:
+        """Undo what ``self.done`` records (``rollback_plan``), retrying steps on a host that
+        does not answer for ``dest_retry_s`` (see ``Policy.undo``). Locks are lifted and
+        images removed only once the tree runs on the source again."""
+        todo = rollback_plan(self.done)
+        if self.config.keep_images:
+            todo = [s for s in todo if s not in (Undo.REMOVE_IMAGE_DEST,
+                                                 Undo.REMOVE_IMAGE_SOURCE)]
+        out = self.undo(todo, self._undo_one,
+                        tree_back=not self.done.held,  # never dumped, or CRIU resumed it
+                        pid=None if self.done.held else self.pid,
+                        retry_s=self.config.dest_retry_s, interval=self.config.retry_interval_s)
+        if not out.tree_back and any(s in (Undo.UNLOCK_SOURCE, Undo.UNLOCK_DEST) for s in todo):
             out.problems.append("the connections stay locked, so that a restore from the kept "
                                 "checkpoint can still take them over")
         return out
@@ -1297,8 +1073,8 @@ class Migration:
         p, src, dst, backend = self.plan, self.source.agent, self.dest.agent, None
         if p is not None:
             backend = p.lock.backend
-        self._emit(Stage.ROLLBACK, "note", step.what,
-                   host=self.dest.name if step.side == "dest" else self.source.name)
+        self.emit(Stage.ROLLBACK, "note", step.what,
+                  host=self.dest.name if step.side == "dest" else self.source.name)
         if step is Undo.STOP_PAGE_SERVER:
             with contextlib.suppress(NoSuchProcessError):
                 dst.page_server_stop(self.image)
@@ -1307,34 +1083,25 @@ class Migration:
             dst.addr_del(p.dst_ifname, p.service.with_prefixlen)
         elif step is Undo.ADDRESS_ON_SOURCE:
             assert p is not None and p.service is not None and p.src_ifname is not None
-            src.addr_add(p.src_ifname, p.service.with_prefixlen)
-            if self.config.garp_count > 0:
-                src.garp(p.src_ifname, str(p.service.ip), count=self.config.garp_count)
+            steps.take_address(self.source, p.src_ifname, p.service,
+                               garp_count=self.config.garp_count)
         elif step is Undo.RESUME_SOURCE:
-            try:
-                src.resume(self.pid)
-            except NoSuchProcessError:
-                # Not held: the dump failed and CRIU resumed it, or it was never stopped.
-                src.tree(self.pid)  # raises if it does not run either
-            return self.pid
+            return steps.resume_held(self.source, self.pid)
         elif step is Undo.RESTORE_SOURCE:
             # The source kept every image file but the memory, which only the destination's
             # page server received: fetch it back, then restore here.
-            dst.push_images(self.image, self.source.address, self.source.agent_port,
-                            dest_name=self.source.name, overwrite=True,
-                            prefixes=("pages-", "pagemap-"),
-                            timeout=self.config.transfer_timeout_s)
+            steps.push_images(self.dest, self.source, self.image, overwrite=True,
+                              prefixes=("pages-", "pagemap-"),
+                              timeout=self.config.transfer_timeout_s)
             restored = src.restore(self.image, self.config.restore_options(),
                                    timeout=self.config.restore_timeout_s)
-            return int(restored.pid)
+            return restored.pid
         elif step is Undo.UNLOCK_SOURCE:
             if backend is not None:
-                src.netlock_unlock(backend, self.done.src_locked, detach=self.done.src_attached,
-                                   tidy=True)
+                steps.unlock(self.source, backend, self.done.src_locked, self.done.src_attached)
         elif step is Undo.UNLOCK_DEST:
             if backend is not None:
-                dst.netlock_unlock(backend, self.done.dst_locked, detach=self.done.dst_attached,
-                                   tidy=True)
+                steps.unlock(self.dest, backend, self.done.dst_locked, self.done.dst_attached)
         elif step is Undo.REMOVE_IMAGE_DEST:
             with contextlib.suppress(NoSuchProcessError):
                 dst.page_server_stop(self.image)  # drops the agent's record of it
@@ -1344,29 +1111,9 @@ class Migration:
         return None
 
 
-@dataclass
-class _UndoOutcome:
-    tree_back: bool
-    pid: int | None
-    problems: list[str] = field(default_factory=list)  # a lock, an address, the tree
-    leftovers: list[str] = field(default_factory=list)  # files and records
-
-    def fail(self, step: Undo, why: str) -> None:
-        (self.leftovers if step.leaves_litter else self.problems).append(
-            f"could not {step.what} ({why})")
-
-
-@dataclass(frozen=True)
-class _Restored:
-    """A restore learnt of from the destination's status rather than its answer."""
-
-    pid: int
-    stats: dict[str, Any] | None = None
-
-
-def migrate(pid: int, source: Host, dest: Host, config: MigrateConfig | None = None, *,
-            observer: Observer | None = None, candidates: Sequence[str] = ()
-            ) -> MigrationResult:
-    """Migrate the tree of ``pid`` from ``source`` to ``dest`` (see the module docstring)."""
-    return Migration(pid, source, dest, config, observer=observer,
-                     candidates=candidates).run()
+@register_recover(KIND)
+def recover(record: Record, hosts: Mapping[str, Host], *, journal: Journal,
+            observer: Observer | None = None) -> Recovery:
+    """Finish or roll back the migration a dead coordinator's journal record describes."""
+    return Migration.resume(record, hosts["source"], hosts["dest"], journal=journal,
+                            observer=observer).recover()

@@ -24,8 +24,26 @@ KTHREADD_PID = 2
 
 @dataclass(frozen=True)
 class ProcessRef:
+    """A process as pid and creation time: a pid reused by another process does not match."""
+
     pid: int
     create_time: float
+
+    @classmethod
+    def current(cls, pid: int) -> ProcessRef:
+        """Whatever process has ``pid`` now (zombies included); NoSuchProcessError if none."""
+        try:
+            return cls(pid, psutil.Process(pid).create_time())
+        except psutil.NoSuchProcess as err:
+            raise NoSuchProcessError(f"no process with pid {pid} exists", pid=pid) from err
+
+    @classmethod
+    def find(cls, pid: int) -> ProcessRef | None:
+        """``current``, or None if no process has ``pid``."""
+        try:
+            return cls.current(pid)
+        except NoSuchProcessError:
+            return None
 
     @classmethod
     def of(cls, pid: int) -> ProcessRef:
@@ -52,9 +70,19 @@ class ProcessRef:
                 f"pid {pid} ({proc.name()}) is a kernel thread, not a user process", pid=pid)
         return cls(pid, create_time)
 
-    def alive(self) -> bool:
+    def is_same(self, proc: psutil.Process) -> bool:
+        """Whether ``proc`` is this process (dead or alive), not a later one with its pid."""
         try:
-            return psutil.Process(self.pid).create_time() == self.create_time
+            return proc.pid == self.pid and proc.create_time() == self.create_time
+        except psutil.NoSuchProcess:
+            return False
+
+    def alive(self) -> bool:
+        """This process still runs: the pid is not free or reused, and not a zombie (which has
+        exited and only waits for its parent)."""
+        try:
+            proc = psutil.Process(self.pid)
+            return self.is_same(proc) and proc.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
 
@@ -193,7 +221,7 @@ def kill_tree(target: int | ProcessRef, timeout: float = 10.0) -> None:
     pid = target.pid if isinstance(target, ProcessRef) else target
     try:
         root = psutil.Process(pid)
-        if isinstance(target, ProcessRef) and root.create_time() != target.create_time:
+        if isinstance(target, ProcessRef) and not target.is_same(root):
             return  # our process is gone; this pid is a stranger's now
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:

@@ -65,7 +65,7 @@ class Service:
 
 
 def echo_server(lab: Lab, on: str, port: int) -> Service:
-    svc = Service(lab, on, [sys.executable, "-m", "orthros_py.bench.echo", "--host", SERVICE_IP,
+    svc = Service(lab, on, [sys.executable, "-m", "orthros_py.workloads.echo", "--host", SERVICE_IP,
                             "--port", str(port)], stdout=subprocess.DEVNULL,
                   stderr=subprocess.DEVNULL)
     wait_for(lambda: answers(lab, port), timeout=20, what="the echo server to answer")
@@ -105,7 +105,7 @@ def at_stage(stage: Stage, action: Callable[[], None]) -> Callable[[Event], None
     fired: list[bool] = []
 
     def observe(ev: Event) -> None:
-        if ev.stage is stage and ev.kind == "start" and not fired:
+        if ev.stage == stage and ev.kind == "start" and not fired:
             fired.append(True)
             action()
 

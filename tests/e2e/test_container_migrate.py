@@ -24,12 +24,12 @@ import pytest
 from helpers import run_orthros
 from migrate_kit import client, migrate_cli
 
-from orthros_py.bench import unixpair
 from orthros_py.cgroup.fs import mounts, remove_dirs, wait_empty
 from orthros_py.cgroup.model import V2
 from orthros_py.lab import Lab
 from orthros_py.lab.lab import cgroup_root
 from orthros_py.proc.tree import read_cgroups
+from orthros_py.workloads import unixpair
 
 SOCKETS = 500
 HOSTNAME = "orthros-ctr"

@@ -35,9 +35,9 @@ from migrate_kit import (
     print_timings,
 )
 
-from orthros_py.bench.echo import ClientPool
 from orthros_py.lab import Lab
 from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration, Stage
+from orthros_py.workloads.echo import ClientPool
 
 ROOT = Path(__file__).resolve().parents[2]
 

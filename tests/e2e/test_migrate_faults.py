@@ -46,7 +46,6 @@ from migrate_kit import (
 from orthros_py.agent.client import AgentClient
 from orthros_py.agent.errors import AgentRefused
 from orthros_py.agent.protocol import build_request, encode_request, read_frame
-from orthros_py.bench.echo import ClientPool
 from orthros_py.lab import Lab
 from orthros_py.policies.migrate import (
     Done,
@@ -57,6 +56,7 @@ from orthros_py.policies.migrate import (
     MigrationError,
     Stage,
 )
+from orthros_py.workloads.echo import ClientPool
 
 PORT = 7100
 CLIENTS = 50

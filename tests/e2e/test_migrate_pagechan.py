@@ -2,7 +2,8 @@
 port before the source's dump does (one sends garbage, one stays silent, one speaks the
 handshake with another key); each is refused and logged by beta's agent, and the migration goes
 on and succeeds, its clients answered throughout. The tampering case (a byte flipped on the
-page stream: TLS fails the dump, the tree runs on) is in tests/linux/test_agent.py.
+page stream: TLS, or the agents' AES-GCM records for a tree with its own IPC namespace,
+fail the dump, the tree runs on) is in tests/linux/test_agent.py.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from migrate_kit import (
 )
 
 from orthros_py.agent import pagechan
-from orthros_py.bench.echo import ClientPool
 from orthros_py.lab import Lab
 from orthros_py.policies.migrate import MigrateConfig, Migration, Stage
+from orthros_py.workloads.echo import ClientPool
 
 PORT = 7200
 CLIENTS = 20
@@ -115,7 +116,7 @@ def test_the_cost_of_the_page_channel(lab: Lab) -> None:
             job = Migration(svc.pid, host(lab, here), host(lab, there), MigrateConfig())
             result = job.run()
             chan = job._dumped.raw["page_channel"]
-            assert chan["tls"]
+            assert chan["channel"] == "tls"
             timings.append({**result.timings_ms, "frozen": result.frozen_ms or 0.0,
                             "handshake": chan["handshake_ms"]})
             wait_for(lambda: answers(lab, PORT), timeout=20, what="the service to answer")

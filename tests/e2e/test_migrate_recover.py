@@ -25,10 +25,10 @@ from migrate_kit import (
 )
 from test_migrate_faults import CLIENTS, PORT, echo_with_clients
 
-from orthros_py.bench.echo import ClientPool
 from orthros_py.lab import Lab
 from orthros_py.policies.journal import Journal
 from orthros_py.policies.migrate import Event, MigrateConfig, Migration, Stage
+from orthros_py.workloads.echo import ClientPool
 
 
 def coordinator_dies_at(lab: Lab, pid: int, stage: Stage, journal: Path) -> None:
@@ -37,7 +37,7 @@ def coordinator_dies_at(lab: Lab, pid: int, stage: Stage, journal: Path) -> None
     if child == 0:  # the coordinator: never returns into pytest
         try:
             def die(ev: Event) -> None:
-                if ev.stage is stage and ev.kind == "start":
+                if ev.stage == stage and ev.kind == "start":
                     os._exit(137)
 
             Migration(pid, host(lab, "alpha"), host(lab, "beta"), MigrateConfig(),
@@ -75,7 +75,7 @@ def test_a_coordinator_dead_before_the_restore_is_rolled_back(lab: Lab, tmp_path
         # `orthros hosts` points at it
         shown = orthros_json("hosts", "--no-check", "--journal", str(tmp_path), "--json")
         assert shown["interrupted_migrations"] == [
-            {"image": entry.image, "pid": svc.pid, "source": "alpha", "dest": "beta",
+            {"image": entry.id, "pid": svc.pid, "source": "alpha", "dest": "beta",
              "stage": "address move"}]
 
         (done,) = recover(tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import struct
@@ -34,6 +35,7 @@ from orthros_py.agent.protocol import build_request, encode_request, read_frame
 from orthros_py.agent.server import AUTH_TIMEOUT
 from orthros_py.criu.request import DumpOptions
 from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError, OrthrosError
+from orthros_py.workloads import unixpair
 
 TICK = "0.02"
 ORTHROS = str(Path(sys.executable).parent / "orthros")
@@ -231,7 +233,7 @@ def test_migration_between_two_agents_through_a_page_server(
     dumped = src.dump(proc.pid, "mig1", DumpOptions(page_server=("127.0.0.1", ps.port)),
                       page_nonce=ps.nonce)
     chan = dumped.raw["page_channel"]
-    assert chan["tls"] and chan["bytes_sent"] > 0 and chan["refused_local"] == 0
+    assert chan["channel"] == "tls" and chan["bytes_sent"] > 0 and chan["refused_local"] == 0
     assert proc.wait(timeout=10) < 0
     token, last = counts(out)[-1]
     out.write_bytes(b"")
@@ -346,7 +348,7 @@ def test_page_channel_refuses_impostors_and_serves_the_genuine_sender(
 
         dumped = src.dump(proc.pid, "mig2", DumpOptions(page_server=addr),
                           page_nonce=ps.nonce)
-        assert dumped.raw["page_channel"]["tls"]
+        assert dumped.raw["page_channel"]["channel"] == "tls"
         assert proc.wait(timeout=10) < 0
         assert _dropped(silent)  # once it had been silent too long
     finally:
@@ -426,6 +428,86 @@ def test_a_byte_flipped_on_the_page_channel_fails_the_dump_and_the_tree_runs_on(
     wait_for(lambda: not _page_server(dst, "mig3")["running"], timeout=10,
              what="beta's page server to give up")
     assert "Error" in (beta.images_root / "mig3" / "page-server.log").read_text()
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[unixpair.Container]:
+    """A small container of tests/linux/test_unixpair.py's kind: its own PID, UTS, IPC (a SysV
+    shm segment holding a magic) and mount namespaces; killed, wherever it runs, at the end."""
+    c = unixpair.start(tmp_path / "ctr", sockets=5, hostname="orthros-pagechan")
+    try:
+        c.wait_ready(timeout=60)
+        c.wait_progress(5)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_a_tree_with_its_own_ipc_namespace_crosses_sealed_by_the_agents(
+        start_agent: Callable[[str], AgentProc], spawner: Spawner,
+        container: unixpair.Container) -> None:
+    """CRIU's TLS cannot carry such a tree (its SysV shm is dumped by a forked child): the
+    agents seal the stream in AES-GCM records instead, and the shm arrives intact."""
+    assert os.stat(f"/proc/{container.init_pid}/ns/ipc").st_ino != \
+        os.stat("/proc/self/ns/ipc").st_ino
+    alpha, beta = start_agent("alpha"), start_agent("beta")
+    src, dst = alpha.client(), beta.client()
+    before = container.status()
+    ps = dst.page_server("ipc1", address="127.0.0.1", log_level=4)
+    dumped = src.dump(container.init_pid, "ipc1",
+                      DumpOptions(page_server=("127.0.0.1", ps.port)), page_nonce=ps.nonce)
+    chan = dumped.raw["page_channel"]
+    assert chan["channel"] == "aes-gcm" and chan["bytes_sent"] > 0, chan
+    assert chan["bytes_received"] > 0, chan  # the page server's answers came back, sealed
+    assert container.host_pids() == []
+    (on_alpha,) = src.list_images("ipc1")
+    assert not any(n.startswith("pages-") for n in on_alpha.filenames)
+    src.push_images("ipc1", "127.0.0.1", beta.port, dest_name="beta")
+    wait_for(lambda: not _page_server(dst, "ipc1")["running"], timeout=10,
+             what="the page server to exit after its dump")
+    info = _page_server(dst, "ipc1")
+    assert info["channel"] == "aes-gcm" and info["channel_error"] is None, info
+
+    restored = dst.restore("ipc1")
+    spawner.track(restored.pid)
+    container.adopt(restored.pid)
+    after = container.wait_progress(10, timeout=60)
+    for role in unixpair.ROLES:
+        st = after[role]
+        assert st["errors"] == 0 and st["ipc_magic_ok"] is True, st
+        assert st["rounds"] > before[role]["rounds"], (before[role], st)  # memory came back
+    assert "AES-256-GCM" in beta.log_text() and "AES-256-GCM" in alpha.log_text()
+    assert "not encrypted" not in alpha.log_text()
+    assert "aborting" not in alpha.log_text() + beta.log_text()  # both ends ended in order
+    ps_log = (beta.images_root / "ipc1" / "page-server.log").read_text()
+    assert "TLS handshake" not in ps_log
+    assert dst.kill(restored.pid).exited
+    dst.page_server_stop("ipc1")
+
+
+def test_a_byte_flipped_in_the_agents_records_fails_the_dump_and_the_tree_runs_on(
+        start_agent: Callable[[str], AgentProc], container: unixpair.Container) -> None:
+    alpha, beta = start_agent("alpha"), start_agent("beta")
+    src, dst = alpha.client(), beta.client()
+    ps = dst.page_server("ipc2", address="127.0.0.1")
+    relay = _FlippingRelay(("127.0.0.1", ps.port), offset=pagechan.HELLO_BYTES + 64 * 1024)
+    try:
+        with pytest.raises(CriuError) as exc:
+            src.dump(container.init_pid, "ipc2",
+                     DumpOptions(page_server=("127.0.0.1", relay.port)), page_nonce=ps.nonce)
+    finally:
+        relay.close()
+    assert relay.flipped
+    print(f"\n{exc.value}")
+    assert "page channel" in str(exc.value) and "aes-gcm" in str(exc.value)
+    wait_for(lambda: not _page_server(dst, "ipc2")["running"], timeout=10,
+             what="beta's page server to give up")
+    info = _page_server(dst, "ipc2")
+    assert "does not authenticate" in (info["channel_error"] or ""), info
+    assert "does not authenticate: damaged or forged on the path" in beta.log_text()
+    container.wait_progress(10)  # the tree runs on at the source, its shm intact
+    assert all(s["ipc_magic_ok"] for s in container.status().values())
+    dst.page_server_stop("ipc2")
 
 
 def _page_server(c: AgentClient, image: str) -> dict[str, Any]:

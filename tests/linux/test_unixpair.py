@@ -1,6 +1,6 @@
 """The paper's container workload survives a dump and a restore (real CRIU, root).
 
-orthros_py.bench.unixpair runs two processes in PID, UTS, IPC and mount namespaces of their own,
+orthros_py.workloads.unixpair runs two processes in PID, UTS, IPC and mount namespaces of their own,
 each holding N accepted and N connected UNIX stream sockets to the other and its bound listener,
 exchanging counters on every socket in lockstep. After the restore the counters must go on with
 no error on any socket, the peers must still be PIDs 1 and 2 with their hostname, and their SysV
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import Spawner, dump_cli, restore_cli
 
-from orthros_py.bench import unixpair
 from orthros_py.errors import OrthrosError
+from orthros_py.workloads import unixpair
 
 HOSTNAME = "orthros-ctr-test"
 OWN_NAMESPACES = ("pid", "uts", "ipc", "mnt")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from helpers import Spawner, dump_cli, restore_cli, run_orthros, wait_for
 
-from orthros_py.bench.echo import ClientPool
+from orthros_py.workloads.echo import ClientPool
 
 CLIENTS = 100
 WINDOW_S = 2.0
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_server(spawner: Spawner, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "orthros_py.bench.echo", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "orthros_py.workloads.echo", "--port", str(port),
                              *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     spawner.track(proc.pid)

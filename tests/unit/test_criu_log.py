@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orthros_py.criu.session import log_tail, main_reason
+from orthros_py.criu.log import log_tail, main_reason
 
 DUMP_LOG = """\
 (00.000010) Version: 4.2.1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthros_py.bench.criulog import lock_spans
+from orthros_py.criu.log import lock_spans
 
 LOG = """\
 (00.100000) Dumping sockets

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthros_py.bench.criulog import part_times
+from orthros_py.criu.log import part_times
 
 DUMP = """\
 (00.010000) Add uts ns 4 pid 100

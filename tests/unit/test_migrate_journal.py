@@ -1,6 +1,6 @@
 """The migration journal, and recovery of a migration whose coordinator died.
 
-The agents are the fakes of test_migrate_plan (pure state machine logic); the coordinator's
+The agents are the fakes of tests/unit/fakes.py (pure state machine logic); the coordinator's
 death is a BaseException that skips the in-process rollback, as SIGKILL would. The e2e tier
 kills a real coordinator process (tests/e2e/test_migrate_recover.py).
 """
@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_migrate_plan import SVC, FakeAgent, World, pair
+from fakes import SVC, FakeAgent, World, pair
 
 from orthros_py.errors import OrthrosError
 from orthros_py.policies import migrate as mig
 from orthros_py.policies.journal import Journal, from_dict, to_dict
-from orthros_py.policies.migrate import Event, Host, MigrateConfig, Migration, Stage
+from orthros_py.policies.migrate import (
+    Event,
+    Host,
+    MigrateConfig,
+    MigrateState,
+    Migration,
+    Stage,
+)
 
 
 class Died(BaseException):
@@ -37,13 +44,13 @@ def die_at(world: World, alpha: FakeAgent, beta: FakeAgent, journal: Journal, st
            monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a migration whose coordinator dies when ``stage`` starts (no rollback: it is dead)."""
     def observe(ev: Event) -> None:
-        if ev.stage is stage and ev.kind == "start":
+        if ev.stage == stage and ev.kind == "start":
             raise Died(stage.value)
 
     def no_rollback(self: Migration, err: BaseException) -> BaseException:
         raise err
 
-    monkeypatch.setattr(Migration, "_rollback", no_rollback)
+    monkeypatch.setattr(Migration, "rollback", no_rollback)
     src, dst = hosts(alpha, beta)
     m = Migration(4242, src, dst, MigrateConfig(dest_retry_s=3.0), image="img",
                   observer=observe, clock=world.clock, sleep=world.sleep, journal=journal)
@@ -88,9 +95,12 @@ def test_the_journal_round_trips_plan_and_done(world: World, tmp_path: Path,
     (entry,) = journal.entries()
     again = from_dict(json.loads(json.dumps(to_dict(entry))))
     assert again == entry
-    assert entry.stage == "restore" and entry.plan is not None
-    assert str(entry.plan.service) == f"{SVC}/32" and len(entry.plan.conns) == 3
-    assert entry.done.held and entry.done.address_on_dest and entry.done.src_locked
+    assert (entry.kind, entry.id, entry.pid) == ("migrate", "img", 4242)
+    assert {r: h.name for r, h in entry.hosts.items()} == {"source": "alpha", "dest": "beta"}
+    state = MigrateState.from_dict(entry.state)
+    assert entry.stage == "restore" and state.plan is not None
+    assert str(state.plan.service) == f"{SVC}/32" and len(state.plan.conns) == 3
+    assert state.done.held and state.done.address_on_dest and state.done.src_locked
 
 
 def test_death_before_the_restore_is_rolled_back_by_recover(

@@ -134,3 +134,27 @@ def test_cli_rejects_bad_conn_without_traceback() -> None:
     assert exc.value.code == 2
     assert "is not SRC:PORT,DST:PORT" in err.getvalue()
     assert "Traceback" not in err.getvalue()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10.0.0.1:80", ("10.0.0.1", 80)), ("[fd00::1]:443", ("fd00::1", 443)),
+])
+def test_one_endpoint_parser_for_connection_ends(text: str, expected: tuple[str, int]) -> None:
+    from orthros_py.net.conn import format_endpoint, parse_endpoint
+    assert parse_endpoint(text) == expected
+    assert parse_endpoint(format_endpoint(*expected)) == expected
+
+
+@pytest.mark.parametrize("text", [":7070", "alpha:0", "10.0.0.1:0"])
+def test_listen_addresses_allow_what_connection_ends_do_not(text: str) -> None:
+    from orthros_py.net.conn import parse_endpoint
+    parse_endpoint(text, listen=True)
+    with pytest.raises(ValueError):
+        parse_endpoint(text)
+
+
+def test_the_network_lock_choice_tells_criu_what_to_do() -> None:
+    from orthros_py.netlock.method import NetworkLock
+    assert [m.criu for m in NetworkLock] == [NetworkLock.SKIP, NetworkLock.IPTABLES,
+                                             NetworkLock.NFTABLES, NetworkLock.SKIP]
+    assert NetworkLock.SKIP.backend is None and NetworkLock.XDP.backend == "xdp"

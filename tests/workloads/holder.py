@@ -101,7 +101,7 @@ def volume(src: str, dst: str, host_mntns: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from ns_worker import reopen_stdio
 
-    from orthros_py.bench.unixpair import prune_mounts
+    from orthros_py.workloads.unixpair import prune_mounts
 
     reopen_stdio()
     prune_mounts(host_mntns)

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from orthros_py.bench.unixpair import prune_mounts  # mounts CRIU cannot dump
+from orthros_py.workloads.unixpair import prune_mounts  # mounts CRIU cannot dump
 
 
 def report(role: str, interval: float) -> None:

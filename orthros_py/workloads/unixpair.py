@@ -1,7 +1,7 @@
 """The Orthros paper's container workload: two processes talking over many UNIX stream sockets in
 PID, UTS, IPC and mount namespaces of their own.
 
-``python -m orthros_py.bench.unixpair run`` is the namespace's init (P1). It sets the hostname,
+``python -m orthros_py.workloads.unixpair run`` is the namespace's init (P1). It sets the hostname,
 creates a System V shared memory segment holding a magic (the IPC object whose survival proves
 the IPC namespace moved), binds DIR/p1.sock and DIR/p2.sock and forks P2. P2 connects N times to
 p1.sock, P1 N times to p2.sock, so each process holds N accepted and N connected sockets, 2N in
@@ -46,6 +46,7 @@ from typing import Any
 import psutil
 
 from orthros_py.errors import OperationTimeout, OrthrosError
+from orthros_py.proc.tree import ProcessRef
 
 ROLES = ("p1", "p2")
 LOG = "unixpair.log"
@@ -538,10 +539,8 @@ class Container:
 
 
 def _ctime(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
+    ref = ProcessRef.find(pid)
+    return ref.create_time if ref is not None else None
 
 
 def _join_cgroups(dirs: Sequence[Path]) -> None:
@@ -579,7 +578,7 @@ def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
                 path.unlink()
     argv = [*prefix, "unshare", "--pid", "--fork", "--uts", "--ipc", "--mount",
             "--propagation", "private",
-            sys.executable, "-m", "orthros_py.bench.unixpair", "run",
+            sys.executable, "-m", "orthros_py.workloads.unixpair", "run",
             "--sockets", str(sockets), "--dir", str(d), "--hostname", hostname,
             "--interval", str(interval),
             "--host-mntns", str(os.stat("/proc/self/ns/mnt").st_ino)]
@@ -611,7 +610,8 @@ def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
 # --- command line ---------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m orthros_py.bench.unixpair", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m orthros_py.workloads.unixpair",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="be the namespace's init (started by start() under unshare)")

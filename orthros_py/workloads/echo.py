@@ -1,6 +1,6 @@
 """A TCP echo service and a pool of clients that check every reply.
 
-``python -m orthros_py.bench.echo --host H --port P`` runs the server (one thread per client, so
+``python -m orthros_py.workloads.echo --host H --port P`` runs the server (one thread per client, so
 that a checkpoint holds one process with many established sockets). ``ClientPool`` keeps N
 connections open and sends numbered requests on all of them; any reset, timeout or wrong echo is
 counted, which is how the demo and the tests prove that a checkpoint lost nothing.
