@@ -18,7 +18,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +74,18 @@ def answers(client_netns: str) -> bool:
         return False
 
 
+def lab_exec_detached(host: str, argv: list[str]) -> int:
+    """``orthros lab exec HOST --detach -- ARGV``: the pid HOST knows the daemon by."""
+    args = ["lab", "exec", host, "--detach", "--", *argv]
+    console.print(f"[bold cyan]$ orthros {' '.join(args)}[/]")
+    proc = subprocess.run([ORTHROS, *args], text=True, capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    if proc.returncode != 0:
+        console.print(proc.stderr.strip())
+        raise DemoError(f"'orthros lab exec' failed (exit {proc.returncode})")
+    return int(proc.stdout.strip())
+
+
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("demo: run as root (namespaces, CRIU, BPF)")
@@ -82,22 +93,14 @@ def main() -> int:
     if status.get("up"):
         raise SystemExit("demo: a lab is already up; the demo builds and removes its own: "
                          "run 'orthros lab down' first")
-    server: subprocess.Popen[bytes] | None = None
     pool: ClientPool | None = None
     try:
         lab = orthros("lab", "up", "--hosts", "2")
-        alpha = next(h for h in lab["hosts"] if h["name"] == "alpha")
         client_netns = lab["client"]["netns"]
-        # The service runs inside alpha's network namespace, listening on the service address.
-        server = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{alpha['netns']}", "--", sys.executable, "-m",
-             "orthros_py.workloads.echo", "--host", SERVICE_IP, "--port", str(PORT)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        pid = server.pid
-        # Reap it the moment the migration's end kills it on alpha: its PID must be free for
-        # the restore on beta (the lab's hosts share one PID space).
-        threading.Thread(target=server.wait, daemon=True).start()
+        # The service runs as a daemon of alpha (inside its network, PID and mount namespaces),
+        # listening on the service address; its pid is the one alpha knows it by.
+        pid = lab_exec_detached("alpha", [sys.executable, "-m", "orthros_py.workloads.echo",
+                                          "--host", SERVICE_IP, "--port", str(PORT)])
         wait(lambda: answers(client_netns), "the echo server to answer")
         with in_netns(client_netns):
             pool = ClientPool(SERVICE_IP, PORT, CLIENTS, timeout=30)
@@ -158,9 +161,6 @@ def main() -> int:
     finally:
         if pool is not None:
             pool.close()
-        if server is not None and server.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                server.kill()
         # Kills whatever runs in the lab (agents, the service wherever it went), removes the
         # namespaces, the bridge, the locks and the state.
         with contextlib.suppress(Exception):

@@ -35,7 +35,6 @@ from orthros_py.agent.protocol import (
     decode_header,
     encode_request,
     file_digest,
-    format_endpoint,
     open_response,
     options_to_args,
     read_frame,
@@ -44,6 +43,7 @@ from orthros_py.agent.protocol import (
 )
 from orthros_py.criu.request import DumpOptions, RestoreOptions
 from orthros_py.errors import OperationTimeout, OrthrosError
+from orthros_py.net.conn import format_endpoint
 
 if TYPE_CHECKING:
     from orthros_py.netlock.base import Conn

@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 
 from orthros_py.errors import NoSuchProcessError, OrthrosError
+from orthros_py.proc.tree import ProcessRef
 
 TCP_REPAIR = 19  # include/uapi/linux/tcp.h
 TCP_REPAIR_OFF = 0
@@ -51,37 +52,29 @@ class HeldTree:
 
     pid: int
     image: str
-    procs: list[tuple[int, float]]
+    procs: list[ProcessRef]
     tids: list[int] = field(default_factory=list)  # every thread of them, leaders included
     held_at: float = field(default_factory=time.time)
 
     @classmethod
     def of(cls, pid: int, image: str, pids: list[int]) -> HeldTree:
-        procs: list[tuple[int, float]] = []
+        procs: list[ProcessRef] = []
         tids: list[int] = []
         for p in pids:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc = psutil.Process(p)
-                procs.append((p, proc.create_time()))
+                procs.append(ProcessRef(p, proc.create_time()))
                 tids += [t.id for t in proc.threads()]
         return cls(pid, image, procs, tids)
 
     def live(self) -> list[psutil.Process]:
         """Those of its processes that still exist as themselves (not reused pids, not
         zombies)."""
-        out = []
-        for pid, created in self.procs:
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.NoSuchProcess:
-                continue
-        return out
+        return [proc for ref in self.procs if (proc := ref.process()) is not None]
 
     def to_dict(self) -> dict[str, Any]:
         live = self.live()
-        return {"pid": self.pid, "image": self.image, "pids": [p for p, _ in self.procs],
+        return {"pid": self.pid, "image": self.image, "pids": [r.pid for r in self.procs],
                 "held_at": self.held_at, "alive": len(live),
                 "stopped": sum(1 for p in live if _stopped(p))}
 
@@ -197,7 +190,7 @@ def kill(tree: HeldTree, wait: float = 5.0) -> dict[str, Any]:
     # while its other threads are still exiting, and those hold their TIDs, which a restore
     # of the same tree on this PID space (another host of the lab) needs free.
     deadline = time.monotonic() + wait
-    while (left := _running(tree.tids or [p for p, _ in tree.procs])) and \
+    while (left := _running(tree.tids or [r.pid for r in tree.procs])) and \
             time.monotonic() < deadline:
         time.sleep(0.005)
     return {"pid": tree.pid, "image": tree.image, "signaled": [p.pid for p in procs],

@@ -85,6 +85,7 @@ from orthros_py.errors import (
     NoSuchProcessError,
     OrthrosError,
 )
+from orthros_py.proc.tree import ProcessRef
 
 log = logging.getLogger("orthros.agent")
 
@@ -108,13 +109,16 @@ _PARENT_IMG = re.compile(r"\.\./(?P<name>[^/]+)")
 class RestoredTree:
     """A tree this agent restored; its root is the agent's child until it exits."""
 
-    pid: int
-    create_time: float
+    ref: ProcessRef  # of the root; creation time 0.0 if it had exited before we looked
     image: str
     pids: list[int]
     restored_at: float
     exit_status: int | None = None  # as os.waitstatus_to_exitcode: negative for a signal
     exited: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "image": self.image, "pids": self.pids,
@@ -128,36 +132,35 @@ class PageServer:
     starts on the connection that proves itself (forked by ``criu swrk``: not our child)."""
 
     image: str
-    pid: int  # 0 until a connection has proved itself and CRIU runs on it
-    create_time: float | None
     port: int
     address: str
     started_at: float
+    ref: ProcessRef | None = None  # None until a connection has proved itself and CRIU runs on it
     listener: pagechan.Listener | None = None
     error: str | None = None  # why CRIU could not be started on the proven connection
     channel: str | None = None  # how the stream is protected: "tls" or "aes-gcm"
     joint: pagechan.Joint | None = None  # with "aes-gcm": between the channel and CRIU
 
+    @property
+    def pid(self) -> int:
+        """CRIU's pid; 0 before it runs."""
+        return self.ref.pid if self.ref is not None else 0
+
     def alive(self) -> bool:
-        if self.pid == 0:
+        if self.ref is None:
             # Waiting for the sender, or starting CRIU for it: running, unless it gave up.
             state = self.listener.state if self.listener is not None else "stopped"
             return self.error is None and state in ("waiting", "connected")
-        try:
-            proc = psutil.Process(self.pid)
-            return (proc.create_time() == self.create_time
-                    and proc.status() != psutil.STATUS_ZOMBIE)
-        except psutil.NoSuchProcess:
-            return False
+        return self.ref.alive()
 
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
         if self.joint is not None:
             self.joint.close()
-        if self.pid and self.alive():
+        if self.ref is not None and self.ref.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signals.SIGKILL)
+                os.kill(self.ref.pid, signals.SIGKILL)
 
     def to_dict(self) -> dict[str, Any]:
         chan = self.listener.to_dict() if self.listener is not None else {}
@@ -244,11 +247,9 @@ class Agent:
 
     def adopt(self, pid: int, image: str, pids: list[int]) -> RestoredTree:
         """Record a tree just restored as our child, and start waiting for it."""
-        try:
-            created = psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess:
-            created = 0.0  # gone already; the waiter collects its status at once
-        tree = RestoredTree(pid, created, image, pids, time.time())
+        # Gone already: the waiter collects its status at once.
+        ref = ProcessRef.find(pid) or ProcessRef(pid, 0.0)
+        tree = RestoredTree(ref, image, pids, time.time())
         with self.mutex:
             self.restored[pid] = tree
             exited = sorted((t for t in self.restored.values() if t.exited.is_set()),
@@ -672,7 +673,7 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
                             hint="stop it with page_server_stop first")
     addr = a.listen_host if address is None else address
     tls = a.page_tls()
-    server = PageServer(image, 0, None, 0, addr, time.time())
+    server = PageServer(image, 0, addr, time.time())
 
     def on_channel(chan: pagechan.Channel) -> None:
         conn, joint = pagechan.criu_end(chan, f"image {image}")
@@ -696,9 +697,8 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
         if joint is not None:
             joint.start()  # CRIU holds its end now, and we closed our copy of it
         pid = int(resp.ps.pid)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            server.create_time = psutil.Process(pid).create_time()
-        server.pid = pid
+        # Gone already: creation time 0.0 matches no process, so it reads as not alive.
+        server.ref = ProcessRef.find(pid) or ProcessRef(pid, 0.0)
         log.info("page server %d receives image %s from %s over %s", pid, image, chan.peer,
                  "CRIU's TLS" if chan.tls else "the agents' AES-256-GCM records (the sender's "
                  "tree has its own IPC namespace)")
@@ -752,7 +752,7 @@ def op_kill(call: Call, pid: int, signal: str = "KILL", wait: float = 5.0) -> di
     if not tree.exited.is_set():
         try:
             root = psutil.Process(pid)
-            if root.create_time() != tree.create_time:
+            if not tree.ref.is_same(root):
                 raise NoSuchProcessError(f"pid {pid} now belongs to another process", pid=pid)
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -1139,8 +1139,8 @@ def op_netlock_prepare(call: Call, backend: str = "xdp") -> dict[str, Any]:
     """Load the backend ahead of a migration (XDP: compile or open the pinned program)."""
     with call.agent.netlock_mutex:
         lock = _netlock(call.agent, backend, None)
-        info = lock.prepare() if hasattr(lock, "prepare") else {}
-    return {"backend": backend, **(info if isinstance(info, dict) else {})}
+        info = lock.prepare()
+    return {"backend": backend, **info}
 
 
 @op("netlock_lock")
@@ -1157,8 +1157,7 @@ def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
         netns = netns or found.netns
     with call.agent.netlock_mutex:
         lock = _netlock(call.agent, backend, netns)
-        if hasattr(lock, "prepare"):
-            lock.prepare()
+        lock.prepare()
         if names and hasattr(lock, "attach"):
             lock.attach(names, netns=netns)
         locked = lock.lock(wanted)

@@ -601,13 +601,19 @@ class Joint:
     def _outbound(self) -> None:
         while data := self.local.recv(RECORD_BYTES):
             wire = data if self.records is None else self.records.seal(data)
-            self.net.sendall(wire)
+            # Counted before it is sent: once the peer has it, the count must already say so.
             self.bytes_out += len(wire)
-        self.local_done = True
+            self.net.sendall(wire)
+        with self._lock:
+            if self.error is not None or self._closed.is_set():
+                # The local side ended because we aborted (or closed) it, not because CRIU
+                # finished: no end record, or the peer would take a cut stream for a whole one.
+                return
+            self.local_done = True
         if self.records is not None:
             end = self.records.seal_end()
-            self.net.sendall(end)
             self.bytes_out += len(end)
+            self.net.sendall(end)
         _shut(self.net, socket.SHUT_WR)
 
     def _inbound(self) -> None:
@@ -647,8 +653,9 @@ class Joint:
         if first:
             log.error("page channel of %s (%s): %s: aborting the transfer", self.label,
                       self.protection, self.error)
-        _shut(self.local, socket.SHUT_RDWR)
+        # The network first: nothing more may leave once the local side sees its end.
         _shut(self.net, socket.SHUT_RDWR)
+        _shut(self.local, socket.SHUT_RDWR)
 
     @property
     def protection(self) -> str:
@@ -664,7 +671,7 @@ class Joint:
 
     def close(self) -> None:
         self._closed.set()
-        for s in (self.local, self.net):
+        for s in (self.net, self.local):
             _shut(s, socket.SHUT_RDWR)
         if any(t.ident is not None for t in self._threads):
             self.join(timeout=5)
@@ -749,7 +756,9 @@ class Relay:
             if self._closed.is_set():
                 conn.close()
                 return
-            self.joint = Joint(conn, self.upstream, self.records, self.label).start()
+            # Set before it starts: its counters and error are read as soon as bytes flow.
+            self.joint = Joint(conn, self.upstream, self.records, self.label)
+            self.joint.start()
             return
 
     def close(self) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import ipaddress
 import json
 import math
 import re
@@ -99,37 +98,6 @@ def validate_name(name: object, what: str = "image directory name") -> str:
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_', '+' or '-', "
             "starting with a letter or digit, without '..' or '/'", code=Refusal.BAD_REQUEST)
     return name
-
-
-def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``ADDR:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all addresses) -> (address, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r} is not [IPv6]:PORT")
-        port = rest[1:]
-    elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [{text}]:PORT")
-    else:
-        host, _, port = text.partition(":")
-    if not port:
-        if default_port is None:
-            raise ValueError(f"{text!r} names no port (ADDR:PORT)")
-        return host, default_port
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{port!r} in {text!r} is not a TCP port")
-    if host:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
-                raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return host, int(port)
-
-
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- argument types ----------------------------------------------------------------------------

@@ -32,13 +32,13 @@ from orthros_py.agent.protocol import (
     decode_header,
     encode_refusal,
     encode_response,
-    format_endpoint,
     open_request,
     read_frame,
     refusal_for,
     send_payload,
 )
 from orthros_py.errors import OrthrosError
+from orthros_py.net.conn import format_endpoint
 
 log = logging.getLogger("orthros.agent")
 

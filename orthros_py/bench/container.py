@@ -350,8 +350,10 @@ class ContainerBench:
         cfg = MigrateConfig(criu_log_level=level, keep_images=True)
         try:
             before = c.status()
-            result = Migration(c.init_pid, source, dest, cfg, image=image).run()
-            c.adopt(result.new_pid)
+            # The policy speaks the hosts' pids; this machine knows the tree by others.
+            result = Migration(lab.host_pid(src, c.init_pid), source, dest, cfg,
+                               image=image).run()
+            c.adopt(lab.machine_pid(dst, result.new_pid) or result.new_pid)
             after = c.wait_progress(5, timeout=120)
             run.rounds_after = min(int(after[r]["rounds"]) - int(before[r]["rounds"])
                                    for r in after)

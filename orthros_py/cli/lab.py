@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from orthros_py.cli.context import Env
+from orthros_py.cli.hosts import journal_option
+from orthros_py.errors import OrthrosError
 from orthros_py.inventory import INVENTORY_ENV
 
 if TYPE_CHECKING:
@@ -78,35 +80,67 @@ def status(env: Env, inventory: Path | None, as_json: bool) -> None:
 
 @lab.command()
 @inventory_option
+@journal_option
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 @click.pass_obj
-def down(env: Env, inventory: Path | None, as_json: bool) -> None:
-    """Remove the lab: agents and other processes in it, namespaces, bridge, veths, state."""
-    from orthros_py.lab import teardown
+def down(env: Env, inventory: Path | None, journal_dir: Path | None, as_json: bool) -> None:
+    """Remove the lab: agents and other processes in it, namespaces, bridge, veths, state; and
+    the journal records of migrations between its hosts (nothing could recover them)."""
+    from orthros_py.lab import Lab, teardown
+    from orthros_py.policies.journal import Journal, drop_records_of
 
+    # Read before the teardown removes the state file that names them. An unreadable state
+    # must not stop down, which is what removes it; its records are then left to recover.
+    try:
+        up = Lab.find(inventory)
+    except OrthrosError:
+        up = None
+    hosts = [(h.name, h.address) for h in up.hosts] if up is not None else []
     with env.console.status("taking the lab down"):
         report = teardown(inventory)
+    # Here, not in the lab, which sits below the policies that own the journal.
+    dropped = drop_records_of(Journal(journal_dir) if journal_dir else Journal(), hosts)
     if as_json:
-        env.emit_json(report.to_dict())
+        env.emit_json({**report.to_dict(), "journal_dropped": [r.id for r in dropped]})
     else:
         render_down(env, report)
+        for r in dropped:
+            env.console.print(f"dropped the journal record {escape(r.id)} ({r.kind}"
+                              + (f": {escape(r.title)}" if r.title else "") + ")")
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})
 @click.argument("host")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @inventory_option
-def exec_(host: str, argv: tuple[str, ...], inventory: Path | None) -> None:
-    """Run a command inside HOST's network namespace (only that one): lab exec alpha -- CMD."""
+@click.option("--detach", is_flag=True,
+              help="Start it in the background as a daemon of HOST and print its pid there.")
+@click.option("--log", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --detach: its stdout and stderr go here (default /dev/null).")
+@click.option("--json", "as_json", is_flag=True, help="With --detach: print both pids as JSON.")
+@click.pass_obj
+def exec_(env: Env, host: str, argv: tuple[str, ...], inventory: Path | None, detach: bool,
+          log: Path | None, as_json: bool) -> None:
+    """Run a command inside HOST's network, PID and mount namespaces: lab exec alpha -- CMD.
+
+    With --detach, the pid printed is the one HOST sees (what `orthros migrate` takes)."""
     from orthros_py.lab import Lab
 
-    full = Lab.load(inventory).argv(host, argv)
-    os.execv(full[0], full)
+    the_lab = Lab.load(inventory)
+    if not detach:
+        full = the_lab.argv(host, argv)
+        os.execv(full[0], full)
+    proc = the_lab.spawn(host, argv, log=log.resolve() if log else None)
+    if as_json:
+        env.emit_json({"host": proc.host, "pid": proc.host_pid,
+                       "machine_pid": proc.machine_pid})
+    else:
+        click.echo(proc.host_pid)
 
 
 def render_status(env: Env, st: LabStatus) -> None:
     table = Table(title="lab hosts", title_justify="left")
-    for col in ("host", "role", "namespace", "addresses", "agent"):
+    for col in ("host", "role", "namespaces", "addresses", "agent"):
         table.add_column(col)
     every = [*st.hosts, *([st.client] if st.client else [])]
     for h in every:
@@ -117,6 +151,9 @@ def render_status(env: Env, st: LabStatus) -> None:
                      else "[yellow]alive[/]" if h.agent_alive else "[red]dead[/]")
             agent = f"{h.agent_pid} on port {h.agent_port}: {state}"
         ns = escape(h.netns) if h.netns_present else f"[red]{escape(h.netns)} (missing)[/]"
+        if h.init_pid is not None:
+            ns += (f", pid+mnt (init {h.init_pid})" if h.init_alive
+                   else f" [red](init {h.init_pid} dead)[/]")
         table.add_row(h.name, h.role.value, ns, ", ".join(h.addresses) or "-", agent)
     env.console.print(table)
     for s in st.services:

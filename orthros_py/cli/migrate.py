@@ -19,11 +19,14 @@ from orthros_py.cli.context import Env
 from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
 from orthros_py.cli.progress import ProgressView
 from orthros_py.criu.request import CgroupMode
+from orthros_py.netlock.method import NetworkLock
 
 if TYPE_CHECKING:
     from orthros_py.policies.migrate import MigrationResult
 
-LOCKS = ("xdp", "nftables", "iptables", "skip")
+# This order, not the enum's, is the one --help has always shown.
+LOCKS = tuple(m.value for m in (NetworkLock.XDP, NetworkLock.NFTABLES, NetworkLock.IPTABLES,
+                                NetworkLock.SKIP))
 # The rows of the timings table (the policy measures a few more; --json has them all).
 TABLE_ROWS = ("lock", "dump", "transfer", "address move", "restore", "unlock", "total")
 EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "criu restore")
@@ -85,7 +88,7 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             keep_images: bool, journal_dir: Path | None, as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
-    from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration
+    from orthros_py.policies.migrate import MigrateConfig, Migration
 
     cluster = open_cluster(inventory, key_path)
     src, dst = cluster.host(source), cluster.host(dest)
@@ -97,7 +100,7 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
         if cluster.inventory.services and not cluster.inventory.may_hold(dest, str(ip.ip)):
             raise click.BadParameter(f"the inventory does not let {dest} hold {ip.ip}",
                                      param_hint="--service-ip")
-    config = MigrateConfig(network_lock=LockMethod(network_lock), service_ip=service_ip,
+    config = MigrateConfig(network_lock=NetworkLock(network_lock), service_ip=service_ip,
                            shell_job=shell_job, ext_unix_sk=ext_unix_sk,
                            file_locks=file_locks, link_remap=link_remap,
                            ghost_limit=ghost_limit, skip_in_flight=skip_in_flight,

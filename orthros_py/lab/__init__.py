@@ -1,10 +1,11 @@
-"""The lab: the inventory's hosts as network namespaces on this machine, joined by a bridge,
-each running an agent. Needs root."""
+"""The lab: the inventory's hosts on this machine, each a network namespace joined to the others
+by a bridge, with PID and mount namespaces of its own, running an agent. Needs root."""
 
 from __future__ import annotations
 
 from orthros_py.lab.lab import (
     DownReport,
+    HostProcess,
     HostStatus,
     Lab,
     LabHost,
@@ -18,6 +19,7 @@ from orthros_py.net.addr import call_in_netns, in_netns
 
 __all__ = [
     "DownReport",
+    "HostProcess",
     "HostStatus",
     "Lab",
     "LabHost",

@@ -4,21 +4,30 @@ Each host (and the client) gets a namespace ``PREFIX+NAME`` with an ``eth0`` who
 port of a bridge that lives in a namespace of its own, so the kernel routes real packets between
 the hosts. The caller's namespace only gets one veth to the bridge, carrying the inventory's
 controller address (as a Vagrant host holds the .1 of its private network), so that ``orthros``
-reaches the agents from a plain shell. An agent is started in each host namespace through
-``nsenter --net`` (never ``ip netns exec``: that also unshares the mount namespace, which CRIU
-then sees as foreign), with its own image directory, as on separate machines.
+reaches the agents from a plain shell.
+
+Each host also has a PID namespace and a mount namespace of its own (its own /proc; every other
+mount a private copy of the machine's), made by a small init that is their PID 1
+(``orthros_py.lab.init``). So lab hosts behave as separate machines where it matters to a
+migration: the agents report different PID namespaces, the source tree stays stopped through the
+restore on the other host (which gives it the same PIDs), a failed restore is undone by resuming
+it, and nothing waits for this machine's init to reap PIDs. Agents and services are started
+inside all three namespaces as daemons of the host (``Lab.spawn``: children of its init), with
+their own image directory, as on separate machines; never through ``ip netns exec``, which
+remounts /sys in a mount namespace CRIU would see as foreign.
 
 Everything the lab makes is written down in ``STATE_DIR/state.json`` and undone by ``down``,
 which also finds what a crashed run left (namespaces named by the inventory, bridge ports that
 carry the lab's alias, processes inside those namespaces).
 
 Interfaces: pyroute2.netns (bind mounts under /run/netns), rtnetlink (veth, bridge, addresses),
-nsenter(1), /proc/PID/ns/net. Needs root.
+setns/unshare (through orthros_py.lab.init), nsenter(1), /proc/PID/ns/*, NSpid. Needs root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import fcntl
@@ -42,6 +51,7 @@ from pyroute2 import NetlinkError
 
 from orthros_py.errors import MissingFeatureError, NotRootError, OperationTimeout, OrthrosError
 from orthros_py.inventory import Inventory, LabSettings, inventory_path, load_inventory
+from orthros_py.lab.init import machine_pid_of, nspids
 from orthros_py.net.addr import (
     AddressMove,
     Link,
@@ -78,9 +88,6 @@ CONTROLLER_PORT = "c-root"
 AGENT_START_TIMEOUT = 30.0
 STOP_GRACE = 3.0
 
-# Agents started by this process, kept so that `down` can reap them (no zombies, no warnings).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
 
 class Role(enum.StrEnum):
     HOST = "host"
@@ -101,6 +108,10 @@ class LabHost:
     agent_log: Path | None = None
     images_root: Path | None = None
     ifname: str = ETH
+    # PID 1 of the host's own PID and mount namespaces (orthros_py.lab.init), a machine pid.
+    init_pid: int | None = None
+    init_create_time: float | None = None
+    agent_host_pid: int | None = None  # the agent's pid as the host sees it
 
     @property
     def address(self) -> str:
@@ -123,6 +134,22 @@ class LabHost:
             return False
         return ProcessRef(self.agent_pid, self.agent_create_time).alive()
 
+    def init_alive(self) -> bool:
+        if self.init_pid is None or self.init_create_time is None:
+            return False
+        return ProcessRef(self.init_pid, self.init_create_time).alive()
+
+    def namespaces(self) -> dict[str, int]:
+        """{"net"|"pid"|"mnt": inode} of the host's namespaces (those its init holds)."""
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            out["net"] = os.stat(self.netns_path).st_ino
+        if self.init_alive():
+            for kind in ("pid", "mnt"):
+                with contextlib.suppress(OSError):
+                    out[kind] = os.stat(f"/proc/{self.init_pid}/ns/{kind}").st_ino
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -135,6 +162,9 @@ class LabHost:
             "agent_create_time": self.agent_create_time,
             "agent_log": str(self.agent_log) if self.agent_log else None,
             "images_root": str(self.images_root) if self.images_root else None,
+            "init_pid": self.init_pid,
+            "init_create_time": self.init_create_time,
+            "agent_host_pid": self.agent_host_pid,
         }
 
     @classmethod
@@ -145,7 +175,9 @@ class LabHost:
             agent_pid=d.get("agent_pid"), agent_create_time=d.get("agent_create_time"),
             agent_log=Path(d["agent_log"]) if d.get("agent_log") else None,
             images_root=Path(d["images_root"]) if d.get("images_root") else None,
-            ifname=d.get("ifname", ETH))
+            ifname=d.get("ifname", ETH), init_pid=d.get("init_pid"),
+            init_create_time=d.get("init_create_time"),
+            agent_host_pid=d.get("agent_host_pid"))
 
 
 @dataclass(frozen=True)
@@ -180,12 +212,19 @@ class HostStatus:
     agent_pid: int | None
     agent_alive: bool
     agent_listening: bool | None  # None: no agent to ask
+    init_pid: int | None = None
+    init_alive: bool = False
+    namespaces: dict[str, int] = field(default_factory=dict)  # kind -> inode
+    agent_host_pid: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role.value, "netns": self.netns,
                 "netns_present": self.netns_present, "addresses": self.addresses,
                 "agent_port": self.agent_port, "agent_pid": self.agent_pid,
-                "agent_alive": self.agent_alive, "agent_listening": self.agent_listening}
+                "agent_host_pid": self.agent_host_pid,
+                "agent_alive": self.agent_alive, "agent_listening": self.agent_listening,
+                "init_pid": self.init_pid, "init_alive": self.init_alive,
+                "namespaces": self.namespaces}
 
 
 @dataclass(frozen=True)
@@ -204,7 +243,8 @@ class LabStatus:
     def healthy(self) -> bool:
         every = [*self.hosts, *([self.client] if self.client else [])]
         return self.up and all(h.netns_present for h in every) and all(
-            h.agent_alive for h in self.hosts if h.agent_pid is not None)
+            h.agent_alive for h in self.hosts if h.agent_pid is not None) and all(
+            h.init_alive for h in every if h.init_pid is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"up": self.up, "healthy": self.healthy, "state_dir": self.state_dir,
@@ -213,6 +253,16 @@ class LabStatus:
                 "hosts": [h.to_dict() for h in self.hosts],
                 "client": self.client.to_dict() if self.client else None,
                 "services": self.services}
+
+
+@dataclass(frozen=True)
+class HostProcess:
+    """A process started inside a lab host: its pid there (what ``orthros migrate`` and the
+    host's agent take) and on this machine (what psutil and kill(2) here take)."""
+
+    host: str
+    host_pid: int
+    machine_pid: int
 
 
 @dataclass
@@ -391,13 +441,59 @@ class Lab:
         return call_in_netns(self.host(host).netns, fn, *args, **kwargs)
 
     def argv(self, host: str | LabHost, argv: Sequence[str]) -> list[str]:
-        """``argv`` wrapped to run inside ``host``'s network namespace (and no other)."""
-        return [_nsenter(), f"--net={self.host(host).netns_path}", "--", *map(str, argv)]
+        """``argv`` wrapped to run inside ``host``'s network, PID and mount namespaces, in the
+        host's root directory (nsenter's --wd would open the directory before entering: a cwd
+        in this machine's mount namespace, where CRIU's parasite cannot mount). nsenter forks
+        into the PID namespace and waits: its pid is not the command's (``spawn`` gives that)."""
+        h = self.host(host)
+        if h.init_pid is None:  # a lab made before hosts had PID namespaces
+            return [_nsenter(), f"--net={h.netns_path}", "--", *map(str, argv)]
+        return [_nsenter(), f"--target={h.init_pid}", "--net", "--pid", "--mount", "--",
+                *map(str, argv)]
 
     def popen(self, host: str | LabHost, argv: Sequence[str],
               **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` inside ``host``'s network namespace; ``kwargs`` go to Popen."""
+        """Start ``argv`` inside ``host``'s namespaces, under nsenter; ``kwargs`` go to Popen."""
         return subprocess.Popen(self.argv(host, argv), **kwargs)
+
+    def spawn(self, host: str | LabHost, argv: Sequence[str], *, log: Path | None = None,
+              cwd: Path | str | None = None) -> HostProcess:
+        """Start ``argv`` in the background inside ``host``'s namespaces, as a daemon of that
+        host: a session leader whose parent is the host's init (which reaps it), stdin from
+        /dev/null, stdout and stderr to ``log`` (or /dev/null), no descriptor of ours."""
+        h = self.host(host)
+        if h.init_pid is None or not h.init_alive():
+            raise OrthrosError(f"the lab host {h.name} has no init running", host=h.name,
+                               stage="lab spawn", hint="rebuild the lab: orthros lab up --rebuild")
+        cmd = [sys.executable, "-m", "orthros_py.lab.init", "spawn", "--init", str(h.init_pid),
+               "--cwd", str(cwd or os.getcwd()), *(["--log", str(log)] if log else []),
+               "--", *map(str, argv)]
+        res = run(cmd, timeout=30.0)
+        out = json.loads(res.stdout)
+        return HostProcess(h.name, int(out["host_pid"]), int(out["machine_pid"]))
+
+    def host_pid(self, host: str | LabHost, machine_pid: int) -> int:
+        """What ``host`` calls the process this machine calls ``machine_pid`` (which lives in
+        that host's PID namespace or in one nested below it)."""
+        h = self.host(host)
+        if h.init_pid is None:
+            return machine_pid  # a lab without PID namespaces
+        level = len(nspids(h.init_pid)) - 1
+        pids = nspids(machine_pid)
+        if len(pids) <= level:
+            raise OrthrosError(f"process {machine_pid} does not live in lab host {h.name}",
+                               host=h.name, pid=machine_pid)
+        return pids[level]
+
+    def machine_pid(self, host: str | LabHost, host_pid: int) -> int | None:
+        """The machine pid of the process that ``host`` calls ``host_pid``, or None."""
+        h = self.host(host)
+        if h.init_pid is None or not h.init_alive():
+            return None
+        try:
+            return machine_pid_of(h.init_pid, host_pid)
+        except OSError:
+            return None
 
     def run(self, host: str | LabHost, argv: Sequence[str], *, timeout: float = 60.0,
             check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -456,7 +552,8 @@ class Lab:
             if h.agent_pid is not None and h.agent_port is not None:
                 listening = alive and present and _accepts(h.netns, h.address, h.agent_port, 0.5)
             return HostStatus(h.name, h.role, h.netns, present, addrs, h.agent_port,
-                              h.agent_pid, alive, listening)
+                              h.agent_pid, alive, listening, h.init_pid, h.init_alive(),
+                              h.namespaces(), h.agent_host_pid)
 
         services = []
         for s in self.services:
@@ -533,6 +630,8 @@ class Lab:
             return False
         if not netns_exists(self.bridge_netns):
             return False
+        if not all(h.init_alive() for h in self.all_hosts):
+            return False
         started = all(h.agent_pid is not None for h in self.hosts)
         if agents and (agent_command is not None or agent_unavailable() is None):
             return started and all(h.agent_alive() for h in self.hosts)
@@ -561,6 +660,10 @@ class Lab:
                          inv.client.interface)
         for h in (*hosts, client):
             _make_host(s, h)
+        # Each host's PIDs start from a base of its own, spread over pid_max (see init.py).
+        step = _pid_max() // (len(hosts) + 2)
+        hosts = [_start_init(h, step * i + 300) for i, h in enumerate(hosts)]
+        client = _start_init(client, step * len(hosts) + 300)
         if s.controller is not None:
             _make_controller_link(s)
 
@@ -602,26 +705,22 @@ class Lab:
         argv = [*command, "--listen", f"{h.address}:{h.agent_port}",
                 "--key", str(self.key_file), "--images-root", str(images), "--name", h.name,
                 "--cgroup-root", cgroup_root(h.name)]
-        with open(log, "ab") as out:
-            # nsenter execs the agent: the pid recorded is the agent's own.
-            proc = self.popen(h, argv, stdin=subprocess.DEVNULL, stdout=out,
-                              stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        _CHILDREN[proc.pid] = proc
-        ref = ProcessRef.find(proc.pid)
+        # A daemon of the host: inside its namespaces, a child of its init.
+        proc = self.spawn(h, argv, log=log, cwd="/")
+        ref = ProcessRef.find(proc.machine_pid)
         created = ref.create_time if ref is not None else None
-        return LabHost(h.name, h.role, h.netns, h.interface, h.agent_port, proc.pid, created,
-                       log, images)
+        return dataclasses.replace(h, agent_pid=proc.machine_pid, agent_create_time=created,
+                                   agent_log=log, images_root=images,
+                                   agent_host_pid=proc.host_pid)
 
     def _wait_agent(self, h: LabHost, timeout: float) -> None:
         """Until the agent accepts a TCP connection on its address, from inside its host."""
         assert h.agent_pid is not None and h.agent_port is not None
         deadline = time.monotonic() + timeout
         while True:
-            proc = _CHILDREN.get(h.agent_pid)
-            code = proc.poll() if proc else (None if h.agent_alive() else -1)
-            if code is not None:
+            if not h.agent_alive():
                 raise OrthrosError(
-                    f"the agent of {h.name} exited (status {code}) before listening on "
+                    f"the agent of {h.name} exited before listening on "
                     f"{h.address}:{h.agent_port}", host=h.name, pid=h.agent_pid,
                     stage="lab up", hint=_log_tail(h.agent_log))
             if _accepts(h.netns, h.address, h.agent_port, 0.5):
@@ -645,6 +744,25 @@ def _make_host(s: LabSettings, h: LabHost) -> None:
     link_up(s.bridge_netns, port, master=s.bridge, alias=f"{ALIAS}{h.netns}")
     loopback_up(h.netns)
     link_up(h.netns, h.ifname, address=h.interface)
+
+
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768
+
+
+def _start_init(h: LabHost, first_pid: int) -> LabHost:
+    """PID 1 of the host's own PID and mount namespaces, inside its network namespace."""
+    res = run([sys.executable, "-m", "orthros_py.lab.init", "init", "--netns",
+               str(h.netns_path), "--first-pid", str(first_pid)], timeout=30.0)
+    pid = int(json.loads(res.stdout)["pid"])
+    ref = ProcessRef.find(pid)
+    if ref is None:
+        raise OrthrosError(f"the init of lab host {h.name} (pid {pid}) exited at once",
+                           host=h.name, pid=pid, stage="lab up")
+    return dataclasses.replace(h, init_pid=pid, init_create_time=ref.create_time)
 
 
 def _make_controller_link(s: LabSettings) -> None:
@@ -801,16 +919,16 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
         names += _bridge_peers(bns)
     names = [n for n in dict.fromkeys([*names, *bridge_nss]) if netns_exists(n)]
 
-    # 1. Processes: the recorded agents, then anything else living in those namespaces.
-    victims: dict[int, psutil.Process] = {}
+    # 1. Processes: the recorded agents (a SIGTERM they may act on), then anything else living
+    # in those namespaces, the hosts' inits among them (each takes its PID namespace down).
+    agents: list[psutil.Process] = []
     if lab is not None:
         for h in lab.hosts:
             if h.agent_pid is not None and h.agent_alive():
                 with contextlib.suppress(psutil.Error):
-                    victims[h.agent_pid] = psutil.Process(h.agent_pid)
-    for p in _processes_in(names):
-        victims.setdefault(p.pid, p)
-    _stop(list(victims.values()), report)
+                    agents.append(psutil.Process(h.agent_pid))
+    _stop(agents, report)
+    _stop([p for p in _processes_in(names) if p.pid not in report.killed], report)
     _remove_cgroups(report)
 
     # 2. Network locks some test or migration may have left in those namespaces.
@@ -926,13 +1044,8 @@ def _stop(procs: list[psutil.Process], report: DownReport) -> None:
             p.kill()
     _, alive = psutil.wait_procs(alive, timeout=STOP_GRACE)
     for p in procs:
-        child = _CHILDREN.pop(p.pid, None)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=0.5)
-        else:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p.pid, os.WNOHANG)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(p.pid, os.WNOHANG)
     report.killed += [p.pid for p in procs if p not in alive]
     for p in alive:
         report.warnings.append(f"process {p.pid} survived SIGKILL")

@@ -130,6 +130,11 @@ class NetLock(abc.ABC):
     def flush(self) -> FlushResult:
         """Remove every lock of this backend, whoever took it, and what supports it."""
 
+    def prepare(self) -> dict[str, Any]:
+        """Get ready to lock fast (XDP: compile and pin its programs), before the time-critical
+        part of a migration; what was done, for the caller's report. Most backends need nothing."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - a hook: most backends hold nothing open
         """Release what this object holds open (not the locks)."""
 

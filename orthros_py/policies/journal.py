@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,18 @@ class Journal:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return sorted(out, key=lambda e: e.updated)
+
+
+def drop_records_of(journal: Journal, hosts: Iterable[tuple[str, str]]) -> list[Record]:
+    """Remove the records whose every host is one of ``hosts`` (name, address), and return them.
+
+    For hosts that are gone for good (a lab taken down): ``orthros recover`` could only fail on
+    their records. A host must match by name and address both, so that a real host that shares
+    a lab host's name (the lab is built from the same inventory) keeps its records.
+    """
+    known = set(hosts)
+    dropped = [r for r in journal.entries()
+               if r.hosts and all((h.name, h.address) in known for h in r.hosts.values())]
+    for record in dropped:
+        journal.remove(record.id)
+    return dropped

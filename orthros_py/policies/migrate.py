@@ -62,7 +62,7 @@ from typing import Any, ClassVar
 from orthros_py.agent.client import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.cgroup.model import CgroupFile
-from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
+from orthros_py.criu.request import CgroupMode, DumpOptions, RestoreOptions
 from orthros_py.errors import (
     CriuError,
     ExitStatus,
@@ -70,6 +70,7 @@ from orthros_py.errors import (
     OrthrosError,
 )
 from orthros_py.net.conn import Conn
+from orthros_py.netlock.method import NetworkLock
 from orthros_py.policies import steps
 from orthros_py.policies.engine import (
     Event,
@@ -87,7 +88,7 @@ from orthros_py.policies.hosts import Host, HostFacts, TreeFacts, shared_pid_spa
 from orthros_py.policies.journal import Journal, Record
 
 # Re-exported: what callers of this module used to find here.
-__all__ = ["Event", "Facts", "Host", "HostFacts", "LockMethod", "MigrateConfig", "Migration",
+__all__ = ["Event", "Facts", "Host", "HostFacts", "MigrateConfig", "Migration",
            "MigrationError", "MigrationResult", "Observer", "Plan", "PlanError", "Recovery",
            "Stage", "TreeFacts", "Undo", "new_image_name", "plan", "recover", "rollback_plan",
            "shared_pid_space"]
@@ -127,29 +128,13 @@ _BEFORE_PONR = frozenset({Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER,
                           Stage.RESTORE})
 
 
-class LockMethod(enum.StrEnum):
-    """Who keeps the tree's connections silent while it moves. Every method is orthros's own
-    backend (``orthros_py.netlock``) run by the agents on both hosts; CRIU itself is always told
-    ``skip``, so that the lock spans dump, move and restore on two hosts, which CRIU's
-    per-process methods cannot."""
-
-    XDP = "xdp"  # one pinned BPF map per host: N connections cost 2N map writes
-    NFTABLES = "nftables"
-    IPTABLES = "iptables"
-    SKIP = "skip"  # nothing is locked: packets meanwhile may reset connections
-
-    @property
-    def backend(self) -> str | None:
-        return None if self is LockMethod.SKIP else self.value
-
-
-
-
 @dataclass(frozen=True)
 class MigrateConfig:
     """The thresholds and choices of one migration."""
 
-    network_lock: LockMethod = LockMethod.XDP
+    # Every method runs as orthros's own backend on both hosts, never CRIU's: the lock must span
+    # dump, move and restore on two hosts, which CRIU's per-process methods cannot.
+    network_lock: NetworkLock = NetworkLock.XDP
     service_ip: str | None = None  # None: found from the tree's connections (see ``plan``)
     # CRIU options for the dump and the restore.
     tcp_established: bool = True
@@ -197,10 +182,11 @@ class MigrateConfig:
         self.restore_options()
 
     def dump_options(self, page_server: tuple[str, int]) -> DumpOptions:
+        # CRIU is told skip whatever the method: orthros's agents hold the lock (see network_lock).
         return DumpOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
-            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
+            manage_cgroups=self.manage_cgroups, network_lock=NetworkLock.SKIP,
             log_level=self.criu_log_level, leave_stopped=True, page_server=page_server,
             link_remap=self.link_remap, ghost_limit=self.ghost_limit,
             evasive_devices=self.evasive_devices, tcp_skip_in_flight=self.skip_in_flight,
@@ -210,7 +196,7 @@ class MigrateConfig:
         return RestoreOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
-            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
+            manage_cgroups=self.manage_cgroups, network_lock=NetworkLock.SKIP,
             log_level=self.criu_log_level, external=self.restore_external)
 
 
@@ -254,7 +240,7 @@ class Plan:
     src_ifname: str | None  # where the service address is on the source
     dst_ifname: str  # where it goes on the destination, and where its lock attaches
     src_lock_ifaces: tuple[str, ...]  # where the source's lock attaches
-    lock: LockMethod
+    lock: NetworkLock
     release_first: bool
     conns: tuple[Conn, ...]
     notes: tuple[str, ...] = ()
@@ -352,12 +338,18 @@ def plan(facts: Facts, config: MigrateConfig, image: str) -> Plan:
     shared = shared_pid_space(src, dst)
     if config.release_source_first is not None:
         release = config.release_source_first
+    elif config.file_locks:
+        # The locked files must be there for the restore, so mostly on storage both hosts
+        # share: the stopped source would hold their locks and the restore would wait forever.
+        release = True
+        notes.append("file locks: the source tree is killed before the restore, which takes "
+                     "its locks again")
     else:
         release = shared is not False  # unknown: the safe choice for the restore
         if shared is None:
             notes.append("the agents did not say whether they share a PID space: the source "
                          "tree is killed before the restore")
-    if config.network_lock is LockMethod.SKIP and tree.conns:
+    if config.network_lock is NetworkLock.SKIP and tree.conns:
         notes.append(f"no network lock: packets meanwhile may reset the {len(tree.conns)} "
                      "connections")
     return Plan(pid=tree.pid, image=image, source=src.name, dest=dst.name, service=service,
@@ -551,7 +543,7 @@ class MigrateState:
     def from_dict(cls, d: Mapping[str, Any]) -> MigrateState:
         """The state of ``to_dict``; ValueError (or KeyError) on anything else."""
         cfg = dict(d["config"])
-        cfg["network_lock"] = LockMethod(cfg["network_lock"])
+        cfg["network_lock"] = NetworkLock(cfg["network_lock"])
         cfg["manage_cgroups"] = CgroupMode(cfg["manage_cgroups"])
         for name in ("dump_external", "restore_external"):  # JSON has lists only
             if name in cfg:
@@ -565,7 +557,7 @@ class MigrateState:
                         dest=str(p["dest"]),
                         service=ipaddress.IPv4Interface(p["service"]) if p["service"] else None,
                         src_ifname=p["src_ifname"], dst_ifname=str(p["dst_ifname"]),
-                        src_lock_ifaces=tuple(p["src_lock_ifaces"]), lock=LockMethod(p["lock"]),
+                        src_lock_ifaces=tuple(p["src_lock_ifaces"]), lock=NetworkLock(p["lock"]),
                         release_first=bool(p["release_first"]),
                         conns=tuple(Conn.parse(c) for c in p["conns"]),
                         notes=tuple(p.get("notes", ())))

@@ -80,11 +80,18 @@ class ProcessRef:
     def alive(self) -> bool:
         """This process still runs: the pid is not free or reused, and not a zombie (which has
         exited and only waits for its parent)."""
+        return self.process() is not None
+
+    def process(self) -> psutil.Process | None:
+        """This process if it still runs (see ``alive``), else None. One lookup for checking
+        and acting, so that a pid reused in between is not acted on."""
         try:
             proc = psutil.Process(self.pid)
-            return self.is_same(proc) and proc.status() != psutil.STATUS_ZOMBIE
+            if self.is_same(proc) and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
         except psutil.NoSuchProcess:
-            return False
+            pass
+        return None
 
 
 @dataclass

@@ -394,6 +394,18 @@ def read_status(d: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _innermost_pid(pid: int) -> int | None:
+    """``pid`` as its own PID namespace numbers it (the last NSpid field), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return None
+
+
 def _log_tail(d: Path, lines: int = 10) -> str:
     try:
         text = (d / LOG).read_text(errors="replace").strip().splitlines()
@@ -559,8 +571,9 @@ def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
     """Start the workload under unshare in ``dir`` (created if missing) and return once the
     namespace's init exists; call ``wait_ready`` before relying on its sockets.
 
-    ``prefix``: a command that execs the rest in place, such as a lab host's
-    ``nsenter --net=...`` (``Lab.argv(host, [])``), so that the tree lives in that host."""
+    ``prefix``: a command that runs the rest inside a lab host (``Lab.argv(host, [])``), so
+    that the tree lives in that host; it may fork (nsenter into a PID namespace does): the
+    init is the first process below ours that is PID 1 of its namespace."""
     if sockets < 1:
         raise ValueError("sockets must be at least 1")
     check_nofile(sockets)
@@ -590,11 +603,12 @@ def start(dir: Path, sockets: int = 500, hostname: str = "orthros-ctr",
     deadline = time.monotonic() + timeout
     while True:
         try:
-            children = psutil.Process(proc.pid).children()
+            children = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = []
-        if children:
-            init = children[0].pid
+        inits = [c.pid for c in children if _innermost_pid(c.pid) == 1]
+        if inits:
+            init = inits[0]
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:

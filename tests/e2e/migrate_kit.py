@@ -1,6 +1,5 @@
-"""What the migration tests share: services started on a lab host and reaped at once when they
-exit (a dumped tree's PIDs must be free for the restore on the other host: one PID space),
-clients that check every answer, the migration through the real CLI or through the policy
+"""What the migration tests share: services started on a lab host as its daemons (inside its
+namespaces, children of its init, known by the pid the host sees), clients that check every answer, the migration through the real CLI or through the policy
 with a hook, and the check that nothing of a migration is left anywhere."""
 
 from __future__ import annotations
@@ -8,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import subprocess
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -41,33 +41,52 @@ def host(lab: Lab, name: str) -> Host:
 
 
 class Service:
-    """A process tree started inside a lab host, reaped by a thread the moment it exits (CRIU
-    kills it at the end of a migration; its PID must be free right after)."""
+    """A process tree started inside a lab host as a daemon of that host (its init reaps it).
+    ``pid`` is the pid the hosts see: what ``orthros migrate`` takes, kept by every migration;
+    this machine knows it by another pid on each host it has lived on."""
 
-    def __init__(self, lab: Lab, on: str, argv: Sequence[str], **kw: Any) -> None:
-        self.proc = lab.popen(on, argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
-        self.pid = self.proc.pid  # follows the tree across migrations (same pid in the lab)
-        self.reaper = threading.Thread(target=self.proc.wait, daemon=True)
-        self.reaper.start()
+    def __init__(self, lab: Lab, on: str, argv: Sequence[str], *,
+                 log: Path | None = None) -> None:
+        self.lab = lab
+        started = lab.spawn(on, argv, log=log)
+        self.pid = started.host_pid
+
+    def machine_pid(self) -> int | None:
+        """The tree's root on this machine, on whichever host runs it (not a stopped one)."""
+        found = []
+        for h in self.lab.hosts:
+            pid = self.lab.machine_pid(h, self.pid)
+            if pid is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE,
+                                                        psutil.STATUS_STOPPED):
+                    found.append(pid)
+        return found[0] if found else None
 
     def alive(self) -> bool:
-        try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+        return self.machine_pid() is not None
 
     def tree_pids(self) -> set[int]:
+        """Machine pids of the tree."""
+        pid = self.machine_pid()
+        if pid is None:
+            return set()
         try:
-            root = psutil.Process(self.pid)
-            return {self.pid, *(p.pid for p in root.children(recursive=True))}
+            return {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
         except psutil.NoSuchProcess:
             return set()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        pid = self.machine_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
 
 def echo_server(lab: Lab, on: str, port: int) -> Service:
     svc = Service(lab, on, [sys.executable, "-m", "orthros_py.workloads.echo", "--host", SERVICE_IP,
-                            "--port", str(port)], stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
+                            "--port", str(port)])
     wait_for(lambda: answers(lab, port), timeout=20, what="the echo server to answer")
     return svc
 
@@ -188,7 +207,7 @@ def leftovers(lab: Lab, *, holder: str, service: Service,
             if "orthros" in res.stdout:
                 out.problems.append(f"{argv[0]} rules of orthros left on {h.name}")
     # Processes.
-    agents = {h.agent_pid for h in lab.hosts}
+    agents = {h.agent_pid for h in lab.hosts} | {h.init_pid for h in lab.all_hosts}
     tree = service.tree_pids()
     strays = {pid: on for pid, on in lab_processes(lab).items()
               if pid not in agents and pid not in tree}

@@ -124,11 +124,14 @@ def assert_carried_on(c: unixpair.Container, before: dict[str, dict[str, object]
 
 def migrate_container(lab: Lab, c: unixpair.Container, tmp: Path) -> dict[str, object]:
     before = c.status()
-    result = migrate_cli(c.init_pid, "alpha", "beta")
+    # orthros migrate takes the pid the host knows; this machine knows the tree by another.
+    result = migrate_cli(lab.host_pid("alpha", c.init_pid), "alpha", "beta")
     print("\ncontainer migration:", json.dumps(result["timings_ms"]),
           json.dumps(result["cgroups"]))
     new_pid = int(result["new_pid"])
-    c.adopt(new_pid)
+    machine_pid = lab.machine_pid("beta", new_pid)
+    assert machine_pid is not None
+    c.adopt(machine_pid)
     assert_carried_on(c, before)
     assert new_pid in {t["pid"] for t in client(lab, "beta").status()["restored"]}
     return result
@@ -203,7 +206,8 @@ def test_a_destination_without_the_cpus_is_refused_before_anything_is_frozen(
 
     c = start_on(lab, "alpha", tmp_path, [src], container, sockets=50)
     before = c.status()
-    r = run_orthros("migrate", str(c.init_pid), "--from", "alpha", "--to", "beta", timeout=120)
+    r = run_orthros("migrate", str(lab.host_pid("alpha", c.init_pid)), "--from", "alpha",
+                    "--to", "beta", timeout=120)
     assert r.returncode == 10, r.stderr
     assert "beta cannot honour the cgroup limits" in r.stderr, r.stderr
     assert f"CPUs {cpus[-1]}" in r.stderr and f"offers only {cpus[0]}" in r.stderr, r.stderr

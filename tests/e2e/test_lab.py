@@ -4,6 +4,7 @@ left behind by ``down``, also after a crash. Needs root."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -187,9 +188,11 @@ def test_agents_start_and_stop(tmp_path: Path) -> None:
         pids = [h.agent_pid for h in lab.hosts]
         assert all(pids) and all(h.agent_alive() for h in lab.hosts)
         for h in lab.hosts:
-            assert h.agent_pid in pids_in(h.netns)  # inside its namespace...
-            assert os.readlink(f"/proc/{h.agent_pid}/ns/mnt") == os.readlink(
-                "/proc/self/ns/mnt")  # ...and in no mount namespace of its own
+            assert h.agent_pid in pids_in(h.netns)  # inside its namespaces, all three
+            for kind in ("pid", "mnt"):
+                assert os.readlink(f"/proc/{h.agent_pid}/ns/{kind}") == os.readlink(
+                    f"/proc/{h.init_pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
+            assert psutil.Process(h.agent_pid).ppid() == h.init_pid  # a daemon of its host
             assert h.agent_log is not None and h.agent_log.exists()
         st = Lab.load().status()
         assert all(h.agent_listening for h in st.hosts)
@@ -211,6 +214,18 @@ def test_real_agents_listen(lab: Lab) -> None:
     st = lab.status()
     assert lab.agents_note is None
     assert all(h.agent_alive and h.agent_listening for h in st.hosts), st.to_dict()
+    # Each agent reports a PID namespace of its own: migrations take the path of separate
+    # machines (the source tree stays stopped through the restore).
+    from orthros_py.agent.client import AgentClient
+    from orthros_py.policies.hosts import HostFacts, shared_pid_space
+
+    facts = []
+    for h in lab.hosts:
+        assert h.agent_port is not None
+        agent = AgentClient(h.address, h.agent_port, lab.key_file, name=h.name)
+        facts.append(HostFacts.from_agent(h.name, h.address, agent.status(), []))
+    assert facts[0].pid_ns == st.hosts[0].namespaces["pid"] != facts[1].pid_ns
+    assert shared_pid_space(facts[0], facts[1]) is False
 
 
 @pytest.mark.lab(agents=False)
@@ -265,3 +280,43 @@ def test_cli_up_status_down() -> None:
                  "the namespaces to go")
     finally:
         teardown()
+
+
+@pytest.mark.lab(agents=False)
+def test_exec_detach_runs_a_daemon_of_the_host(lab: Lab, tmp_path: Path) -> None:
+    """`lab exec --detach` starts the command inside the host's network, PID and mount
+    namespaces, as a child of the host's init holding nothing of ours, and prints the pid the
+    host knows it by; `lab status --json` names each host's namespaces and init."""
+    st = orthros_json("lab", "status")
+    every = [*st["hosts"], st["client"]]
+    for h in every:
+        assert set(h["namespaces"]) == {"net", "pid", "mnt"} and h["init_pid"], h
+        assert h["namespaces"]["pid"] != os.stat("/proc/self/ns/pid").st_ino
+        assert h["namespaces"]["mnt"] != os.stat("/proc/self/ns/mnt").st_ino
+    assert len({h["namespaces"]["pid"] for h in every}) == len(every)  # one each
+
+    log = tmp_path / "out.log"
+    res = run_orthros("lab", "exec", "alpha", "--detach", "--log", str(log), "--",
+                      sys.executable, "-c",
+                      "import json, os, time; print(json.dumps([os.getpid(), "
+                      "os.listdir('/proc')]), flush=True); time.sleep(600)")
+    assert res.returncode == 0, res.stderr
+    host_pid = int(res.stdout.strip())
+    alpha = lab.host("alpha")
+    pid = lab.machine_pid("alpha", host_pid)
+    assert pid is not None and pid != host_pid
+    try:
+        for kind in ("net", "pid", "mnt"):
+            assert os.stat(f"/proc/{pid}/ns/{kind}").st_ino == st["hosts"][0]["namespaces"][kind]
+        proc = psutil.Process(pid)
+        assert proc.ppid() == alpha.init_pid and os.getsid(pid) == pid
+        fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert fds == {0: "/dev/null", 1: str(log), 2: str(log)}, fds
+        # It sees its own pid as the host numbers it, and only the host's processes in /proc.
+        wait_for(lambda: log.read_text().strip() != "", 10, "the daemon's first line")
+        seen_pid, listing = json.loads(log.read_text())
+        assert seen_pid == host_pid
+        assert str(os.getpid()) not in listing and str(host_pid) in listing
+    finally:
+        os.kill(pid, 9)
+    wait_for(lambda: not psutil.pid_exists(pid), 5, "its init to reap it")

@@ -36,7 +36,8 @@ from migrate_kit import (
 )
 
 from orthros_py.lab import Lab
-from orthros_py.policies.migrate import LockMethod, MigrateConfig, Migration, Stage
+from orthros_py.netlock.method import NetworkLock
+from orthros_py.policies.migrate import MigrateConfig, Migration, Stage
 from orthros_py.workloads.echo import ClientPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +62,7 @@ def test_echo_service_with_200_clients_moves_back_and_forth_ten_times(lab: Lab) 
                 # answered before that say nothing about the restored one.
                 before = pool.answered()
                 rows.append(out)
-                assert out["new_pid"] == svc.pid  # one PID space: the same pid
+                assert out["new_pid"] == svc.pid  # CRIU gives the tree its pids again on the new host
                 assert out["counts"]["connections"] == 200
                 assert out["counts"]["established_after"] == 200
                 assert out["warnings"] == []
@@ -101,7 +102,7 @@ def test_the_lock_is_what_keeps_clients_through_a_slow_restore(lab: Lab, method:
                  what="traffic on every connection")
         assert not clients.errors, clients.errors[:5]
         job = Migration(svc.pid, host(lab, "alpha"), host(lab, "beta"),
-                        MigrateConfig(network_lock=LockMethod(method)),
+                        MigrateConfig(network_lock=NetworkLock(method)),
                         observer=at_stage(Stage.RESTORE, lambda: time.sleep(2.0)))
         result = job.run()
         assert result.connections == conns
@@ -159,8 +160,7 @@ def test_nginx_under_wrk(lab: Lab, tmp_path: Path) -> None:
     # Workers as root: CRIU cannot read another uid's rlimits here (no CAP_SYS_RESOURCE).
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp_path, ip=SERVICE_IP))
-    svc = Service(lab, "alpha", ["nginx", "-p", str(tmp_path), "-c", str(conf)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    svc = Service(lab, "alpha", ["nginx", "-p", str(tmp_path), "-c", str(conf)])
 
     def http_ok() -> bool:
         try:
@@ -276,8 +276,7 @@ def test_redis_under_a_writer_keeps_every_key(lab: Lab, tmp_path: Path) -> None:
     port = 6379
     svc = Service(lab, "alpha", ["redis-server", "--bind", SERVICE_IP, "--port", str(port),
                                  "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                                 "--daemonize", "no", "--dir", str(tmp_path)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 "--daemonize", "no", "--dir", str(tmp_path)])
 
     def pong() -> bool:
         try:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import os
-import signal
 import sys
 from pathlib import Path
 
-import psutil
 from helpers import read_lines, run_orthros, wait_for
 from migrate_kit import Service, migrate_cli
 
@@ -39,8 +36,7 @@ def locks_free(d: Path) -> tuple[bool, bool]:
 def test_file_locks_migrate_with_file_locks_only(lab: Lab, tmp_path: Path) -> None:
     d, out = tmp_path / "locks", tmp_path / "holder.out"
     d.mkdir()
-    with out.open("ab") as f:
-        svc = Service(lab, "alpha", [sys.executable, str(HOLDER), "locks", str(d)], stdout=f)
+    svc = Service(lab, "alpha", [sys.executable, str(HOLDER), "locks", str(d)], log=out)
     try:
         wait_for(lambda: len(read_lines(out)) >= 3, what="the holder to hold its locks")
         assert locks_free(d) == (False, False)
@@ -57,8 +53,6 @@ def test_file_locks_migrate_with_file_locks_only(lab: Lab, tmp_path: Path) -> No
         wait_for(lambda: len(read_lines(out)) >= n + 3, what="the holder to go on on beta")
         assert locks_free(d) == (False, False)  # the restored tree holds both again
     finally:
-        if svc.alive():
-            os.kill(svc.pid, signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(svc.pid)
-             or psutil.Process(svc.pid).status() == psutil.STATUS_ZOMBIE, what="the holder to go")
+        svc.kill()
+    wait_for(lambda: not svc.alive(), what="the holder to go")
     assert locks_free(d) == (True, True)

@@ -8,7 +8,6 @@ fail the dump, the tree runs on) is in tests/linux/test_agent.py.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import statistics
 from typing import Any
@@ -95,8 +94,7 @@ def test_impostors_on_the_page_port_are_refused_and_the_migration_succeeds(lab: 
     assert "proved itself" in text
     kill = client(lab, "beta").kill(result.new_pid)
     assert kill.exited
-    with contextlib.suppress(Exception):
-        svc.proc.wait(timeout=1)
+    wait_for(lambda: not svc.alive(), timeout=5, what="the service to go")
     assert_nothing_left(lab, holder="beta", service=svc)
 
 

@@ -49,12 +49,12 @@ from orthros_py.agent.protocol import (
     open_response,
     options_from_args,
     options_to_args,
-    parse_endpoint,
     read_frame,
 )
 from orthros_py.agent.server import AgentServer
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError
+from orthros_py.net.conn import parse_endpoint
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -355,14 +355,14 @@ def test_invalid_names(name: Any) -> None:
     ("[::1]:7070", ("::1", 7070)), ("alpha:0", ("alpha", 0)),
 ])
 def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
-    assert parse_endpoint(text) == expected
+    assert parse_endpoint(text, listen=True) == expected
 
 
 @pytest.mark.parametrize("text", ["127.0.0.1", "::1:7070", "[::1]7070", "h:99999", "h:x",
                                   "a b:1"])
 def test_parse_endpoint_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_endpoint(text)
+        parse_endpoint(text, listen=True)
 
 
 @pytest.mark.parametrize("value,tp,expected", [

@@ -150,3 +150,24 @@ def test_a_silent_destination_after_a_death_in_the_restore_is_left_alone(
     result = recover(world, alpha, beta, journal)
     assert result.outcome == "rolled back"
     assert 4242 in alpha.running and alpha.clean() and beta.clean()
+
+
+def test_lab_down_drops_the_records_of_its_hosts_only(tmp_path: Path) -> None:
+    from orthros_py.policies.journal import HostRef, Record, drop_records_of
+
+    journal = Journal(tmp_path / "journal")
+
+    def record(id: str, *hosts: HostRef) -> Record:
+        return Record(kind="migrate", id=id, stage="dump", state={}, coordinator=1, updated=0.0,
+                      hosts={f"role{i}": h for i, h in enumerate(hosts)}, title=f"run {id}")
+
+    alpha, beta = HostRef("alpha", "10.77.0.11", 7070), HostRef("beta", "10.77.0.12", 7070)
+    real_beta = HostRef("beta", "192.168.56.12", 7070)  # a real host of the same name
+    journal.write(record("lab", alpha, beta))
+    journal.write(record("mixed", alpha, real_beta))
+    journal.write(record("none"))
+    lab_hosts = [("alpha", "10.77.0.11"), ("beta", "10.77.0.12")]
+    dropped = drop_records_of(journal, lab_hosts)
+    assert [r.id for r in dropped] == ["lab"]
+    assert sorted(r.id for r in journal.entries()) == ["mixed", "none"]
+    assert drop_records_of(journal, lab_hosts) == []  # a second down finds nothing

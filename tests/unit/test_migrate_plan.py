@@ -23,13 +23,13 @@ from orthros_py.cgroup.fs import CgroupError
 from orthros_py.criu.request import CriuNetworkLock, dump_request
 from orthros_py.errors import BadImageError, CriuError, OrthrosError
 from orthros_py.net.conn import Conn
+from orthros_py.netlock.method import NetworkLock
 from orthros_py.policies.migrate import (
     Done,
     Event,
     Facts,
     Host,
     HostFacts,
-    LockMethod,
     MigrateConfig,
     Migration,
     MigrationError,
@@ -67,7 +67,7 @@ def test_the_service_address_is_the_one_the_connections_use() -> None:
     p = plan(facts(), MigrateConfig(), "img")
     assert p.service == ipaddress.IPv4Interface(f"{SVC}/32")
     assert (p.src_ifname, p.dst_ifname, p.src_lock_ifaces) == ("eth0", "eth0", ("eth0",))
-    assert p.lock is LockMethod.XDP and len(p.conns) == 3
+    assert p.lock is NetworkLock.XDP and len(p.conns) == 3
     assert p.release_first  # one boot, one PID namespace: the lab's hosts
 
 
@@ -372,9 +372,9 @@ def test_a_dump_that_failed_leaves_a_running_tree_to_just_unlock(world: World) -
 
 def test_skip_locks_nothing(world: World) -> None:
     alpha, beta = pair(world)
-    result = run(world, alpha, beta, MigrateConfig(network_lock=LockMethod.SKIP))
+    result = run(world, alpha, beta, MigrateConfig(network_lock=NetworkLock.SKIP))
     assert not any("netlock" in m for m in world.log)
-    assert result.plan.lock is LockMethod.SKIP and any("no network lock" in n
+    assert result.plan.lock is NetworkLock.SKIP and any("no network lock" in n
                                                        for n in result.plan.notes)
     assert result.established == 3  # checked against what the plan found
 

@@ -344,6 +344,9 @@ class _Path:
         with contextlib.suppress(OSError):
             while data := a.recv(1 << 16):
                 b.sendall(tamper(data) if tamper else data)
+        # As a TCP path does: an end (or a reset) on one side reaches the other as its end.
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
         with contextlib.suppress(OSError):
             b.shutdown(socket.SHUT_WR)
 
