@@ -29,6 +29,7 @@ from orthros_py.criu.images import (
 from orthros_py.criu.images import image_pids as image_pids  # the agent's ops import it here
 from orthros_py.criu.request import (
     CgroupMode,
+    CriuNetworkLock,
     DumpOptions,
     RestoreOptions,
     dump_request,
@@ -312,7 +313,7 @@ def restore_tree(
     lock.unlock()
     elapsed = (time.perf_counter() - start) * 1000
     lock.tidy()
-    if opts.tcp_close and opts.network_lock is NetworkLock.IPTABLES:
+    if opts.tcp_close and opts.network_lock is CriuNetworkLock.IPTABLES:
         from orthros_py.netlock.iptables import drop_criu_locks
 
         drop_criu_locks(checkpoint_conns(images_dir))  # CRIU 4.2.1 leaves them (see there)

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from orthros_py.agent import ops
+from orthros_py.agent import ops  # noqa: F401  (registers the operations in the table)
 from orthros_py.agent.auth import REPLAY_WINDOW, ReplayGuard
 from orthros_py.agent.errors import ProtocolError, Refusal
 from orthros_py.agent.protocol import (
@@ -37,6 +37,8 @@ from orthros_py.agent.protocol import (
     refusal_for,
     send_payload,
 )
+from orthros_py.agent.state import Agent
+from orthros_py.agent.table import Reply, dispatch
 from orthros_py.errors import OrthrosError
 from orthros_py.net.conn import format_endpoint
 
@@ -57,7 +59,7 @@ class AgentServer(socketserver.ThreadingTCPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, agent: ops.Agent, listen: tuple[str, int], *,
+    def __init__(self, agent: Agent, listen: tuple[str, int], *,
                  replay_window: float = REPLAY_WINDOW, max_connections: int = MAX_CONNECTIONS,
                  idle_timeout: float = IDLE_TIMEOUT, auth_timeout: float = AUTH_TIMEOUT) -> None:
         host, port = listen
@@ -180,9 +182,9 @@ class AgentServer(socketserver.ThreadingTCPServer):
         agent = self.agent
         start = time.perf_counter()
         payload = PayloadReader(sock, req.payload_len, req.payload_sha256)
-        reply: ops.Reply | None = None
+        reply: Reply | None = None
         try:
-            reply = ops.dispatch(agent, req, payload, peer)
+            reply = dispatch(agent, req, payload, peer)
             resp = build_response(req, agent.name, result=reply.result,
                                   payload_len=reply.payload_len,
                                   payload_sha256=reply.payload_sha256)

@@ -336,17 +336,13 @@ class ContainerBench:
 
     def _migrate(self, lab: Any, c: Any, n: int, rep: int, src: str, dst: str,
                  level: int) -> Run:
-        from orthros_py.agent.client import AgentClient
+        from orthros_py.cluster import Cluster
         from orthros_py.policies.migrate import Host, MigrateConfig, Migration
 
-        def host(name: str) -> Host:
-            h = lab.host(name)
-            return Host(name, AgentClient(h.address, h.agent_port, lab.key_file, name=name),
-                        h.address, h.agent_port)
-
+        cluster = Cluster.of_lab(lab)
         run = Run(n, rep, src, dst, level)
         image = f"bench-{n}-{rep}-{level}-{uuid.uuid4().hex[:4]}"
-        source, dest = host(src), host(dst)
+        source, dest = Host.of(cluster, src), Host.of(cluster, dst)
         cfg = MigrateConfig(criu_log_level=level, keep_images=True)
         try:
             before = c.status()

@@ -60,8 +60,9 @@ def _log_to(env: Env, verbose: bool) -> logging.Logger:
 def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | None,
           replay_window: float, cgroup_root: str, verbose: bool) -> None:
     """Run this host's agent in the foreground, logging to stderr, until SIGTERM or Ctrl-C."""
-    from orthros_py.agent.ops import OPS, Agent
     from orthros_py.agent.server import AgentServer
+    from orthros_py.agent.state import Agent
+    from orthros_py.agent.table import OPS
 
     try:
         host, port = parse_endpoint(listen, listen=True)

@@ -1,20 +1,14 @@
 """``orthros hosts``: every host of the inventory as its agent reports it (reachable, versions,
-what ``orthros check`` says there, the service addresses it holds); and ``Cluster``, how the
-commands that talk to agents (this one, ``orthros migrate``) reach them.
-
-Which key and which path: when a lab of this inventory is up, its agents hold the lab's own key
-(``STATE_DIR/authkey``) and are reached through the lab's controller address (or from inside
-each host's network namespace if the lab has none); otherwise the inventory's ``key_file``
-and the hosts' addresses as they are. ``--key`` overrides the key either way.
+what ``orthros check`` says there, the service addresses it holds); and the options by which the
+commands that talk to agents (this one, ``orthros migrate``, ``orthros recover``) choose the
+inventory and the key that ``orthros_py.cluster.Cluster`` loads. ``--key`` overrides the key
+(the lab's when a lab is up, else the inventory's ``key_file``).
 """
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +18,10 @@ from rich.table import Table
 
 from orthros_py.cli.context import Env
 from orthros_py.errors import OrthrosError
-from orthros_py.inventory import INVENTORY_ENV, Inventory, load_inventory
+from orthros_py.inventory import INVENTORY_ENV
 
 if TYPE_CHECKING:
-    from orthros_py.agent.client import AgentClient
-    from orthros_py.policies.hosts import Host
+    from orthros_py.cluster import Cluster
 
 inventory_option = click.option(
     "--inventory", type=click.Path(path_type=Path, dir_okay=False), envvar=INVENTORY_ENV,
@@ -39,69 +32,12 @@ key_option = click.option(
          "key_file].")
 
 
-@dataclass
-class Cluster:
-    """The inventory's hosts and how to call their agents from here."""
-
-    inventory: Inventory
-    key_path: Path
-    lab_netns: dict[str, str] | None  # host -> network namespace, if a lab without controller
-
-    def connector(self, name: str) -> Callable[[tuple[str, int], float], socket.socket] | None:
-        if not self.lab_netns or name not in self.lab_netns:
-            return None
-        netns = self.lab_netns[name]
-
-        def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-            from orthros_py.net.addr import in_netns
-
-            with in_netns(netns):
-                return socket.create_connection(address, timeout=timeout)
-
-        return connect
-
-    def client(self, name: str, *, timeout: float | None = None) -> AgentClient:
-        from orthros_py.agent.client import CALL_TIMEOUT, AgentClient
-
-        host = self.inventory.host(name)
-        return AgentClient(host.address, host.agent_port, self.key_path, name=name,
-                           timeout=timeout or CALL_TIMEOUT, connector=self.connector(name))
-
-    def host(self, name: str) -> Host:
-        from orthros_py.policies.hosts import Host
-
-        h = self.inventory.host(name)
-        return Host(name, self.client(name), h.address, h.agent_port)
-
-    def candidates(self, source: str, dest: str) -> list[str]:
-        """Service addresses both hosts may hold."""
-        return [s.cidr for s in self.inventory.services
-                if source in s.hosts and dest in s.hosts]
-
-
 def journal_option(f: Any) -> Any:
     return click.option(
         "--journal", "journal_dir", type=click.Path(file_okay=False, path_type=Path),
         default=None, envvar="ORTHROS_JOURNAL",
         help="Where migrations record their progress for orthros recover "
              "[default: /run/orthros/migrations].")(f)
-
-
-def open_cluster(inventory: Path | None, key_path: Path | None) -> Cluster:
-    inv = load_inventory(inventory)
-    lab_netns: dict[str, str] | None = None
-    key = key_path
-    try:
-        from orthros_py.lab import Lab
-
-        lab = Lab.find(inv)
-    except (ImportError, OrthrosError):
-        lab = None
-    if lab is not None:
-        key = key or lab.key_file
-        if lab.controller is None:
-            lab_netns = {h.name: h.netns for h in lab.hosts}
-    return Cluster(inv, key or inv.key_file, lab_netns)
 
 
 # --- orthros hosts -------------------------------------------------------------------------------
@@ -154,7 +90,9 @@ def probe_host(cluster: Cluster, name: str, *, check: bool) -> dict[str, Any]:
 def hosts(env: Env, inventory: Path | None, key_path: Path | None, journal_dir: Path | None,
           no_check: bool, as_json: bool) -> None:
     """Show every inventory host: reachable, versions, check summary, services held."""
-    cluster = open_cluster(inventory, key_path)
+    from orthros_py.cluster import Cluster
+
+    cluster = Cluster.load(inventory, key_path)
     names = [h.name for h in cluster.inventory.hosts]
     with env.console.status(f"asking the agents of {len(names)} hosts"), \
             ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from orthros_py.cli.checkpoint import Size, check_externals, external_option, file_locks_option
 from orthros_py.cli.context import Env
-from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
+from orthros_py.cli.hosts import inventory_option, journal_option, key_option
 from orthros_py.cli.progress import ProgressView
 from orthros_py.criu.request import CgroupMode
 from orthros_py.netlock.method import NetworkLock
@@ -88,10 +88,12 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             keep_images: bool, journal_dir: Path | None, as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
+    from orthros_py.cluster import Cluster
+    from orthros_py.policies.hosts import Host
     from orthros_py.policies.migrate import MigrateConfig, Migration
 
-    cluster = open_cluster(inventory, key_path)
-    src, dst = cluster.host(source), cluster.host(dest)
+    cluster = Cluster.load(inventory, key_path)
+    src, dst = Host.of(cluster, source), Host.of(cluster, dest)
     if service_ip is not None:
         try:
             ip = ipaddress.IPv4Interface(service_ip if "/" in service_ip else f"{service_ip}/32")

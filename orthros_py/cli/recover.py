@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 
 from orthros_py.cli.context import Env
-from orthros_py.cli.hosts import inventory_option, journal_option, key_option, open_cluster
+from orthros_py.cli.hosts import inventory_option, journal_option, key_option
 from orthros_py.cli.progress import ProgressView
 
 if TYPE_CHECKING:
@@ -63,13 +63,16 @@ def recover(env: Env, image: str | None, forget: bool, inventory: Path | None,
             env.emit_json([])
         return
     _load_policies()
-    cluster = open_cluster(inventory, key_path)
+    from orthros_py.cluster import Cluster
+    from orthros_py.policies.hosts import Host
+
+    cluster = Cluster.load(inventory, key_path)
     done = []
     for e in todo:
         env.console.print(f"[bold]{e.id}[/]: {e.kind} {escape(e.title)}, stopped during "
                           f"{e.stage}")
         fn = recover_function(e.kind)
-        hosts = {role: cluster.host(ref.name) for role, ref in e.hosts.items()}
+        hosts = {role: Host.of(cluster, ref.name) for role, ref in e.hosts.items()}
         with ProgressView(env, quiet=as_json) as view:
             result = fn(e, hosts, journal=journal, observer=view)
         done.append(result.to_dict())

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orthros_py.netlock.method import NetworkLock
-
 if TYPE_CHECKING:
     from pycriu import rpc_pb2
 
@@ -29,8 +27,14 @@ class CgroupMode(enum.StrEnum):
     IGNORE = "ignore"
 
 
-# The name callers outside netlock used for CRIU's choice; one enum with it.
-CriuNetworkLock = NetworkLock
+class CriuNetworkLock(enum.StrEnum):
+    """What CRIU itself is told to do about the tree's connections (its ``network_lock``):
+    its own iptables or nftables method, or nothing (``skip``) when orthros locks or nobody does.
+    orthros's choice of lock (``orthros_py.netlock.method.NetworkLock``) maps onto this."""
+
+    IPTABLES = "iptables"
+    NFTABLES = "nftables"
+    SKIP = "skip"
 
 
 
@@ -52,11 +56,10 @@ def _cg_mode(mode: CgroupMode) -> int:
                 CgroupMode.STRICT: rpc.STRICT, CgroupMode.IGNORE: rpc.IGNORE}[mode])
 
 
-def _net_lock(method: NetworkLock) -> int:
+def _net_lock(method: CriuNetworkLock) -> int:
     rpc = pycriu_rpc()
-    # xdp: orthros locks, so CRIU is told skip.
-    return int({NetworkLock.IPTABLES: rpc.IPTABLES, NetworkLock.NFTABLES: rpc.NFTABLES,
-                NetworkLock.SKIP: rpc.SKIP}[method.criu])
+    return int({CriuNetworkLock.IPTABLES: rpc.IPTABLES, CriuNetworkLock.NFTABLES: rpc.NFTABLES,
+                CriuNetworkLock.SKIP: rpc.SKIP}[CriuNetworkLock(method)])
 
 
 DUMP_LOG = "dump.log"
@@ -106,7 +109,7 @@ class CommonOptions:
     shell_job: bool = False
     file_locks: bool = False
     manage_cgroups: CgroupMode = CgroupMode.SOFT
-    network_lock: NetworkLock = NetworkLock.IPTABLES
+    network_lock: CriuNetworkLock = CriuNetworkLock.IPTABLES
     log_level: int = 2
     # External resources, in CRIU's --external syntax (e.g. "mnt[/path]:key").
     external: tuple[str, ...] = ()

@@ -1,12 +1,14 @@
 """Which network lock keeps a tree's TCP connections silent: the one name every layer uses.
 
 Pure Python, no privileges. The CLI offers these values, checkpoint and bench pass them on, and
-the CRIU request builder reads ``criu`` for what CRIU itself is told.
+``criu`` maps it onto what CRIU itself is told (``CriuNetworkLock``).
 """
 
 from __future__ import annotations
 
 import enum
+
+from orthros_py.criu.request import CriuNetworkLock
 
 
 class NetworkLock(enum.StrEnum):
@@ -28,7 +30,7 @@ class NetworkLock(enum.StrEnum):
         return self in (NetworkLock.IPTABLES, NetworkLock.NFTABLES)
 
     @property
-    def criu(self) -> NetworkLock:
+    def criu(self) -> CriuNetworkLock:
         """What CRIU itself is asked to do: its own method, or ``skip`` when orthros locks (or
         nobody does)."""
-        return self if self.criu_locks else NetworkLock.SKIP
+        return CriuNetworkLock(self.value) if self.criu_locks else CriuNetworkLock.SKIP

@@ -1,5 +1,5 @@
 """The hosts as a policy sees them: the agent calls it may make (``AgentAPI``, typed, the results
-of ``orthros_py.agent.client``), a host with its agent and where its peers reach it (``Host``),
+of ``orthros_py.agent.messages``), a host with its agent and where its peers reach it (``Host``),
 and what its agent reports of the host and of a process tree (``HostFacts``, ``TreeFacts``).
 
 No privileges and no I/O here: the transport is opened by the caller and handed in.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from orthros_py.agent.client import (
+from orthros_py.agent.messages import (
     FileInfo,
     KillResult,
     PageServerInfo,
@@ -21,6 +21,9 @@ from orthros_py.agent.client import (
 )
 from orthros_py.criu.request import DumpOptions, RestoreOptions
 from orthros_py.net.conn import Conn
+
+if TYPE_CHECKING:
+    from orthros_py.cluster import Cluster
 
 
 class AgentAPI(Protocol):
@@ -71,6 +74,12 @@ class Host:
     agent: AgentAPI
     address: str
     agent_port: int
+
+    @classmethod
+    def of(cls, cluster: Cluster, name: str) -> Host:
+        """Host ``name`` of ``cluster``, with its agent's client."""
+        address, port = cluster.reach(name)
+        return cls(name, cluster.client(name), address, port)
 
 
 @dataclass(frozen=True)

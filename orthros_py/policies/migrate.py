@@ -59,10 +59,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from orthros_py.agent.client import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
+from orthros_py.agent.messages import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.cgroup.model import CgroupFile
-from orthros_py.criu.request import CgroupMode, DumpOptions, RestoreOptions
+from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import (
     CriuError,
     ExitStatus,
@@ -186,7 +186,7 @@ class MigrateConfig:
         return DumpOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
-            manage_cgroups=self.manage_cgroups, network_lock=NetworkLock.SKIP,
+            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
             log_level=self.criu_log_level, leave_stopped=True, page_server=page_server,
             link_remap=self.link_remap, ghost_limit=self.ghost_limit,
             evasive_devices=self.evasive_devices, tcp_skip_in_flight=self.skip_in_flight,
@@ -196,7 +196,7 @@ class MigrateConfig:
         return RestoreOptions(
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
-            manage_cgroups=self.manage_cgroups, network_lock=NetworkLock.SKIP,
+            manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
             log_level=self.criu_log_level, external=self.restore_external)
 
 

@@ -13,7 +13,7 @@ import contextlib
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 
-from orthros_py.agent.client import FileInfo
+from orthros_py.agent.messages import FileInfo
 from orthros_py.errors import NoSuchProcessError, OrthrosError
 from orthros_py.net.conn import Conn
 from orthros_py.policies.engine import Policy, is_transport

@@ -20,6 +20,7 @@ import psutil
 from helpers import orthros_json, wait_for
 
 from orthros_py.agent.client import AgentClient
+from orthros_py.cluster import Cluster
 from orthros_py.lab import Lab
 from orthros_py.net.addr import iproute, netns_path
 from orthros_py.policies.migrate import Event, Host, Stage
@@ -29,15 +30,11 @@ LAB_NET = ipaddress.ip_network("10.77.0.0/24")
 
 
 def client(lab: Lab, name: str) -> AgentClient:
-    h = lab.host(name)
-    assert h.agent_port is not None
-    return AgentClient(h.address, h.agent_port, lab.key_file, name=name)
+    return Cluster.of_lab(lab).client(name)
 
 
 def host(lab: Lab, name: str) -> Host:
-    h = lab.host(name)
-    assert h.agent_port is not None
-    return Host(name, client(lab, name), h.address, h.agent_port)
+    return Host.of(Cluster.of_lab(lab), name)
 
 
 class Service:

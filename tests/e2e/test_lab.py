@@ -216,13 +216,13 @@ def test_real_agents_listen(lab: Lab) -> None:
     assert all(h.agent_alive and h.agent_listening for h in st.hosts), st.to_dict()
     # Each agent reports a PID namespace of its own: migrations take the path of separate
     # machines (the source tree stays stopped through the restore).
-    from orthros_py.agent.client import AgentClient
+    from orthros_py.cluster import Cluster
     from orthros_py.policies.hosts import HostFacts, shared_pid_space
 
+    cluster = Cluster.of_lab(lab)
     facts = []
     for h in lab.hosts:
-        assert h.agent_port is not None
-        agent = AgentClient(h.address, h.agent_port, lab.key_file, name=h.name)
+        agent = cluster.client(h.name)
         facts.append(HostFacts.from_agent(h.name, h.address, agent.status(), []))
     assert facts[0].pid_ns == st.hosts[0].namespaces["pid"] != facts[1].pid_ns
     assert shared_pid_space(facts[0], facts[1]) is False

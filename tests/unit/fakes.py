@@ -10,14 +10,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orthros_py.agent.client import (
+from orthros_py.agent.errors import AgentUnreachable
+from orthros_py.agent.messages import (
     FileInfo,
     KillResult,
     PageServerInfo,
     RemoteDump,
     RemoteRestore,
 )
-from orthros_py.agent.errors import AgentUnreachable
 from orthros_py.criu.request import DumpOptions, RestoreOptions
 from orthros_py.errors import NoSuchProcessError
 from orthros_py.net.conn import Conn

@@ -31,7 +31,7 @@ from orthros_py.agent.errors import (
     ReplayError,
     VersionError,
 )
-from orthros_py.agent.ops import OPS, Agent, dispatch, page_server_request
+from orthros_py.agent.ops.criu import page_server_request
 from orthros_py.agent.protocol import (
     EMPTY_SHA256,
     MAX_HEADER,
@@ -52,6 +52,8 @@ from orthros_py.agent.protocol import (
     read_frame,
 )
 from orthros_py.agent.server import AgentServer
+from orthros_py.agent.state import Agent
+from orthros_py.agent.table import OPS, dispatch
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError
 from orthros_py.net.conn import parse_endpoint

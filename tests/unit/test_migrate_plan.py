@@ -17,8 +17,10 @@ import pytest
 from fakes import SVC, FakeAgent, World, conns, pair
 
 from orthros_py.agent.errors import AgentUnreachable, ProtocolError
-from orthros_py.agent.ops import Agent, Call, op_push_images, op_recv_files
+from orthros_py.agent.ops.images import op_push_images, op_recv_files
 from orthros_py.agent.protocol import PayloadReader
+from orthros_py.agent.state import Agent
+from orthros_py.agent.table import Call
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.criu.request import CriuNetworkLock, dump_request
 from orthros_py.errors import BadImageError, CriuError, OrthrosError

@@ -19,17 +19,22 @@ from test_migrate_journal import die_at
 
 from orthros_py.cli import cli
 from orthros_py.policies.engine import Recovery, register_recover
-from orthros_py.policies.hosts import Host
 from orthros_py.policies.journal import HostRef, Journal, Record
 from orthros_py.policies.migrate import MigrateState, Stage
 
 
 class FakeCluster:
+    """What ``Host.of`` asks of a ``Cluster``, handing out fake agents."""
+
     def __init__(self, *agents: FakeAgent) -> None:
         self.agents = {a.name: a for a in agents}
 
-    def host(self, name: str) -> Host:
-        return host(self.agents[name])
+    def client(self, name: str) -> FakeAgent:
+        return self.agents[name]
+
+    def reach(self, name: str) -> tuple[str, int]:
+        h = host(self.agents[name])
+        return h.address, h.agent_port
 
 
 def dead_pid() -> int:
@@ -39,9 +44,9 @@ def dead_pid() -> int:
 
 
 def invoke(monkeypatch: pytest.MonkeyPatch, cluster: FakeCluster | None, *args: str) -> Result:
-    import orthros_py.cli.recover as mod
+    from orthros_py.cluster import Cluster
 
-    monkeypatch.setattr(mod, "open_cluster", lambda inventory, key: cluster)
+    monkeypatch.setattr(Cluster, "load", staticmethod(lambda inventory, key: cluster))
     return CliRunner().invoke(cli, ["recover", *args])
 
 

@@ -1,0 +1,12 @@
+"""The agent's operations, one module per interface; importing this package registers them all
+in ``orthros_py.agent.table.OPS``.
+
+- ``host``: ping, status, check, tree, kill, resume, cgroup_check, cgroup_release.
+- ``criu``: dump, restore, page_server, page_server_stop.
+- ``images``: list_images, remove_image, recv_file, recv_files, send_file, push_images.
+- ``net``: netlock_prepare/lock/unlock/status, addr_list/add/del, garp.
+"""
+
+from orthros_py.agent.ops import criu, host, images, net
+
+__all__ = ["criu", "host", "images", "net"]

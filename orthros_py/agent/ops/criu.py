@@ -1,0 +1,271 @@
+"""Checkpoint and restore through CRIU: ``dump``, ``restore``, ``page_server``,
+``page_server_stop``.
+
+Interfaces and privileges: CRIU through ``orthros_py.checkpoint`` and ``orthros_py.criu.session``
+(``criu swrk``): root. Memory crosses hosts only on the page channel (``orthros_py.agent.pagechan``:
+a TCP port, the cluster key, then TLS inside CRIU or the agents' own AES-GCM records); paths and
+external resources in options are held to ``orthros_py.agent.optpolicy``. ``page_server_stop``
+kills (kill(2)) only the CRIU page server this agent started, checked by pid and start time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from orthros_py.agent import held as held_trees
+from orthros_py.agent import optpolicy, pagechan
+from orthros_py.agent.protocol import options_from_args, validate_name
+from orthros_py.agent.state import Agent, PageServer, log
+from orthros_py.agent.table import Call, bad_request, op
+from orthros_py.checkpoint import DumpResult, dump_tree, restore_tree
+from orthros_py.criu.request import DumpOptions, RestoreOptions
+from orthros_py.criu.request import page_server_request as _ps_request
+from orthros_py.criu.session import CriuSession
+from orthros_py.errors import BadImageError, NoSuchProcessError, OrthrosError
+from orthros_py.proc.tree import ProcessRef
+
+# Options a caller may not set remotely: the pid is an argument of its own; CRIU notifications
+# need a hook on this side, which the RPC has no way to name; the agent always restores as
+# CRIU's sibling (see ``orthros_py.agent.state``).
+DUMP_EXCLUDED = ("pid", "notify")
+RESTORE_EXCLUDED = ("notify", "sibling")
+PAGE_SERVER_LOG = "page-server.log"
+_PARENT_IMG = re.compile(r"\.\./(?P<name>[^/]+)")
+
+
+@op("dump")
+def op_dump(call: Call, pid: int, image: str,
+            options: dict[str, Any] | None = None,
+            page_nonce: str | None = None) -> dict[str, Any]:
+    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``).
+    With ``page_server``, memory goes over the page channel of the destination's image of the
+    same name, opened with ``page_nonce`` (from its ``page_server``)."""
+    opts = options_from_args(DumpOptions, options or {}, where="dump", exclude=DUMP_EXCLUDED)
+    a = call.agent
+    optpolicy.vet_dump(a.option_policy, opts.external)
+    if opts.parent_img is not None:
+        m = _PARENT_IMG.fullmatch(opts.parent_img)
+        if m is None:
+            raise bad_request("parent_img must be ../NAME: another image of this agent")
+        a.image_path(validate_name(m["name"], "parent image name"), must_exist=True)
+    path = a.image_path(image)
+    with a.busy(image, "dump"):
+        result = _dump_tree(a, pid, image, path, opts, page_nonce)
+        if opts.leave_stopped:
+            tree = held_trees.HeldTree.of(pid, image, result.live.pids)
+            with a.mutex:
+                a.held[pid] = tree
+    data = result.to_dict()
+    data["image"] = image
+    data["held"] = opts.leave_stopped
+    return data
+
+
+@op("restore")
+def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore image ``image`` (RestoreOptions fields in ``options``); the new root's pid."""
+    opts = options_from_args(RestoreOptions, options or {}, where="restore",
+                             exclude=RESTORE_EXCLUDED)
+    opts = dataclasses.replace(opts, sibling=True)
+    a = call.agent
+    optpolicy.vet_restore(a.option_policy, root=opts.root, cgroup_yard=opts.cgroup_yard,
+                          cgroup_roots=opts.cgroup_roots, external=opts.external)
+    path = a.image_path(image, must_exist=True)
+    with a.busy(image, "restore"):
+        try:
+            result = restore_tree(path, opts, host=a.name)
+        except BaseException:
+            _reap_failed_restore(a, path)
+            raise
+        # Adopted under the busy mark, before any other request can ask to kill it.
+        a.adopt(result.pid, image, result.pids)
+    data = result.to_dict()
+    data["image"] = image
+    return data
+
+
+def _reap_failed_restore(a: Agent, path: Path, timeout: float = 2.0) -> None:
+    """Collect what a failed restore left as our children: CRIU kills the tasks it forked,
+    but the root, forked as our child (rst_sibling), stays a zombie holding its PID (which a
+    restore of the same tree elsewhere on this PID space needs) until we wait for it. A pid
+    that belongs to a tree this agent restored before is that tree's: its waiter reaps it."""
+    from orthros_py.checkpoint import image_pids
+
+    try:
+        pids = image_pids(path)
+    except OrthrosError:
+        return
+    with a.mutex:
+        ours = {t.pid for t in a.restored.values() if not t.exited.is_set()}
+    deadline = time.monotonic() + timeout
+    for pid in (p for p in pids if p not in ours):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break  # not our child (or reaped): nothing to collect
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+
+
+def page_server_request(address: str, port: int, log_level: int,
+                        fd: int | None = None) -> Any:
+    """A CRIU page server request (see ``orthros_py.criu.request.page_server_request``)."""
+    return _ps_request(address, port, log_level, fd=fd, log_file=PAGE_SERVER_LOG)
+
+
+def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
+               page_nonce: str | None) -> DumpResult:
+    """``dump_tree``; with a page server, over the page channel: we connect and prove
+    ourselves, and CRIU's dump reaches that connection through a loopback relay, with CRIU's
+    TLS or, for a tree with its own IPC namespace, sealed by the relay (see ``pagechan`` for
+    why a relay and not ``ps.fd``, and why not always TLS)."""
+    if opts.page_server is None:
+        return dump_tree(pid, path, opts)
+    if page_nonce is None:
+        raise bad_request("a dump to a page server needs page_nonce, the nonce the "
+                           "destination's page_server returned: memory crosses hosts only "
+                           "on an authenticated channel")
+    try:
+        nonce = bytes.fromhex(page_nonce)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != pagechan.NONCE_BYTES:
+        raise bad_request(f"page_nonce must be {2 * pagechan.NONCE_BYTES} hex digits")
+    host, port = opts.page_server
+    use_tls = not _own_ipc_namespace(pid)
+    if not use_tls:
+        log.info("dump of pid %d: its tree has its own IPC namespace, which CRIU 4.2.1 cannot "
+                 "dump over TLS: the agents encrypt the page channel (AES-256-GCM)", pid)
+    tls = a.page_tls()
+    start = time.perf_counter()
+    try:
+        chan = pagechan.connect(host, port, a.key, image, nonce, tls=use_tls)
+    except pagechan.PageChannelError as err:
+        err.stage, err.pid = "dump", pid
+        raise
+    handshake_ms = (time.perf_counter() - start) * 1000
+    relay = pagechan.Relay(chan.sock, chan.records, label=f"image {image}")
+    try:
+        local = dataclasses.replace(opts, page_server=("127.0.0.1", relay.port))
+        result = dump_tree(pid, path, local, session=CriuSession(tls=tls if use_tls else None))
+    except OrthrosError as err:
+        if relay.error or relay.upstream_closed:
+            # Mostly seen from here as a broken connection; the destination's log has the cause.
+            err.msg = (f"{err.msg}: the page channel ({host}:{port}, {chan.protection}) broke "
+                       f"during the transfer ({relay.error or 'closed by the destination'}): "
+                       "data damaged or forged in transit ends it so, or the destination's "
+                       f"page server refused what arrived; see {PAGE_SERVER_LOG} in its image "
+                       "and its agent's log")
+        raise
+    finally:
+        relay.close()
+    result.extra["page_channel"] = {
+        "peer": f"{host}:{port}", "channel": chan.protection,
+        "handshake_ms": round(handshake_ms, 3),
+        "bytes_sent": relay.bytes_up, "bytes_received": relay.bytes_down,
+        "refused_local": relay.refused}
+    return result
+
+
+def _own_ipc_namespace(pid: int) -> bool:
+    """Whether a process of the tree of ``pid`` is in another IPC namespace than the agent
+    (CRIU then dumps that namespace in a forked child: see ``pagechan`` on ``aes-gcm``)."""
+    try:
+        mine = os.stat("/proc/self/ns/ipc").st_ino
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        return any(os.stat(f"/proc/{p.pid}/ns/ipc").st_ino != mine for p in procs)
+    except (OSError, psutil.Error):
+        return False  # the dump finds out what is wrong, and says so
+
+
+@op("page_server")
+def op_page_server(call: Call, image: str, address: str | None = None, port: int = 0,
+                   log_level: int = 2, wait: float = 600.0) -> dict[str, Any]:
+    """Open the page channel for a dump's memory into image ``image``: its port, and the
+    ``nonce`` the sending agent must prove itself with.
+
+    Connections to the port must prove within seconds that they hold the cluster key; others
+    are refused, logged and counted (``refused`` in status) while it keeps waiting, up to
+    ``wait`` s. On the first that proves itself, a CRIU page server receives one dump and
+    exits: over TLS on that very connection, or, when the sender asks for the agents' records,
+    through a socketpair joined to it by this agent. ``port`` 0 lets the kernel choose;
+    ``address`` defaults to the agent's own listen address.
+    """
+    if not 0 <= port < 65536:
+        raise bad_request(f"{port} is not a TCP port")
+    if not 0 <= log_level <= 4:
+        raise bad_request("log_level must be 0-4")
+    if not 0 < wait <= 24 * 3600:
+        raise bad_request("wait must be more than 0 and at most a day")
+    a = call.agent
+    path = a.image_path(image, create=True)
+    with a.mutex:
+        running = a.page_servers.get(image)
+    if running is not None and running.alive():
+        raise BadImageError(f"a page server (pid {running.pid}, port {running.port}) already "
+                            f"receives into image {image!r}",
+                            hint="stop it with page_server_stop first")
+    addr = a.listen_host if address is None else address
+    tls = a.page_tls()
+    server = PageServer(image, 0, addr, time.time())
+
+    def on_channel(chan: pagechan.Channel) -> None:
+        conn, joint = pagechan.criu_end(chan, f"image {image}")
+        server.channel, server.joint = chan.protection, joint
+        try:
+            with conn, a.busy(image, "page server start"):
+                session = CriuSession(tls=tls if chan.tls else None, pass_fds=(conn.fileno(),))
+                resp = session.call(page_server_request("", 0, log_level, fd=conn.fileno()),
+                                    images_dir=path)
+        except BaseException as err:
+            if joint is not None:
+                joint.close()
+            else:
+                chan.sock.close()
+            if not isinstance(err, OrthrosError):
+                raise
+            server.error = str(err)
+            log.warning("page server of image %s could not start for %s: %s", image,
+                        chan.peer, err)
+            return
+        if joint is not None:
+            joint.start()  # CRIU holds its end now, and we closed our copy of it
+        pid = int(resp.ps.pid)
+        # Gone already: creation time 0.0 matches no process, so it reads as not alive.
+        server.ref = ProcessRef.find(pid) or ProcessRef(pid, 0.0)
+        log.info("page server %d receives image %s from %s over %s", pid, image, chan.peer,
+                 "CRIU's TLS" if chan.tls else "the agents' AES-256-GCM records (the sender's "
+                 "tree has its own IPC namespace)")
+
+    listener = pagechan.Listener(a.key, image, addr, port, on_channel, wait=wait)
+    server.listener, server.port = listener, listener.port
+    with a.mutex:
+        a.page_servers[image] = server
+    listener.start()
+    log.info("page channel for image %s listens on port %d", image, listener.port)
+    return {**server.to_dict(), "nonce": listener.nonce.hex()}
+
+
+@op("page_server_stop")
+def op_page_server_stop(call: Call, image: str) -> dict[str, Any]:
+    """Stop the page server of image ``image`` if it still runs (it ends by itself after a
+    dump)."""
+    a = call.agent
+    validate_name(image)
+    with a.mutex:
+        server = a.page_servers.pop(image, None)
+    if server is None:
+        raise NoSuchProcessError(f"this agent started no page server for image {image!r}")
+    was_running = server.alive()
+    server.stop()
+    return {**server.to_dict(), "was_running": was_running, "running": False}

@@ -1,0 +1,179 @@
+"""Network locks and service addresses: ``netlock_prepare``, ``netlock_lock``, ``netlock_unlock``,
+``netlock_status``, ``addr_list``, ``addr_add``, ``addr_del``, ``garp``.
+
+Interfaces and privileges: ``orthros_py.netlock`` (XDP through bpf(2), nftables, iptables) and
+rtnetlink and raw ARP frames through ``orthros_py.net.addr``: root (CAP_NET_ADMIN, CAP_BPF,
+CAP_NET_RAW). Those modules are imported when first called, so that an agent whose orthros lacks
+one (BCC, pyroute2) still serves everything else (MissingFeatureError says so).
+"""
+
+from __future__ import annotations
+
+import socket
+from types import ModuleType
+from typing import Any
+
+from orthros_py.agent.state import Agent
+from orthros_py.agent.table import Call, bad_request, feature, op
+
+
+def _netlock(a: Agent, backend: str, netns: str | None) -> Any:
+    mod = feature("orthros_py.netlock", "take network locks")
+    if backend == "xdp":
+        # Kept for the agent's life: the compiled program (~10 s to build) stays loaded.
+        if "xdp" not in a.netlocks:
+            a.netlocks["xdp"] = mod.backend("xdp")
+        return a.netlocks["xdp"]
+    try:
+        return mod.backend(backend, netns=netns)
+    except ValueError as err:
+        raise bad_request(str(err)) from err
+
+
+def _conns(items: tuple[str, ...]) -> list[Any]:
+    mod = feature("orthros_py.netlock", "take network locks")
+    try:
+        return [mod.Conn.parse(c) for c in items]
+    except ValueError as err:
+        raise bad_request(f"bad connection: {err}") from err
+
+
+@op("netlock_prepare")
+def op_netlock_prepare(call: Call, backend: str = "xdp") -> dict[str, Any]:
+    """Load the backend ahead of a migration (XDP: compile or open the pinned program)."""
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, None)
+        info = lock.prepare()
+    return {"backend": backend, **info}
+
+
+@op("netlock_lock")
+def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
+                    pids: tuple[int, ...] = (), ifaces: tuple[str, ...] = (),
+                    netns: str | None = None) -> dict[str, Any]:
+    """Silence connections (``SRC:PORT,DST:PORT``, and those of ``pids``' tree, found here)."""
+    wanted = _conns(conns)
+    names = list(ifaces)
+    if pids:
+        found = feature("orthros_py.net.conns", "find a tree's connections").discover(list(pids))
+        wanted += list(found.conns)
+        names += [i for i in found.interfaces if i not in names]
+        netns = netns or found.netns
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, netns)
+        lock.prepare()
+        if names and hasattr(lock, "attach"):
+            lock.attach(names, netns=netns)
+        locked = lock.lock(wanted)
+    return {"backend": backend, "locked": [str(c) for c in locked], "ifaces": names,
+            "netns": netns}
+
+
+@op("netlock_unlock")
+def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
+                      netns: str | None = None, detach: tuple[str, ...] = (),
+                      tidy: bool = False) -> dict[str, Any]:
+    """Let connections through again (locked here or by any earlier process). Then, unless a
+    connection of this host is still locked: XDP takes its programs off the interfaces in
+    ``detach`` (the map is shared by every namespace of the machine, so "of this host" means
+    with an address of this namespace); with ``tidy``, nftables and iptables remove what holds
+    their rules (nftables' table)."""
+    wanted = _conns(conns)
+    detached: list[str] = []
+    tidied = False
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, netns)
+        unlocked = lock.unlock(wanted)
+        if hasattr(lock, "detach"):
+            if detach:
+                here = _addresses(netns)
+                busy = [lc for lc in lock.locked()
+                        if lc.conn.local_ip in here or lc.conn.remote_ip in here]
+                if not busy:
+                    done = lock.detach(list(detach), netns=netns)
+                    detached = [att.iface for att in done.detached]
+        elif tidy and not lock.status().conns:
+            lock.flush()
+            tidied = True
+    return {"backend": backend, "unlocked": [str(c) for c in unlocked], "detached": detached,
+            "tidied": tidied}
+
+
+def _addresses(netns: str | None) -> set[str]:
+    """Every IP address (v4 and v6, compressed text) on an interface of the namespace."""
+    import ipaddress
+
+    mod = _addr()
+    with mod.iproute(netns) as ipr:
+        return {ipaddress.ip_address(str(a.get("IFA_ADDRESS"))).compressed
+                for a in ipr.get_addr()}
+
+
+@op("netlock_status")
+def op_netlock_status(call: Call, backend: str, netns: str | None = None) -> dict[str, Any]:
+    """What the backend holds locked, and where it is attached."""
+    with call.agent.netlock_mutex:
+        status = _netlock(call.agent, backend, netns).status()
+    data: dict[str, Any] = status.to_dict()
+    return data
+
+
+def _addr() -> ModuleType:
+    return feature("orthros_py.net.addr", "manage service addresses")
+
+
+@op("addr_list")
+def op_addr_list(call: Call, netns: str | None = None) -> dict[str, Any]:
+    """This host's interfaces and their IPv4 addresses (address/prefix)."""
+    mod = _addr()
+    out = []
+    with mod.iproute(netns) as ipr:
+        links = list(ipr.get_links())
+        names = {int(link["index"]): str(link.get("IFLA_IFNAME")) for link in links}
+        states = {int(link["index"]): str(link.get("IFLA_OPERSTATE")) for link in links}
+        addrs: dict[int, list[str]] = {}
+        for a in ipr.get_addr(family=socket.AF_INET):
+            addrs.setdefault(int(a["index"]), []).append(
+                f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+    for idx, name in sorted(names.items()):
+        out.append({"ifname": name, "index": idx, "state": states.get(idx, "UNKNOWN"),
+                    "addresses": addrs.get(idx, [])})
+    return {"interfaces": out}
+
+
+@op("addr_add")
+def op_addr_add(call: Call, ifname: str, address: str,
+                netns: str | None = None) -> dict[str, Any]:
+    """Put a service address (``IP`` or ``IP/PREFIX``) on an interface of this host."""
+    mod = _addr()
+    try:
+        added = mod.add_address(netns, ifname, address)
+    except ValueError as err:
+        raise bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "added": bool(added)}
+
+
+@op("addr_del")
+def op_addr_del(call: Call, ifname: str, address: str,
+                netns: str | None = None) -> dict[str, Any]:
+    """Take a service address off an interface of this host."""
+    mod = _addr()
+    try:
+        removed = mod.remove_address(netns, ifname, address)
+    except ValueError as err:
+        raise bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "removed": bool(removed)}
+
+
+@op("garp")
+def op_garp(call: Call, ifname: str, address: str, count: int = 1,
+            netns: str | None = None) -> dict[str, Any]:
+    """Announce a service address from this host with gratuitous ARP."""
+    if not 1 <= count <= 100:
+        raise bad_request("count must be 1-100")
+    mod = _addr()
+    try:
+        sent = mod.Link(netns, ifname).gratuitous_arp(address, count=count)
+    except ValueError as err:
+        raise bad_request(str(err)) from err
+    return {"ifname": ifname, "address": address, "sent": int(sent)}

@@ -1,0 +1,274 @@
+"""What one agent holds between requests: its identity and key, the images root, the trees it
+restored, the page channels it opened, the trees it holds stopped after a dump, the network locks
+it keeps loaded, and the busy marks that keep two users off one image. Shared by all connections;
+the operations (``orthros_py.agent.ops``) read and change it under its locks.
+
+Restored trees: a restore uses CRIU's ``rst_sibling``, so the restored root becomes the agent's
+own child. The agent keeps it that way on purpose: a thread per restored tree waits for it
+(``os.waitpid``), so it never lingers as a zombie, its exit status is known (``status``), and
+``kill`` can tell that a pid is one the agent restored. It does not tie the tree's life to the
+agent's: if the agent stops or crashes, the kernel reparents the tree to init (or the nearest
+subreaper), which reaps it; the systemd unit uses ``KillMode=process`` so that stopping the
+agent does not kill the workloads it restored. The alternative, CRIU restoring the root as its
+own child and exiting, would leave it to init at once but lose the exit status and the proof
+of ownership that ``kill`` relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal as signals
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orthros_py.agent import held as held_trees
+from orthros_py.agent import optpolicy, pagechan
+from orthros_py.agent.errors import ProtocolError
+from orthros_py.agent.protocol import validate_name
+from orthros_py.criu.request import TlsFiles
+from orthros_py.errors import BadImageError, NoSuchProcessError, OrthrosError
+from orthros_py.proc.tree import ProcessRef
+
+log = logging.getLogger("orthros.agent")
+
+KEEP_EXITED = 256  # exited trees kept in the table (for ``status``) before the oldest go
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name an image or a file of one (temporaries and dot files may not)."""
+    try:
+        validate_name(name)
+    except ProtocolError:
+        return False
+    return True
+
+
+@dataclass
+class RestoredTree:
+    """A tree this agent restored; its root is the agent's child until it exits."""
+
+    ref: ProcessRef  # of the root; creation time 0.0 if it had exited before we looked
+    image: str
+    pids: list[int]
+    restored_at: float
+    exit_status: int | None = None  # as os.waitstatus_to_exitcode: negative for a signal
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "image": self.image, "pids": self.pids,
+                "restored_at": self.restored_at, "running": not self.exited.is_set(),
+                "exit_status": self.exit_status}
+
+
+@dataclass
+class PageServer:
+    """A page channel this agent opened (``pagechan.Listener``) and the CRIU page server it
+    starts on the connection that proves itself (forked by ``criu swrk``: not our child)."""
+
+    image: str
+    port: int
+    address: str
+    started_at: float
+    ref: ProcessRef | None = None  # None until a connection has proved itself and CRIU runs on it
+    listener: pagechan.Listener | None = None
+    error: str | None = None  # why CRIU could not be started on the proven connection
+    channel: str | None = None  # how the stream is protected: "tls" or "aes-gcm"
+    joint: pagechan.Joint | None = None  # with "aes-gcm": between the channel and CRIU
+
+    @property
+    def pid(self) -> int:
+        """CRIU's pid; 0 before it runs."""
+        return self.ref.pid if self.ref is not None else 0
+
+    def alive(self) -> bool:
+        if self.ref is None:
+            # Waiting for the sender, or starting CRIU for it: running, unless it gave up.
+            state = self.listener.state if self.listener is not None else "stopped"
+            return self.error is None and state in ("waiting", "connected")
+        return self.ref.alive()
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.joint is not None:
+            self.joint.close()
+        if self.ref is not None and self.ref.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.ref.pid, signals.SIGKILL)
+
+    def to_dict(self) -> dict[str, Any]:
+        chan = self.listener.to_dict() if self.listener is not None else {}
+        return {"image": self.image, "pid": self.pid, "port": self.port, "address": self.address,
+                "started_at": self.started_at, "running": self.alive(),
+                "state": chan.get("state", "stopped"), "refused": chan.get("refused", 0),
+                "refusals": chan.get("refusals", []), "peer": chan.get("peer"),
+                "error": self.error, "channel": self.channel,
+                "channel_error": self.joint.error if self.joint is not None else None}
+
+
+class Agent:
+    """What one agent holds: its name, key, images root, the trees it restored, the page
+    servers it started, and the network locks it keeps loaded. Shared by all connections."""
+
+    def __init__(self, name: str, images_root: Path, key: bytes, *,
+                 listen_host: str = "", cgroup_root: str = "/") -> None:
+        validate_name(name, "agent name")
+        self.name = name
+        # Where this host keeps its containers' cgroups: a tree migrated here from a host with
+        # another root is recreated below this one (lab hosts share one cgroup filesystem).
+        self.cgroup_root = cgroup_root
+        self.key = key
+        try:
+            images_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadImageError(f"cannot create the images root {images_root}: "
+                                f"{err.strerror}") from err
+        self.images_root = images_root.resolve()
+        # What paths and external resources requests from the network may name here.
+        self.option_policy = optpolicy.Policy(str(self.images_root))
+        # Page channels listen where the agent listens unless told otherwise: no need to face
+        # more networks than the agent does.
+        self.listen_host = "" if listen_host in ("0.0.0.0", "::") else listen_host
+        self.started = time.time()
+        self.restored: dict[int, RestoredTree] = {}
+        self.page_servers: dict[str, PageServer] = {}
+        # Trees dumped with leave_stopped, by root pid: resumed or killed on request.
+        self.held: dict[int, held_trees.HeldTree] = {}
+        self.netlocks: dict[str, Any] = {}  # backend -> NetLock kept (XDP: the loaded program)
+        self.netlock_mutex = threading.Lock()  # serializes the netlock_* operations
+        self.mutex = threading.Lock()  # guards restored, page_servers and the busy marks
+        self._busy: dict[str, str] = {}  # image -> what is using it
+        self._criu: dict[str, Any] | None = None
+        self._page_tls: TlsFiles | None = None
+
+    # -- images ---------------------------------------------------------------------------
+
+    def image_path(self, image: str, *, create: bool = False, must_exist: bool = False) -> Path:
+        """The directory of image ``image`` below the root; never a symlink out of it."""
+        path = self.images_root / validate_name(image)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise BadImageError(f"{path} is not an image directory")
+        if create:
+            try:
+                path.mkdir(mode=0o700, exist_ok=True)
+            except OSError as err:
+                raise BadImageError(f"cannot create {path}: {err.strerror}") from err
+        elif must_exist and not path.is_dir():
+            raise BadImageError(f"this agent holds no image {image!r}",
+                                hint="see list_images for what it holds")
+        return path
+
+    @contextlib.contextmanager
+    def busy(self, image: str, what: str) -> Iterator[None]:
+        """Hold ``image`` for a dump, restore or removal; refuse a second such user at once."""
+        with self.mutex:
+            other = self._busy.get(image)
+            if other is not None:
+                raise BadImageError(f"image {image!r} is busy with a {other}",
+                                    hint="wait for it to finish")
+            self._busy[image] = what
+        try:
+            yield
+        finally:
+            with self.mutex:
+                self._busy.pop(image, None)
+
+    def busy_with(self, image: str) -> str | None:
+        with self.mutex:
+            return self._busy.get(image)
+
+    def busy_marks(self) -> dict[str, str]:
+        """Image -> what is using it, at this moment."""
+        with self.mutex:
+            return dict(self._busy)
+
+    def image_names(self) -> list[str]:
+        """The image directories below the root."""
+        try:
+            entries = list(os.scandir(self.images_root))
+        except OSError:
+            return []
+        return sorted(e.name for e in entries
+                      if valid_name(e.name) and e.is_dir(follow_symlinks=False))
+
+    # -- restored trees -------------------------------------------------------------------
+
+    def adopt(self, pid: int, image: str, pids: list[int]) -> RestoredTree:
+        """Record a tree just restored as our child, and start waiting for it."""
+        # Gone already: the waiter collects its status at once.
+        ref = ProcessRef.find(pid) or ProcessRef(pid, 0.0)
+        tree = RestoredTree(ref, image, pids, time.time())
+        with self.mutex:
+            self.restored[pid] = tree
+            exited = sorted((t for t in self.restored.values() if t.exited.is_set()),
+                            key=lambda t: t.restored_at)
+            for old in exited[:max(0, len(exited) - KEEP_EXITED)]:
+                del self.restored[old.pid]
+        threading.Thread(target=self._reap, args=(tree,), name=f"reap-{pid}",
+                         daemon=True).start()
+        return tree
+
+    def _reap(self, tree: RestoredTree) -> None:
+        try:
+            _, status = os.waitpid(tree.pid, 0)
+        except ChildProcessError:
+            log.warning("restored tree %d (image %s) is not this agent's child; its exit "
+                        "status is unknown", tree.pid, tree.image)
+        else:
+            tree.exit_status = os.waitstatus_to_exitcode(status)
+            log.info("restored tree %d (image %s) exited with status %d", tree.pid, tree.image,
+                     tree.exit_status)
+        tree.exited.set()
+
+    def restored_tree(self, pid: int) -> RestoredTree:
+        with self.mutex:
+            tree = self.restored.get(pid)
+        if tree is None:
+            raise NoSuchProcessError(
+                f"pid {pid} was not restored by this agent: it signals only trees it restored",
+                pid=pid)
+        return tree
+
+    def close(self) -> None:
+        """At the agent's exit: stop the page servers still waiting for a dump (nobody could
+        stop them later). Restored trees are left running: init inherits them."""
+        with self.mutex:
+            servers = list(self.page_servers.values())
+            self.page_servers.clear()
+        for server in servers:
+            if server.alive():
+                log.info("stopping page server %d of image %s", server.pid, server.image)
+            server.stop()
+
+    def page_tls(self) -> TlsFiles:
+        """The page channel's certificate files, derived from the cluster key (written once,
+        in a directory whose dotted name no image can have)."""
+        with self.mutex:
+            if self._page_tls is None:
+                self._page_tls = pagechan.write_credentials(
+                    self.key, self.images_root / ".page-channel")
+            return self._page_tls
+
+    # -- facts ----------------------------------------------------------------------------
+
+    def criu_info(self) -> dict[str, Any]:
+        """CRIU's path and version, looked up once (``criu --version`` forks)."""
+        if self._criu is None:
+            from orthros_py.criu.binary import find_criu
+
+            try:
+                binary = find_criu()
+                self._criu = {"path": binary.path, "version": binary.version_str, "error": None}
+            except OrthrosError as err:
+                self._criu = {"path": None, "version": None, "error": str(err)}
+        return self._criu
