@@ -34,7 +34,8 @@ from orthros_py.errors import NetlockError
 from orthros_py.net.addr import in_netns
 from orthros_py.net.conns import discover, discover_tree
 from orthros_py.netlock import Conn
-from orthros_py.netlock.xdp import PIN_DIR, XdpNetLock, _bpffs_mounted, conn_entries
+from orthros_py.netlock.bpf import bpffs_mounted
+from orthros_py.netlock.xdp import PIN_DIR, XdpNetLock, conn_entries
 
 QUIET = 0.6  # seconds a locked connection must stay silent
 FLOW = 20.0  # seconds within which TCP's retransmission must deliver after unlocking
@@ -44,7 +45,7 @@ FLOW = 20.0  # seconds within which TCP's retransmission must deliver after unlo
 def xdp() -> Iterator[XdpNetLock]:
     """The lock, compiled once for the whole session and kept by this process. A compile or
     verifier failure fails the tests (set-up installs what the lock needs)."""
-    bpffs_before = _bpffs_mounted()
+    bpffs_before = bpffs_mounted()
     pinned_before = PIN_DIR.exists()
     lock = XdpNetLock()
     lock.prepare()
@@ -60,7 +61,7 @@ def xdp() -> Iterator[XdpNetLock]:
         # Leave the host as found: unmount the BPF filesystem if orthros mounted it and nothing
         # else is pinned there (its own preload iterators aside).
         bpffs = Path("/sys/fs/bpf")
-        if not bpffs_before and _bpffs_mounted() and \
+        if not bpffs_before and bpffs_mounted() and \
                 set(os.listdir(bpffs)) <= {"maps.debug", "progs.debug"}:
             subprocess.run(["umount", str(bpffs)], check=False)
 
