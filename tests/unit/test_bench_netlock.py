@@ -33,6 +33,7 @@ from orthros_py.bench.netlock import (
     summarize,
     synthetic_conns,
 )
+from orthros_py.bench.netlock import host as nb_host
 from orthros_py.errors import OrthrosError
 
 # ab -k stopped with SIGINT 1 s after a restore (a real report from this benchmark).
@@ -348,7 +349,8 @@ COMMIT
     def fake_run(argv: list[str], **_kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(argv, 0, save, "")
 
-    monkeypatch.setattr(nb, "run", fake_run)
-    monkeypatch.setattr(nb, "_tool", lambda name: name)
-    rules = nb.criu_iptables_rules(["10.99.200.1", "10.99.200.2"])
+    # Patched where they are looked up: the host module, not the package that re-exports.
+    monkeypatch.setattr(nb_host, "run", fake_run)
+    monkeypatch.setattr(nb_host, "_tool", lambda name: name)
+    rules = nb_host.criu_iptables_rules(["10.99.200.1", "10.99.200.2"])
     assert len(rules) == 1 and "--sport 40000" in rules[0]  # another test's rule is left alone
