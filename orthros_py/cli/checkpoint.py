@@ -68,6 +68,31 @@ def file_locks_option(f: F) -> F:
              "pidfile). A checkpoint dumped with it must be restored with it.")(f)
 
 
+def dump_file_options(link_remap_note: str) -> Callable[[F], F]:
+    """The dump's options for files and sockets CRIU refuses by default, shared by ``dump``
+    and ``migrate`` (which adds where the link CRIU makes must be found)."""
+    def wrap(f: F) -> F:
+        for opt in reversed([
+            click.option("--link-remap", is_flag=True,
+                         help="Allow files the tree holds open (or watches with inotify) that "
+                              "were unlinked but are still linked elsewhere: CRIU links them "
+                              f"back into their directory for the restore{link_remap_note}."),
+            click.option("--ghost-limit", type=Size(), default=None, metavar="SIZE",
+                         help="Carry deleted-but-open files up to SIZE (e.g. 10M, 1G) in the "
+                              "images [CRIU's default: 1M]."),
+            click.option("--skip-in-flight", is_flag=True,
+                         help="Drop connections still waiting in a listening socket's queue, "
+                              "not yet accepted, instead of refusing the dump (their clients "
+                              "connect again)."),
+            click.option("--evasive-devices", is_flag=True,
+                         help="Accept a device the tree opened by a path that now names "
+                              "another node of the same device (e.g. under a remounted /dev)."),
+        ]):
+            f = opt(f)
+        return f
+    return wrap
+
+
 def common_options(f: F) -> F:
     for opt in reversed([
         click.option("--tcp-established", is_flag=True,
@@ -110,19 +135,7 @@ def _print_bpf(ctx: click.Context, _param: click.Parameter, value: bool) -> None
               help="Directory to write the checkpoint into (created if missing).")
 @click.option("--leave-running", is_flag=True, help="Keep the tree running after the dump.")
 @file_locks_option
-@click.option("--link-remap", is_flag=True,
-              help="Allow files the tree holds open (or watches with inotify) that were "
-                   "unlinked but are still linked elsewhere: CRIU links them back into their "
-                   "directory for the restore.")
-@click.option("--ghost-limit", type=Size(), default=None, metavar="SIZE",
-              help="Copy deleted-but-open files up to SIZE (e.g. 10M, 1G) into the images "
-                   "[CRIU's default: 1M].")
-@click.option("--skip-in-flight", is_flag=True,
-              help="Drop connections still waiting in a listening socket's queue, not yet "
-                   "accepted, instead of refusing the dump (their clients connect again).")
-@click.option("--evasive-devices", is_flag=True,
-              help="Accept a device the tree opened by a path that now names another node of "
-                   "the same device (e.g. under a remounted /dev).")
+@dump_file_options("")
 @external_option("Leave a resource to the restorer, in CRIU's form: mnt[MOUNTPOINT]:KEY (a "
                  "mount), dev[MAJ/MIN]:KEY, file[MNT_ID:INODE], unix[INODE], tty[RDEV:DEV], "
                  "net[INODE]:KEY, pid[INODE]:KEY. Repeatable.")

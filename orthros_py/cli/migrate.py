@@ -14,7 +14,12 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from orthros_py.cli.checkpoint import Size, check_externals, external_option, file_locks_option
+from orthros_py.cli.checkpoint import (
+    check_externals,
+    dump_file_options,
+    external_option,
+    file_locks_option,
+)
 from orthros_py.cli.context import Env
 from orthros_py.cli.hosts import inventory_option, journal_option, key_option
 from orthros_py.cli.progress import ProgressView
@@ -50,19 +55,7 @@ EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "cri
 @click.option("--ext-unix-sk", is_flag=True,
               help="Allow UNIX sockets whose peer is outside the tree.")
 @file_locks_option
-@click.option("--link-remap", is_flag=True,
-              help="Allow files the tree holds open (or watches with inotify) that were "
-                   "unlinked but are still linked elsewhere; the link CRIU makes must be "
-                   "reachable on the destination (shared storage).")
-@click.option("--ghost-limit", type=Size(), default=None, metavar="SIZE",
-              help="Carry deleted-but-open files up to SIZE (e.g. 10M, 1G) in the images "
-                   "[CRIU's default: 1M].")
-@click.option("--skip-in-flight", is_flag=True,
-              help="Drop connections not yet accepted by a listening socket instead of "
-                   "refusing the dump (their clients connect again).")
-@click.option("--evasive-devices", is_flag=True,
-              help="Accept a device the tree opened by a path that now names another node of "
-                   "the same device.")
+@dump_file_options("; that link must be reachable on the destination (shared storage)")
 @external_option("A resource the dump on the source leaves out, in CRIU's form (e.g. "
                  "mnt[MOUNTPOINT]:KEY). Repeatable.")
 @click.option("--restore-external", multiple=True, metavar="RES",

@@ -34,6 +34,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from orthros_py.proc.tree import reap_children
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -110,7 +112,7 @@ def _pid1(first_pid: int, ready_w: int) -> None:
     os.write(ready_w, b"ok")
     os.close(ready_w)
     while True:
-        _reap()
+        reap_children()
         info = signal.sigtimedwait({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}, 5.0)
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             break
@@ -124,14 +126,6 @@ def _pid1(first_pid: int, ready_w: int) -> None:
     os._exit(0)
 
 
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def start_init(netns: str, first_pid: int) -> int:

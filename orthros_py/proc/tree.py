@@ -243,3 +243,15 @@ def kill_tree(target: int | ProcessRef, timeout: float = 10.0) -> None:
         if not any(p.is_running() for p in procs):
             return
         time.sleep(0.01)
+
+
+def reap_children() -> None:
+    """Collect every child that has ended, without waiting for the others: what an init
+    (PID 1 of a namespace, or a subreaper) must do whenever SIGCHLD arrives."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

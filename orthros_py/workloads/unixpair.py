@@ -46,7 +46,7 @@ from typing import Any
 import psutil
 
 from orthros_py.errors import OperationTimeout, OrthrosError
-from orthros_py.proc.tree import ProcessRef
+from orthros_py.proc.tree import ProcessRef, reap_children
 
 ROLES = ("p1", "p2")
 LOG = "unixpair.log"
@@ -339,15 +339,6 @@ class Peer:
             time.sleep(self.interval if not self.errors else STATUS_EVERY)
 
 
-def reap_children() -> None:
-    """P1 is the namespace's init: whatever dies in it is ours to collect."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def run(args: argparse.Namespace) -> None:
