@@ -93,3 +93,23 @@ def v2_hugetlb() -> Iterator[Path]:
         if "hugetlb" not in before:
             with contextlib.suppress(OSError):
                 (unified / "cgroup.subtree_control").write_text("-hugetlb")
+
+
+@pytest.fixture(scope="module")
+def xdp_pins_as_found() -> Iterator[None]:
+    """A module whose dumps or restores use the xdp lock pins it (the lock must outlive orthros);
+    if it was not pinned before the module, it goes again once nobody holds a lock or an
+    attachment in it, so the machine is left as found."""
+    from orthros_py.netlock.xdp import XdpNetLock
+
+    lock = XdpNetLock()
+    before = lock.pinned
+    lock.close()
+    yield
+    if not before:
+        lock = XdpNetLock()
+        try:
+            if lock.pinned:
+                lock.flush_if_unused()
+        finally:
+            lock.close()

@@ -39,6 +39,10 @@ from orthros_py.errors import ExitStatus
 GHOST_SIZE = 3 << 20  # above CRIU's default ghost limit, 1 MiB
 
 
+# The tcp-close runs with the xdp lock pin it: it goes again if it was not pinned before.
+pytestmark = pytest.mark.usefixtures("xdp_pins_as_found")
+
+
 def start(spawner: Spawner, out: Path, *args: str,
           prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
     proc = spawner.workload("holder", *args, stdout=out, prefix=prefix)

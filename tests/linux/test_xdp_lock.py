@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +54,8 @@ def netlock_status() -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pins_as_found() -> Iterator[None]:
-    """The dumps here pin the lock (it must outlive orthros); if it was not pinned before this
-    module, it goes again once nobody holds a lock or an attachment in it."""
-    from orthros_py.netlock.xdp import XdpNetLock
-
-    lock = XdpNetLock()
-    before = lock.pinned
-    lock.close()
-    yield
-    if not before:
-        lock = XdpNetLock()
-        try:
-            if lock.pinned:
-                lock.flush_if_unused()
-        finally:
-            lock.close()
+# The dumps here pin the lock: it goes again afterwards if it was not pinned before.
+pytestmark = pytest.mark.usefixtures("xdp_pins_as_found")
 
 
 @pytest.fixture(autouse=True)
