@@ -232,10 +232,13 @@ def test_real_agents_listen(lab: Lab) -> None:
 def test_down_leaves_nothing(lab: Lab, servers: list[subprocess.Popen[bytes]]) -> None:
     before = lab_netns() - {h.netns for h in lab.all_hosts} - {lab.bridge_netns}
     serve(lab, servers, "alpha", lab.host("alpha").address)
-    stray = servers[0].pid
+    # The server runs inside alpha's PID namespace, below the nsenter that started it; killing
+    # alpha's init ends it and, with it, that nsenter, which may be gone before down looks.
+    inside = [c.pid for c in psutil.Process(servers[0].pid).children()]
     report = lab.down()
-    assert stray in report.killed
+    assert report.killed
     servers[0].wait(timeout=5)
+    assert inside and not any(psutil.pid_exists(p) for p in inside)
     assert lab_netns() <= before, "lab namespaces left behind"
     assert root_lab_links() == []
     assert not lab.state_dir.exists()
@@ -250,12 +253,16 @@ def test_down_after_a_crash() -> None:
     try:
         lab = Lab.up(3, agents=False, rebuild=True)
         stray = lab.popen("gamma", ["sleep", "600"], start_new_session=True)
+        wait_for(lambda: psutil.Process(stray.pid).children(), what="sleep to start in gamma")
+        # sleep runs inside gamma's PID namespace, below the nsenter that started it; killing
+        # gamma's init ends it and, with it, that nsenter, which may be gone before down looks.
+        inside = [c.pid for c in psutil.Process(stray.pid).children()]
         (lab.state_dir / STATE_FILE).unlink()
         shutil.rmtree(lab.state_dir)
         report = teardown()
-        assert stray.pid in report.killed
-        stray.wait(timeout=5)  # reaped already by down (psutil waits for its children)
-        assert not psutil.pid_exists(stray.pid)
+        assert report.killed
+        stray.wait(timeout=5)
+        assert not any(psutil.pid_exists(p) for p in inside)
         assert {h.netns for h in lab.all_hosts} | {lab.bridge_netns} <= set(report.namespaces)
         assert not {h.netns for h in lab.all_hosts} & set(listnetns())
         assert root_lab_links() == []
