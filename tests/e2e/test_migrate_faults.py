@@ -63,8 +63,11 @@ CLIENTS = 50
 
 
 @contextmanager
-def echo_with_clients(lab: Lab) -> Iterator[tuple[Service, ClientPool]]:
-    svc = echo_server(lab, "alpha", PORT)
+def echo_with_clients(lab: Lab, svc: Service | None = None
+                      ) -> Iterator[tuple[Service, ClientPool]]:
+    """The echo service on alpha (``svc`` if given, started already) under CLIENTS clients,
+    traffic flowing on every connection."""
+    svc = svc or echo_server(lab, "alpha", PORT)
     with lab.in_netns("client"):
         pool = ClientPool(SERVICE_IP, PORT, CLIENTS, timeout=60)
     try:
@@ -208,13 +211,7 @@ def test_a_file_changed_between_dump_and_restore_leaves_the_service_on_the_sourc
         assert [t["pid"] for t in client(lab, "alpha").status()["held"]] == [svc.pid]
         log.rename(log.with_suffix(".log.1"))
 
-    with lab.in_netns("client"):
-        pool = ClientPool(SERVICE_IP, PORT, CLIENTS, timeout=60)
-    try:
-        pool.start(interval=0.005)
-        wait_for(lambda: established(lab, "alpha", svc.pid) == CLIENTS, timeout=20,
-                 what="the clients' connections on alpha")
-        wait_for(lambda: pool.stats.requests >= 5 * CLIENTS, what="traffic on every connection")
+    with echo_with_clients(lab, svc) as (_, pool):
         err = fail_migration(lab, svc, at_stage(Stage.RESTORE, rotate_the_log))
         assert err.stage == "restore" and err.host == "beta"
         assert int(err.exit_status) != 0
@@ -226,8 +223,6 @@ def test_a_file_changed_between_dump_and_restore_leaves_the_service_on_the_sourc
         assert svc.machine_pid() == alpha_pid
         assert not [t for t in client(lab, "alpha").status()["restored"] if t["running"]]
         assert_service_stayed(lab, svc, pool, err)
-    finally:
-        pool.close()
     assert_nothing_left(lab, holder="alpha", service=svc)
 
 
