@@ -70,7 +70,8 @@ ADVICE = (
      "--shell-job"),
     (re.compile(r"A session leader of .* is outside of its pid namespace"),
      "the tree's session leader is outside the tree's PID namespace: start the namespace's "
-     "init with setsid (unshare --pid --fork setsid CMD)"),
+     "init with setsid (unshare --pid --fork setsid CMD), or a tree without its own "
+     "namespace from a session orthros's PID namespace can see (setsid CMD)"),
     (re.compile(r"In-flight connection \(l\)"),
      "a listening socket of the tree holds connections not yet accepted: pass "
      "--skip-in-flight to drop them (their clients connect again)"),
