@@ -20,6 +20,7 @@ from orthros_py.cgroup.fs import CgroupFs, remove_dirs, wait_empty
 from orthros_py.cgroup.model import FILE_NAME as CGROUP_FILE
 from orthros_py.cgroup.model import RESTORED_FILE_NAME as CGROUP_RESTORED_FILE
 from orthros_py.cgroup.model import CgroupFile, diff
+from orthros_py.criu.dirtytrack import DirtyTracker
 from orthros_py.criu.images import (
     image_has_own_pidns,
     image_root_mount,
@@ -124,16 +125,23 @@ def dump_tree(
     session: CriuSession | None = None,
     on_notify: NotifyHook | None = None,
     network_lock: NetworkLock | None = None,
+    dirty_track: DirtyTracker | None = None,
 ) -> DumpResult:
     """Checkpoint the tree rooted at ``pid`` into ``images_dir`` (created if missing).
 
     ``network_lock`` (None: CRIU's method named in ``opts``) chooses who keeps the tree's
     connections silent. With xdp the connections stay locked after a dump that killed the tree,
     until ``restore_tree`` brings it back; on every other path they are unlocked here.
+
+    ``dirty_track`` keeps the tree's memory tracked from this dump (``opts.track_mem``) to the
+    next, whose ``opts.parent_img`` names this one, where the kernel has no soft-dirty bits: it
+    collects what CRIU hands over, and forgets everything when the dump fails.
     """
     require_root("dump")
     ref = ProcessRef.of(pid)
     session = session or CriuSession()
+    if dirty_track is not None:
+        session.dirty_track = dirty_track.socket_for_criu()
     images_dir = prepare_images_dir(images_dir)
     live = snapshot(ref)
     opts = dataclasses.replace(opts, pid=pid)
@@ -155,13 +163,16 @@ def dump_tree(
     try:
         lock.engage()
         session.call(dump_request(opts, -1), images_dir=images_dir, on_notify=on_notify, pid=pid)
-    except OrthrosError as err:
-        err.pid = err.pid or pid
+    except BaseException as err:
+        if isinstance(err, OrthrosError):
+            err.pid = err.pid or pid
         lock.release()  # CRIU resumed the tree: its connections must flow again
+        if dirty_track is not None:
+            # The failed dump's scans may have re-armed tracking for pages no image holds.
+            dirty_track.forget()
         raise
-    except BaseException:
-        lock.release()
-        raise
+    if dirty_track is not None:
+        dirty_track.collect()
     if opts.leave_running:
         lock.unlock()
     elif lock.conns:

@@ -177,6 +177,15 @@ class NetlockError(OrthrosError):
     exit_status = ExitStatus.NETLOCK_FAILED
 
 
+class OutputHoldError(OrthrosError):
+    """Holding a protected tree's output in an NFQUEUE queue failed: the queue is bound by
+    someone else, the kernel refused a verdict, or the rule that feeds the queue would not go
+    in or out."""
+
+    # The output hold is pair's lock on what a tree sends: it fails as a network lock does.
+    exit_status = ExitStatus.NETLOCK_FAILED
+
+
 class CommandError(OrthrosError):
     """An external program (run through ``orthros_py.run``) failed or timed out."""
 
@@ -202,6 +211,13 @@ class CommandError(OrthrosError):
 
 class OperationTimeout(OrthrosError):
     exit_status = ExitStatus.TIMEOUT
+
+
+class UsageError(OrthrosError):
+    """A setting orthros refuses as given (a duration it cannot read, timings that would let
+    two hosts serve at once, a fence option it does not pass on): the user must change it."""
+
+    exit_status = ExitStatus.USAGE
 
 
 def registered() -> dict[str, type[OrthrosError]]:

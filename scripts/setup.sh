@@ -105,6 +105,16 @@ else
     tar -C "$SRC_BASE" -xf "$tarball"
     criu_src="$SRC_BASE/criu-$upstream"
   fi
+  # A tree patched with another version of orthros's patches cannot take the new ones (nor give
+  # them back): unpack it again from the tarball kept beside it.
+  TREE_STAMP="$criu_src/.orthros-patches"
+  tarball="$SRC_BASE/criu_${criu_src##*/criu-}.orig.tar.xz"
+  built_with=$(cat "$TREE_STAMP" 2>/dev/null || cat "$PATCH_STAMP" 2>/dev/null || true)
+  if [ -n "$built_with" ] && [ "$built_with" != "$patch_sum" ] && [ -f "$tarball" ]; then
+    say "orthros's CRIU patches changed: unpacking $(basename "$tarball") again"
+    rm -rf "$criu_src"
+    tar -C "$SRC_BASE" -xf "$tarball"
+  fi
   for p in "${PATCHES[@]}"; do
     if patch -d "$criu_src" -p1 -R --dry-run -s -f <"$p" >/dev/null 2>&1; then
       continue  # applied already
@@ -112,6 +122,7 @@ else
     patch -d "$criu_src" -p1 -N -s <"$p" >/dev/null || die "cannot apply $(basename "$p") to $criu_src"
     say "applied $(basename "$p")"
   done
+  echo "$patch_sum" > "$TREE_STAMP"
   say "building CRIU in $criu_src (about 30 s)"
   make -C "$criu_src" -j"$(nproc)" criu >"$SRC_BASE/build.log" 2>&1 || die "CRIU build failed, see $SRC_BASE/build.log"
   make -C "$criu_src" lib >>"$SRC_BASE/build.log" 2>&1 || die "pycriu build failed, see $SRC_BASE/build.log"
@@ -120,6 +131,13 @@ else
     hash -r
     criu_ok "$PREFIX/sbin/criu" || die "the CRIU built from $criu_src does not pass 'criu check' here"
     echo "$patch_sum" > "$PATCH_STAMP"
+  fi
+  # The patches may extend CRIU's RPC messages, which pycriu carries: the venv's pycriu must
+  # come from this build (on a first run the venv section below installs it).
+  if [ -x "$VENV/bin/pip" ]; then
+    "$VENV/bin/pip" install -q --force-reinstall --no-deps "$criu_src/lib" >>"$SRC_BASE/build.log" 2>&1 \
+      || die "cannot install pycriu from $criu_src/lib into $VENV, see $SRC_BASE/build.log"
+    say "pycriu reinstalled into $VENV from $criu_src/lib"
   fi
   say "CRIU ready: $(criu --version | head -n1)"
 fi

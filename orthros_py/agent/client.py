@@ -170,6 +170,11 @@ class AgentClient:
         resp = self.call(op, args, timeout=timeout)
         return dict(resp.result or {})
 
+    def request(self, op: str, args: Mapping[str, Any] | None = None, *,
+                timeout: float | None = None) -> dict[str, Any]:
+        """Any operation of the agent's table (see ``orthros_py.agent.ops``): its result."""
+        return self._result(op, args, timeout=timeout)
+
     # -- host -----------------------------------------------------------------------------
 
     def ping(self) -> PingInfo:

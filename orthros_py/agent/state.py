@@ -150,6 +150,8 @@ class Agent:
         self._busy: dict[str, str] = {}  # image -> what is using it
         self._criu: dict[str, Any] | None = None
         self._page_tls: TlsFiles | None = None
+        # The pairs this agent takes part in (``orthros_py.agent.ops.pair.pairs_of``).
+        self.pairs: Any = None
 
     # -- images ---------------------------------------------------------------------------
 
@@ -242,6 +244,8 @@ class Agent:
     def close(self) -> None:
         """At the agent's exit: stop the page servers still waiting for a dump (nobody could
         stop them later). Restored trees are left running: init inherits them."""
+        if self.pairs is not None:
+            self.pairs.shutdown()  # threads stop; the records stay for the next start
         with self.mutex:
             servers = list(self.page_servers.values())
             self.page_servers.clear()

@@ -75,6 +75,11 @@ def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | 
     state = Agent(name or socket.gethostname().split(".")[0], images_root, key, listen_host=host,
                   cgroup_root=cgroup_root)
     server = AgentServer(state, (host, port), replay_window=replay_window)
+    from orthros_py.agent.ops.pair import pairs_of
+
+    resumed = pairs_of(state).resume_all()  # the pairs this host took part in before
+    if resumed:
+        log.info("took up pairs again: %s", ", ".join(resumed))
 
     stop = threading.Event()
 

@@ -54,6 +54,14 @@ def render(env: Env, report: Report) -> None:
     why = ("XDP works here" if lock == "xdp"
            else "BPF/XDP is unavailable, so CRIU's own iptables method")
     env.console.print(f"default network lock: [bold]{lock}[/] ({why})")
+    tracking = {"soft-dirty": "soft-dirty bits",
+                "uffd-wp": "userfaultfd write-protect, through orthros's patched CRIU"}
+    method = report.dirty_tracking
+    if method is None:
+        env.console.print("dirty tracking: [bold]none[/] (incremental checkpoints fall back to "
+                          "full ones)")
+    else:
+        env.console.print(f"dirty tracking: [bold]{method}[/] ({tracking.get(method, method)})")
     if report.ok:
         env.console.print("[green]this host can dump and restore[/]")
 

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orthros_py.errors import MissingFeatureError
+
 if TYPE_CHECKING:
     from pycriu import rpc_pb2
 
@@ -219,6 +221,19 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
         req.opts.freeze_cgroup = o.freeze_cgroup
     req.opts.cgroup_dump_controller.extend(o.cgroup_dump_controllers)
     return req
+
+
+def set_dirty_track_sk(opts: Any, fd: int) -> None:
+    """Name in ``opts`` (a dump's ``criu_opts``) the socket, inherited by swrk, that CRIU sends
+    the userfaultfds tracking the tree's memory over (orthros's CRIU patch 0002: without soft-dirty
+    bits CRIU tracks writes with them, and the tracking lasts only while one is open)."""
+    if "dirty_track_sk" not in opts.DESCRIPTOR.fields_by_name:
+        raise MissingFeatureError(
+            "this pycriu has no criu_opts.dirty_track_sk: it was not built from orthros's patched "
+            "CRIU", hint="run 'make setup'")
+    if fd < 0:
+        raise ValueError(f"dirty_track_sk must be a file descriptor, not {fd}")
+    opts.dirty_track_sk = fd
 
 
 def restore_request(o: RestoreOptions, images_dir_fd: int) -> Any:

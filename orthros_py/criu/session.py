@@ -18,7 +18,13 @@ from typing import Any
 
 from orthros_py.criu.binary import CriuBinary, find_criu
 from orthros_py.criu.log import advice, log_tail, main_reason
-from orthros_py.criu.request import TlsFiles, apply_tls, notify_ack, pycriu_rpc
+from orthros_py.criu.request import (
+    TlsFiles,
+    apply_tls,
+    notify_ack,
+    pycriu_rpc,
+    set_dirty_track_sk,
+)
 from orthros_py.errors import CriuError, OperationTimeout, OrthrosError
 
 # Called with (script name, pid) for each CRIU notification; raising refuses it, which aborts CRIU.
@@ -39,13 +45,17 @@ class CriuSession:
     """Runs one request through a fresh ``criu swrk`` and returns its final response."""
 
     def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0,
-                 tls: TlsFiles | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 tls: TlsFiles | None = None, pass_fds: tuple[int, ...] = (),
+                 dirty_track: socket.socket | None = None) -> None:
         self.binary = binary or find_criu()
         self.timeout = timeout
         # The page channel: CRIU runs TLS on its page-server connection, which may be a
         # socket orthros connected and authenticated itself (``ps.fd``, inherited by swrk).
         self.tls = tls
         self.pass_fds = pass_fds
+        # Where a dump sends the userfaultfds that track its memory on (orthros's CRIU patch
+        # 0002; a DirtyTracker's socket_for_criu()), inherited by swrk.
+        self.dirty_track = dirty_track
 
     def call(
         self,
@@ -56,6 +66,11 @@ class CriuSession:
         pid: int | None = None,
     ) -> Any:
         what = _req_name(req.type)
+        pass_fds = list(self.pass_fds)
+        rpc = pycriu_rpc()
+        if self.dirty_track is not None and req.type in (rpc.DUMP, rpc.PRE_DUMP):
+            set_dirty_track_sk(req.opts, self.dirty_track.fileno())
+            pass_fds.append(self.dirty_track.fileno())
         dir_fd = -1
         if images_dir is not None:
             dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
@@ -65,7 +80,7 @@ class CriuSession:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
         try:
-            fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else []) + list(self.pass_fds)
+            fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else []) + pass_fds
             proc = subprocess.Popen(
                 [self.binary.path, "swrk", str(theirs.fileno())],
                 pass_fds=fds,

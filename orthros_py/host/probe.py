@@ -6,6 +6,8 @@ Interfaces asked, and the privilege each needs to answer truthfully:
 - CRIU: ``criu --version``, then ``criu swrk`` RPC requests CHECK and FEATURE_CHECK: root.
 - userfaultfd: ``/proc/sys/vm/unprivileged_userfaultfd`` and the ``userfaultfd(2)`` syscall:
   root, or CAP_SYS_PTRACE, when that sysctl is 0.
+- Memory dirty tracking: the soft-dirty bit of a page of our own in ``/proc/self/pagemap`` (none),
+  and a write-protect userfaultfd on that page with ``PAGEMAP_SCAN`` (as for userfaultfd).
 - BPF/XDP: BCC compiles a tiny XDP program, the kernel loads it (``bpf(2)``), and netlink attaches
   it to a veth inside a throwaway network namespace: root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
 - Network namespaces: pyroute2 creates and removes one under /run/netns: root.
@@ -125,11 +127,20 @@ class Report:
         xdp = self.get("bpf_xdp")
         return "xdp" if xdp is not None and xdp.ok else "iptables"
 
+    @property
+    def dirty_tracking(self) -> str | None:
+        """How incremental checkpoints learn which pages changed (a TrackMethod value), None
+        when they cannot and fall back to full ones."""
+        mem = self.get("mem_track")
+        method = mem.data.get("method") if mem is not None and mem.ok else None
+        return str(method) if method else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
             "quick": self.quick,
             "default_network_lock": self.default_network_lock,
+            "dirty_tracking": self.dirty_tracking,
             "missing_required": [r.name for r in self.missing_required],
             "probes": {r.name: r.to_dict() for r in self.results},
         }
@@ -337,20 +348,58 @@ def criu_features(binary: CriuBinary | None) -> CriuFeatures | str:
     return CriuFeatures(bool(f.mem_track), bool(f.lazy_pages), bool(f.pidfd_store))
 
 
-def probe_mem_track(features: CriuFeatures | str) -> ProbeResult:
-    """Memory dirty tracking (soft-dirty bits), which iterative pre-dump is built on."""
+class TrackMethod(enum.StrEnum):
+    """How CRIU learns which pages a tree wrote since its previous dump."""
+
+    SOFT_DIRTY = "soft-dirty"
+    UFFD_WP = "uffd-wp"  # a userfaultfd write-protecting the memory (orthros's CRIU patch 0002)
+
+
+def probe_mem_track(features: CriuFeatures | str, *, soft_dirty: bool | None = None,
+                    uffd_wp: bool | None = None) -> ProbeResult:
+    """Memory dirty tracking, which incremental checkpoints rest on (a dump with a parent that
+    writes only the pages written since): the kernel's soft-dirty bits, or a userfaultfd
+    write-protecting the memory, which only orthros's patched CRIU uses. ``soft_dirty`` and
+    ``uffd_wp`` say what the kernel offers (None: ask it)."""
+    from orthros_py.criu.dirtytrack import soft_dirty_available, uffd_wp_async_available
+
     title = "memory dirty tracking"
-    if isinstance(features, str):
-        return ProbeResult("mem_track", title, False, False, f"not probed: {features}")
-    if features.mem_track:
+    soft_dirty = soft_dirty_available() if soft_dirty is None else soft_dirty
+    uffd_wp = uffd_wp_async_available() if uffd_wp is None else uffd_wp
+    criu = features.mem_track if isinstance(features, CriuFeatures) else None
+    method = None
+    if criu:
+        method = TrackMethod.SOFT_DIRTY if soft_dirty or not uffd_wp else TrackMethod.UFFD_WP
+    data = {"method": method.value if method else None, "soft_dirty": soft_dirty,
+            "uffd_wp": uffd_wp, "criu": criu}
+    incremental = "incremental checkpoints write only the pages written since the last one"
+    if method is TrackMethod.SOFT_DIRTY:
         return ProbeResult("mem_track", title, True, False,
-                           "soft-dirty tracking works: CRIU can pre-dump iteratively")
+                           f"soft-dirty bits: {incremental}, and CRIU can pre-dump iteratively",
+                           data=data)
+    if method is TrackMethod.UFFD_WP:
+        return ProbeResult(
+            "mem_track", title, True, False,
+            f"userfaultfd write-protect through orthros's patched CRIU (no soft-dirty bits "
+            f"here): {incremental}; memory it cannot track counts as dirty", data=data)
+    full = "incremental checkpoints fall back to full ones (each dump writes all memory)"
+    if isinstance(features, str):
+        return ProbeResult("mem_track", title, False, False,
+                           f"CRIU not asked ({features}): {full}", data=data)
+    if soft_dirty or uffd_wp:
+        what = "soft-dirty bits" if soft_dirty else "userfaultfd write-protect tracking"
+        return ProbeResult(
+            "mem_track", title, False, False,
+            f"the kernel offers {what}, but this CRIU does not track memory with it (not "
+            f"orthros's patched build?): {full}", fix=f"{SETUP_FIX} (builds CRIU with orthros's "
+            "patches)", data=data)
     return ProbeResult(
         "mem_track", title, False, False,
-        "the kernel has no memory dirty tracking (CONFIG_MEM_SOFT_DIRTY off): iterative pre-dump "
-        "is unavailable; orthros does not need it (it makes a single dump, with the tree frozen "
-        "while all of its memory is written)",
-        fix="a kernel built with CONFIG_MEM_SOFT_DIRTY=y, if pre-copy migration matters",
+        "the kernel has no memory dirty tracking (neither soft-dirty bits nor userfaultfd "
+        f"write-protect): {full}",
+        fix="a kernel with CONFIG_MEM_SOFT_DIRTY=y, or Linux 6.7+ with CONFIG_USERFAULTFD and "
+            "CONFIG_PTE_MARKER_UFFD_WP",
+        data=data,
     )
 
 

@@ -5,7 +5,11 @@ One TOML file (``vagrant/inventory.toml``) describes the cluster for ``orthros l
 namespace hosts on one machine) and for ``vagrant/Vagrantfile`` (virtual machines). Python reads
 it with ``tomllib``; the Vagrantfile reads the same file with a small parser of its own, so the
 file keeps to a subset of TOML: tables, arrays of tables, and one-line ``key = value`` pairs whose
-values are strings, integers, booleans or one-line arrays of strings.
+values are strings, integers, booleans or one-line arrays of strings. So a host's fence device is
+a set of one-line keys, not a table: ``fence_agent`` (``"lab"``, or a fence-agents command such as
+``"fence_virsh"``) and ``fence_OPTION`` for each of its options, an underscore in OPTION standing
+for the dash of the command's option (``fence_password_script`` -> ``--password-script``).
+``[cluster] witness`` names the host whose agent casts the third vote of protected pairs.
 
 Pure parsing and validation: no privileges, no I/O but reading the file.
 """
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from orthros_py.errors import ExitStatus, OrthrosError
+from orthros_py.errors import ExitStatus, OrthrosError, UsageError
+from orthros_py.net.fence import check_fence_config
 
 # The repository's inventory, shared with the Vagrantfile; ORTHROS_INVENTORY overrides it.
 DEFAULT_INVENTORY = Path(__file__).resolve().parents[2] / "vagrant" / "inventory.toml"
@@ -48,6 +53,10 @@ class Host:
     name: str
     interface: ipaddress.IPv4Interface  # its address and prefix on the cluster network
     agent_port: int
+    # What fences it from outside (orthros_py.net.fence.fence_from_config): {"agent": "lab"} or
+    # {"agent": "fence_virsh", "ip": ..., "plug": ...}; None: no fence device. Out of the hash
+    # (a dict has none); treat it as read-only.
+    fence: dict[str, str] | None = field(default=None, hash=False)
 
     @property
     def address(self) -> str:
@@ -58,7 +67,11 @@ class Host:
         return self.interface.with_prefixlen
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "address": self.cidr, "agent_port": self.agent_port}
+        d: dict[str, Any] = {"name": self.name, "address": self.cidr,
+                             "agent_port": self.agent_port}
+        if self.fence is not None:
+            d["fence"] = dict(self.fence)
+        return d
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Inventory:
     images_root: Path = Path("/var/lib/orthros/images")
     lab: LabSettings = field(default_factory=LabSettings)
     source: Path | None = None
+    witness: str | None = None  # the host whose agent casts protected pairs' third vote
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -166,9 +180,12 @@ class Inventory:
             kept = tuple(h for h in s.hosts if h in names)
             if kept:
                 services.append(Service(s.name, s.interface, kept))
+        # A witness cut off with its host is no witness: pairs of this cluster have none.
+        witness = self.witness if self.witness in names else None
         return Inventory(subnet=self.subnet, hosts=hosts, client=self.client,
                          services=tuple(services), key_file=self.key_file,
-                         images_root=self.images_root, lab=self.lab, source=self.source)
+                         images_root=self.images_root, lab=self.lab, source=self.source,
+                         witness=witness)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +197,7 @@ class Inventory:
             "client": self.client.to_dict(),
             "services": [s.to_dict() for s in self.services],
             "lab": self.lab.to_dict(),
+            "witness": self.witness,
         }
 
 
@@ -298,7 +316,8 @@ def _iface(value: str, what: str, subnet: ipaddress.IPv4Network,
 def _build(data: dict[str, Any], source: Path | None) -> Inventory:
     _unknown(data, {"cluster", "lab", "vagrant", "host", "client", "service"}, "the inventory")
     cluster = _table(data, "cluster")
-    _unknown(cluster, {"subnet", "agent_port", "key_file", "images_root"}, "[cluster]")
+    _unknown(cluster, {"subnet", "agent_port", "key_file", "images_root", "witness"},
+             "[cluster]")
     try:
         subnet = ipaddress.IPv4Network(_str(cluster, "subnet", "[cluster]"))
     except ValueError as err:
@@ -324,11 +343,19 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
     if not isinstance(raw_hosts, list) or not raw_hosts:
         raise InventoryError("no hosts: add at least one [[host]] table")
     hosts: list[Host] = []
-    for name, what, raw in _named_tables(raw_hosts, "host", {"name", "address", "agent_port"}):
+    for name, what, raw in _named_tables(raw_hosts, "host", {"name", "address", "agent_port"},
+                                         prefix=_FENCE_PREFIX):
         iface = _iface(_str(raw, "address", what), what, subnet, subnet.prefixlen, on_net=True)
         claim(iface.ip, what)
-        hosts.append(Host(name, iface, _port(raw.get("agent_port", default_port), what)))
+        hosts.append(Host(name, iface, _port(raw.get("agent_port", default_port), what),
+                          fence=_fence(raw, what)))
     names = {h.name for h in hosts}
+    witness = cluster.get("witness")
+    if witness is not None:
+        witness = _str(cluster, "witness", "[cluster]")
+        if witness not in names:
+            raise InventoryError(f"[cluster]: witness {witness!r} is not a host of the "
+                                 f"inventory (hosts: {', '.join(h.name for h in hosts)})")
 
     raw_client = _table(data, "client")
     cname = _name(_str(raw_client, "name", "[client]", "client"), "[client]")
@@ -367,24 +394,55 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
     _unknown(vagrant, {"box", "memory", "cpus", "provider"}, "[vagrant]")
 
     return Inventory(subnet=subnet, hosts=tuple(hosts), client=client, services=tuple(services),
-                     key_file=key_file, images_root=images_root, lab=lab, source=source)
+                     key_file=key_file, images_root=images_root, lab=lab, source=source,
+                     witness=witness)
 
 
-def _named_tables(raws: list[Any], kind: str, allowed: set[str]
+def _named_tables(raws: list[Any], kind: str, allowed: set[str], *, prefix: str | None = None
                   ) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(name, how errors name it, the table) of each ``[[kind]]``: a table, a valid name
-    unique among them, no key outside ``allowed``."""
+    unique among them, no key outside ``allowed`` (but those starting with ``prefix``, which
+    the caller checks)."""
     seen: set[str] = set()
     for i, raw in enumerate(raws, 1):
         if not isinstance(raw, dict):
             raise InventoryError(f"{kind} #{i} must be a table")
         name = _name(_str(raw, "name", f"{kind} #{i}"), f"{kind} #{i}")
         what = f"{kind} {name!r}"
-        _unknown(raw, allowed, what)
+        _unknown({k: v for k, v in raw.items() if not (prefix and k.startswith(prefix))},
+                 allowed, what)
         if name in seen:
             raise InventoryError(f"duplicate {kind} name {name!r}")
         seen.add(name)
         yield name, what, raw
+
+
+_FENCE_PREFIX = "fence_"
+
+
+def _fence(raw: Mapping[str, Any], what: str) -> dict[str, str] | None:
+    """A host's ``fence_*`` keys as fence settings (``fence_ssl_insecure = true`` ->
+    ``{"ssl-insecure": "true"}``), validated by the fence module; None without any."""
+    keys = {k: v for k, v in raw.items() if k.startswith(_FENCE_PREFIX)}
+    if not keys:
+        return None
+    if "fence_agent" not in keys:
+        raise InventoryError(f"{what}: fence settings ({', '.join(sorted(keys))}) need "
+                             "fence_agent (lab, or a fence-agents command such as fence_virsh)")
+    cfg: dict[str, str] = {}
+    for key, value in keys.items():
+        option = key.removeprefix(_FENCE_PREFIX).replace("_", "-")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int):
+            value = str(value)  # fence_ipport = 16509
+        if not isinstance(value, str):
+            raise InventoryError(f"{what}: {key} must be a string, not {value!r}")
+        cfg[option] = value
+    try:
+        return check_fence_config(cfg)
+    except UsageError as err:
+        raise InventoryError(f"{what}: {err.msg}") from err
 
 
 def _lab(raw: dict[str, Any], subnet: ipaddress.IPv4Network) -> LabSettings:

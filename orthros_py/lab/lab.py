@@ -37,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -695,6 +696,28 @@ class Lab:
                     lab._wait_agent(h, agent_timeout)
         lab._save()
         return lab
+
+    def stop_agent(self, host: str | LabHost, sig: int = signal.SIGKILL) -> None:
+        """Kill a host's agent (a crash, for fault tests); what it started keeps running."""
+        h = self.host(host)
+        if h.agent_alive():
+            assert h.agent_pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(h.agent_pid, sig)
+            deadline = time.monotonic() + 10
+            while h.agent_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def restart_agent(self, host: str | LabHost, timeout: float = 60.0) -> LabHost:
+        """Start a host's agent again after ``stop_agent`` (it takes up its pairs again)."""
+        h = self.host(host)
+        if h.agent_alive():
+            return h
+        h = self._start_agent(h, [str(_orthros_exe()), "agent"])
+        self.hosts = tuple(h if x.name == h.name else x for x in self.hosts)
+        self._save()
+        self._wait_agent(h, timeout)
+        return h
 
     def _start_agent(self, h: LabHost, command: list[str]) -> LabHost:
         assert h.agent_port is not None

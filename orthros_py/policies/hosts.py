@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from orthros_py.agent.messages import (
     FileInfo,
@@ -20,6 +20,7 @@ from orthros_py.agent.messages import (
     RemoteRestore,
 )
 from orthros_py.criu.request import DumpOptions, RestoreOptions
+from orthros_py.errors import ExitStatus, OrthrosError
 from orthros_py.net.conn import Conn
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class AgentAPI(Protocol):
     name: str
 
     def status(self) -> dict[str, Any]: ...
+    def request(self, op: str, args: Mapping[str, Any] | None = None, *,
+                timeout: float | None = None) -> dict[str, Any]: ...
     def tree(self, pid: int) -> dict[str, Any]: ...
     def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]: ...
     def netlock_prepare(self, backend: str = "xdp", *, timeout: float = 120.0
@@ -128,3 +131,34 @@ def shared_pid_space(a: HostFacts, b: HostFacts) -> bool | None:
     if None in (a.boot_id, b.boot_id, a.pid_ns, b.pid_ns):
         return None
     return a.boot_id == b.boot_id and a.pid_ns == b.pid_ns
+
+
+class PlanError(OrthrosError):
+    """The migration cannot be planned as asked; nothing was touched."""
+
+    exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
+
+
+def parse_service_ip(text: str) -> ipaddress.IPv4Interface:
+    """``10.0.0.5`` or ``10.0.0.5/32`` -> IPv4Interface; PlanError otherwise."""
+    try:
+        return ipaddress.IPv4Interface(text if "/" in text else f"{text}/32")
+    except ValueError as err:
+        raise PlanError(f"{text!r} is not an IPv4 service address") from err
+
+
+def service_ifname(dest: HostFacts, service: ipaddress.IPv4Interface | None) -> str:
+    """The destination's interface for the service address: the one holding its own cluster
+    address, else the one on the service address's network, else its only non-loopback one."""
+    own = dest.holder_of(ipaddress.IPv4Address(dest.address))
+    if own is not None:
+        return own[0]
+    if service is not None:
+        for ifname, addrs in sorted(dest.interfaces.items()):
+            if any(service.ip in a.network for a in addrs):
+                return ifname
+    others = [i for i, addrs in dest.interfaces.items() if i != "lo" and addrs]
+    if len(others) == 1:
+        return others[0]
+    raise PlanError(f"cannot tell which interface of {dest.name} should take the service "
+                    f"address: none holds its address {dest.address}")

@@ -57,7 +57,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from orthros_py.agent.messages import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
 from orthros_py.cgroup.fs import CgroupError
@@ -65,7 +65,6 @@ from orthros_py.cgroup.model import CgroupFile
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import (
     CriuError,
-    ExitStatus,
     NoSuchProcessError,
     OrthrosError,
 )
@@ -84,7 +83,15 @@ from orthros_py.policies.engine import (
     reason,
     register_recover,
 )
-from orthros_py.policies.hosts import Host, HostFacts, TreeFacts, shared_pid_space
+from orthros_py.policies.hosts import (
+    Host,
+    HostFacts,
+    PlanError,
+    TreeFacts,
+    parse_service_ip,
+    service_ifname,
+    shared_pid_space,
+)
 from orthros_py.policies.journal import Journal, Record
 
 # Re-exported: what callers of this module used to find here.
@@ -200,23 +207,7 @@ class MigrateConfig:
             log_level=self.criu_log_level, external=self.restore_external)
 
 
-def parse_service_ip(text: str) -> ipaddress.IPv4Interface:
-    """``10.0.0.5`` or ``10.0.0.5/32`` -> IPv4Interface; PlanError otherwise."""
-    try:
-        return ipaddress.IPv4Interface(text if "/" in text else f"{text}/32")
-    except ValueError as err:
-        raise PlanError(f"{text!r} is not an IPv4 service address") from err
-
-
-
 # --- facts and the plan (pure) -------------------------------------------------------------------
-
-
-class PlanError(OrthrosError):
-    """The migration cannot be planned as asked; nothing was touched."""
-
-    exit_status: ClassVar[ExitStatus] = ExitStatus.USAGE
-
 
 
 @dataclass(frozen=True)
@@ -252,23 +243,6 @@ class Plan:
                 "src_lock_ifaces": list(self.src_lock_ifaces), "network_lock": self.lock.value,
                 "release_source_first": self.release_first, "conns": len(self.conns),
                 "notes": list(self.notes)}
-
-
-def _dest_ifname(dest: HostFacts, service: ipaddress.IPv4Interface | None) -> str:
-    """The destination's interface for the service address: the one holding its own cluster
-    address, else the one on the service address's network, else its only non-loopback one."""
-    own = dest.holder_of(ipaddress.IPv4Address(dest.address))
-    if own is not None:
-        return own[0]
-    if service is not None:
-        for ifname, addrs in sorted(dest.interfaces.items()):
-            if any(service.ip in a.network for a in addrs):
-                return ifname
-    others = [i for i, addrs in dest.interfaces.items() if i != "lo" and addrs]
-    if len(others) == 1:
-        return others[0]
-    raise PlanError(f"cannot tell which interface of {dest.name} should take the service "
-                    f"address: none holds its address {dest.address}")
 
 
 def plan(facts: Facts, config: MigrateConfig, image: str) -> Plan:
@@ -333,7 +307,7 @@ def plan(facts: Facts, config: MigrateConfig, image: str) -> Plan:
         raise PlanError("no service address for the tree's connections")
 
     src_if = src.holder_of(service.ip)[0] if service is not None else None  # type: ignore[index]
-    dst_if = _dest_ifname(dst, service)
+    dst_if = service_ifname(dst, service)
     lock_ifaces = tuple(sorted({*tree.interfaces, *([src_if] if src_if else [])}))
     shared = shared_pid_space(src, dst)
     if config.release_source_first is not None:

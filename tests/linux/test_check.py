@@ -95,14 +95,23 @@ def test_check_reports_this_machine() -> None:
     assert parse_kernel_release(criu["data"]["version"]) >= (4, 2)
     assert probes["criu_check"]["ok"] and probes["criu_check"]["required"]
 
-    # Soft-dirty tracking: reported as the kernel has it; its absence is explained, not fatal.
+    # Dirty tracking: soft-dirty bits where the kernel keeps them; else userfaultfd write-protect
+    # when CRIU itself (orthros's patched build) says it tracks memory; else none, which only
+    # makes incremental checkpoints full ones, and is explained, not fatal.
     mem = probes["mem_track"]
     assert mem["required"] is False
-    if host_has_soft_dirty():
-        assert mem["ok"] is True and mem["status"] == "ok"
-    else:
-        assert mem["ok"] is False and mem["status"] == "warn"
-        assert "pre-dump" in mem["detail"] and "post-copy" not in mem["detail"]
+    soft = host_has_soft_dirty()
+    criu_tracks = subprocess.run([host_criu()[0], "check", "--feature", "mem_dirty_track"],
+                                 capture_output=True, timeout=60).returncode == 0
+    expected = ("soft-dirty" if soft else "uffd-wp") if criu_tracks else None
+    assert mem["data"]["soft_dirty"] is soft
+    assert mem["data"]["method"] == expected and report["dirty_tracking"] == expected
+    assert mem["ok"] is (expected is not None)
+    if expected == "uffd-wp":
+        assert mem["data"]["uffd_wp"] is True and "userfaultfd write-protect" in mem["detail"]
+    if expected is None:
+        assert mem["status"] == "warn" and "fall back to full ones" in mem["detail"]
+        assert "post-copy" not in mem["detail"]
 
     # userfaultfd: the sysctl exists exactly when the kernel has CONFIG_USERFAULTFD.
     lazy = probes["lazy_pages"]
@@ -138,6 +147,7 @@ def test_check_reports_this_machine() -> None:
 
     # The human table goes to stderr, stdout carries only the JSON.
     assert "orthros check" in proc.stderr and "default network lock: xdp" in proc.stderr
+    assert f"dirty tracking: {expected or 'none'}" in proc.stderr
     # Every scratch namespace and veth was removed (an XDP program dies with its veth).
     assert _leftovers() == before == ([], [])
 

@@ -17,7 +17,6 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import (
-    WORKLOADS,
     Spawner,
     dump_cli,
     read_lines,

@@ -222,3 +222,85 @@ def test_vagrantfile_reader_handles_the_subset(tmp_path: Path) -> None:
     path = tmp_path / "inv.toml"
     path.write_text(text)
     assert ruby_read(path)["inventory"] == tomllib.loads(text)
+
+
+# --- fence devices and the witness ---------------------------------------------------------------
+
+FENCED = BASE.replace('name = "alpha"\naddress = "10.9.0.11/24"\n', '''name = "alpha"
+address = "10.9.0.11/24"
+fence_agent = "fence_virsh"
+fence_ip = "10.9.0.1"
+fence_username = "root"
+fence_password_script = "/etc/orthros/virsh-password"  # prints the password
+fence_plug = "orthros_alpha"
+fence_ipport = 22
+fence_ssl_insecure = true
+''').replace('agent_port = 7001\n', 'agent_port = 7001\nfence_agent = "lab"\n').replace(
+    'agent_port = 7000\n', 'agent_port = 7000\nwitness = "beta"\n')
+
+
+def test_hosts_name_their_fence() -> None:
+    inv = parse(FENCED)
+    alpha, beta = inv.hosts
+    assert alpha.fence == {"agent": "fence_virsh", "ip": "10.9.0.1", "username": "root",
+                           "password-script": "/etc/orthros/virsh-password",
+                           "plug": "orthros_alpha", "ipport": "22", "ssl-insecure": "true"}
+    assert beta.fence == {"agent": "lab"}
+    assert inv.to_dict()["hosts"][1]["fence"] == {"agent": "lab"}
+    assert hash(alpha) == hash(alpha)  # still usable in sets and as keys
+    plain = parse(BASE)
+    assert plain.hosts[0].fence is None and "fence" not in plain.hosts[0].to_dict()
+
+
+def test_the_fence_settings_build_a_fence() -> None:
+    from orthros_py.net.fence import FenceAgent, LabFence, fence_from_config
+
+    inv = parse(FENCED)
+    alpha, beta = inv.hosts
+    assert alpha.fence is not None and beta.fence is not None
+    virsh = fence_from_config(alpha.fence)
+    assert isinstance(virsh, FenceAgent)
+    assert "--password-script=/etc/orthros/virsh-password" in virsh.argv("off")
+    lab = fence_from_config(beta.fence, host=beta.name, bridge_netns=inv.lab.bridge_netns)
+    assert isinstance(lab, LabFence) and (lab.netns, lab.ifname) == ("orthros-lab", "b-beta")
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ('fence_plug = "alpha"', "fence settings (fence_plug) need fence_agent"),
+    ('fence_agent = "virsh"', "is not a fence-agents command"),
+    ('fence_agent = "fence_virsh"\nfence_password = "x"', "visible to every user"),
+    ('fence_agent = "fence_virsh"\nfence_pulg = "alpha"', "option 'pulg' is not one"),
+    ('fence_agent = "lab"\nfence_plug = "alpha"', "the lab fence takes only"),
+    ('fence_agent = "fence_virsh"\nfence_plug = ["a"]', "fence_plug must be a string"),
+])
+def test_bad_fence_settings_fail_when_read(line: str, why: str) -> None:
+    msg = error_of(BASE.replace('address = "10.9.0.11/24"', f'address = "10.9.0.11/24"\n{line}'))
+    assert msg.startswith("test.toml: host 'alpha': ")
+    assert why in msg
+
+
+def test_the_witness_is_a_known_host() -> None:
+    inv = parse(FENCED)
+    assert inv.witness == "beta" and inv.to_dict()["witness"] == "beta"
+    assert parse(BASE).witness is None
+    assert "[cluster]: witness 'omega' is not a host of the inventory (hosts: alpha, beta)" in \
+        error_of(FENCED.replace('witness = "beta"', 'witness = "omega"'))
+    assert "witness must be a non-empty string" in error_of(
+        FENCED.replace('witness = "beta"', "witness = 3"))
+
+
+def test_first_drops_a_witness_left_out() -> None:
+    inv = parse(FENCED)
+    assert inv.first(1).witness is None
+    assert inv.first(2).witness == "beta"
+    assert inv.first(1).hosts[0].fence == inv.hosts[0].fence
+
+
+def test_vagrantfile_reads_fence_keys_and_the_witness(tmp_path: Path) -> None:
+    path = tmp_path / "inv.toml"
+    path.write_text(FENCED)
+    data = ruby_read(path)
+    assert data["inventory"] == tomllib.loads(FENCED)
+    machines = data["machines"]
+    assert isinstance(machines, list)
+    assert [m["name"] for m in machines] == ["alpha", "beta", "client"]

@@ -259,14 +259,40 @@ def test_kernel_release_and_headers_version() -> None:
 
 
 def test_mem_track_missing_is_optional_and_explained() -> None:
-    r = probe_mem_track(CriuFeatures(mem_track=False, lazy_pages=True, pidfd_store=True))
+    r = probe_mem_track(CriuFeatures(mem_track=False, lazy_pages=True, pidfd_store=True),
+                        soft_dirty=False, uffd_wp=False)
     assert not r.ok and not r.required
     assert r.status is Status.WARN
-    assert "pre-dump is unavailable" in r.detail and "single dump" in r.detail
+    assert "neither soft-dirty" in r.detail and "fall back to full ones" in r.detail
+    assert r.data["method"] is None
     # orthros has no post-copy migration: the probe must not promise one.
-    assert "post-copy" not in r.detail and "lazy" not in r.detail and "falls back" not in r.detail
-    assert probe_mem_track(CriuFeatures(True, True, True)).ok
-    assert not probe_mem_track("no usable CRIU").ok
+    assert "post-copy" not in r.detail and "lazy" not in r.detail
+    assert r.fix and "CONFIG_MEM_SOFT_DIRTY" in r.fix
+    r = probe_mem_track("no usable CRIU", soft_dirty=True, uffd_wp=True)
+    assert not r.ok and "no usable CRIU" in r.detail
+
+
+@pytest.mark.parametrize(("soft_dirty", "uffd_wp", "method", "words"), [
+    (True, False, "soft-dirty", "soft-dirty bits"),
+    (True, True, "soft-dirty", "soft-dirty bits"),  # CRIU prefers soft-dirty where it exists
+    (False, True, "uffd-wp", "userfaultfd write-protect through orthros's patched CRIU"),
+])
+def test_mem_track_names_the_method(soft_dirty: bool, uffd_wp: bool, method: str,
+                                    words: str) -> None:
+    r = probe_mem_track(CriuFeatures(True, True, True), soft_dirty=soft_dirty, uffd_wp=uffd_wp)
+    assert r.ok and r.status is Status.OK
+    assert r.data["method"] == method and words in r.detail
+    assert Report((r,)).dirty_tracking == method
+    assert Report((r,)).to_dict()["dirty_tracking"] == method
+
+
+def test_mem_track_kernel_can_but_criu_does_not() -> None:
+    # The kernel offers write-protect tracking, but this CRIU is not orthros's patched build.
+    r = probe_mem_track(CriuFeatures(False, True, True), soft_dirty=False, uffd_wp=True)
+    assert not r.ok and r.data["uffd_wp"] is True and r.data["criu"] is False
+    assert "userfaultfd write-protect" in r.detail and "fall back to full ones" in r.detail
+    assert r.fix and "make setup" in r.fix
+    assert Report((r,)).dirty_tracking is None
 
 
 def test_heavy_modules_are_imported_lazily() -> None:

@@ -14,6 +14,7 @@ from orthros_py.criu.request import (
     dump_request,
     feature_request,
     restore_request,
+    set_dirty_track_sk,
 )
 
 
@@ -111,3 +112,18 @@ def test_cgroup_dump_controllers_and_yard_reach_criu() -> None:
     r = restore_request(RestoreOptions(cgroup_yard="/sys/fs/cgroup"), 3)
     assert r.opts.cgroup_yard == "/sys/fs/cgroup"
     assert not restore_request(RestoreOptions(), 3).opts.HasField("cgroup_yard")
+
+
+def test_incremental_dump_and_the_tracking_socket() -> None:
+    o = dump_request(DumpOptions(pid=5, leave_running=True, track_mem=True, parent_img="../gen1"),
+                     images_dir_fd=3).opts
+    assert o.track_mem and o.parent_img == "../gen1"
+    # The socket CRIU hands its tracking userfaultfds over is the session's, never an option.
+    assert not o.HasField("dirty_track_sk")
+    set_dirty_track_sk(o, 9)
+    assert o.dirty_track_sk == 9
+    wire = rpc.criu_opts()
+    wire.ParseFromString(o.SerializeToString())
+    assert wire.dirty_track_sk == 9
+    with pytest.raises(ValueError):
+        set_dirty_track_sk(o, -1)

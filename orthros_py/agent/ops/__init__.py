@@ -5,8 +5,9 @@ in ``orthros_py.agent.table.OPS``.
 - ``criu``: dump, restore, page_server, page_server_stop.
 - ``images``: list_images, remove_image, recv_file, recv_files, send_file, push_images.
 - ``net``: netlock_prepare/lock/unlock/status, addr_list/add/del, garp.
+- ``pair``: service protection (pair_*, witness_*).
 """
 
-from orthros_py.agent.ops import criu, host, images, net
+from orthros_py.agent.ops import criu, host, images, net, pair
 
-__all__ = ["criu", "host", "images", "net"]
+__all__ = ["criu", "host", "images", "net", "pair"]

@@ -24,7 +24,7 @@ from orthros_py.agent import optpolicy, pagechan
 from orthros_py.agent.protocol import options_from_args, validate_name
 from orthros_py.agent.state import Agent, PageServer, log
 from orthros_py.agent.table import Call, bad_request, op
-from orthros_py.checkpoint import DumpResult, dump_tree, restore_tree
+from orthros_py.checkpoint import DumpResult, RestoreResult, dump_tree, restore_tree
 from orthros_py.criu.request import DumpOptions, RestoreOptions
 from orthros_py.criu.request import page_server_request as _ps_request
 from orthros_py.criu.session import CriuSession
@@ -77,6 +77,14 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
     a = call.agent
     optpolicy.vet_restore(a.option_policy, root=opts.root, cgroup_yard=opts.cgroup_yard,
                           cgroup_roots=opts.cgroup_roots, external=opts.external)
+    data = restore_image(a, image, opts).to_dict()
+    data["image"] = image
+    return data
+
+
+def restore_image(a: Agent, image: str, opts: RestoreOptions) -> RestoreResult:
+    """Restore image ``image`` of this agent as its own child (vetted options only)."""
+    opts = dataclasses.replace(opts, sibling=True)
     path = a.image_path(image, must_exist=True)
     with a.busy(image, "restore"):
         try:
@@ -86,9 +94,7 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
             raise
         # Adopted under the busy mark, before any other request can ask to kill it.
         a.adopt(result.pid, image, result.pids)
-    data = result.to_dict()
-    data["image"] = image
-    return data
+    return result
 
 
 def _reap_failed_restore(a: Agent, path: Path, timeout: float = 2.0) -> None:
@@ -122,14 +128,25 @@ def page_server_request(address: str, port: int, log_level: int,
     return _ps_request(address, port, log_level, fd=fd, log_file=PAGE_SERVER_LOG)
 
 
+def dump_for_pair(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
+                  page_nonce: str, remote_image: str, **dump_kw: Any) -> DumpResult:
+    """A pair's checkpoint: ``_dump_tree`` into the standby's ``remote_image`` with what only
+    this side can give it (a network lock, the notification hook that marks the output hold,
+    the dirty tracker)."""
+    with a.busy(image, "dump"):
+        return _dump_tree(a, pid, image, path, opts, page_nonce, remote_image=remote_image,
+                          **dump_kw)
+
+
 def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
-               page_nonce: str | None) -> DumpResult:
+               page_nonce: str | None, remote_image: str | None = None,
+               **dump_kw: Any) -> DumpResult:
     """``dump_tree``; with a page server, over the page channel: we connect and prove
     ourselves, and CRIU's dump reaches that connection through a loopback relay, with CRIU's
     TLS or, for a tree with its own IPC namespace, sealed by the relay (see ``pagechan`` for
     why a relay and not ``ps.fd``, and why not always TLS)."""
     if opts.page_server is None:
-        return dump_tree(pid, path, opts)
+        return dump_tree(pid, path, opts, **dump_kw)
     if page_nonce is None:
         raise bad_request("a dump to a page server needs page_nonce, the nonce the "
                            "destination's page_server returned: memory crosses hosts only "
@@ -148,7 +165,8 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
     tls = a.page_tls()
     start = time.perf_counter()
     try:
-        chan = pagechan.connect(host, port, a.key, image, nonce, tls=use_tls)
+        # The handshake is bound to the image the destination receives into.
+        chan = pagechan.connect(host, port, a.key, remote_image or image, nonce, tls=use_tls)
     except pagechan.PageChannelError as err:
         err.stage, err.pid = "dump", pid
         raise
@@ -156,7 +174,8 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
     relay = pagechan.Relay(chan.sock, chan.records, label=f"image {image}")
     try:
         local = dataclasses.replace(opts, page_server=("127.0.0.1", relay.port))
-        result = dump_tree(pid, path, local, session=CriuSession(tls=tls if use_tls else None))
+        result = dump_tree(pid, path, local, session=CriuSession(tls=tls if use_tls else None),
+                           **dump_kw)
     except OrthrosError as err:
         if relay.error or relay.upstream_closed:
             # Mostly seen from here as a broken connection; the destination's log has the cause.

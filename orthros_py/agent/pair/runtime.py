@@ -1,0 +1,271 @@
+"""The pairs one agent takes part in, and the work of each role.
+
+- The **active** checkpoints the tree every interval with the tree left running: only the pages
+  written since the last generation cross (CRIU's parent images over the userfaultfd
+  write-protect tracking, ``orthros_py.criu.dirtytrack``), on the authenticated page channel to
+  the standby's page server, then the other image files; the standby commits the generation,
+  and only then, with output commit, are the packets the tree sent before that checkpoint's
+  freeze released (``orthros_py.net.nfqueue``). With automatic failover it renews its lease with
+  the witness every heartbeat and fences itself when it has lost both the standby and the
+  witness (``guard``).
+- The **standby** keeps the generations (``store``), answers nothing to clients, and with
+  automatic failover watches the active; after ``misses`` missed heartbeats it asks the witness,
+  and only with its grant fences the active (where a fence is configured), restores the newest
+  committed generation and takes the service address with gratuitous ARP.
+- The **witness** only votes (``guard.WitnessBook``).
+
+Every change of state is written to the pair's record first (``config.RecordStore``), so an
+agent that restarts takes its role up again; an agent that finds a newer epoch anywhere stops
+its copy and drops the address before anything else.
+
+Privileges: root (CRIU, network namespaces, NFQUEUE, addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orthros_py.agent.pair.config import (
+    PairConfig,
+    PairRecord,
+    PeerAddr,
+    RecordStore,
+    bad,
+)
+from orthros_py.errors import OrthrosError
+
+if TYPE_CHECKING:
+    from orthros_py.agent.client import AgentClient
+    from orthros_py.agent.state import Agent
+
+log = logging.getLogger("orthros.agent.pair")
+
+OUTPUT_QUEUE_BASE = 7100  # NFQUEUE numbers of output holds: one per pair on a host
+WITNESS_BOOK = "witness.json"
+
+
+def local_image(name: str, gen: int) -> str:
+    """The active's own copy of generation ``gen`` (every image file but the memory, which
+    went to the standby): the next dump's parent, which CRIU reads for its inventory."""
+    return f"{name}.a{gen:06d}"
+
+
+def generation_image(name: str, gen: int) -> str:
+    return f"{name}.g{gen:06d}"
+
+
+def describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, OrthrosError) else f"{type(err).__name__}: {err}"
+
+
+class Role:
+    """One agent's part in one pair."""
+
+    def __init__(self, pairs: Pairs, rec: PairRecord) -> None:
+        self.pairs = pairs
+        self.agent = pairs.agent
+        self.rec = rec
+        self.cfg = rec.config
+        self.mutex = threading.RLock()
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def save(self) -> None:
+        self.pairs.store.save(self.rec)
+
+    def client(self, peer: PeerAddr, timeout: float, connect_timeout: float | None = None
+               ) -> AgentClient:
+        from orthros_py.agent.client import AgentClient
+
+        return AgentClient(peer.address, peer.port, self.agent.key, name=peer.name,
+                           timeout=timeout,
+                           connect_timeout=connect_timeout if connect_timeout else timeout)
+
+    def spawn(self, target: Any, what: str) -> None:
+        t = threading.Thread(target=self._guarded, args=(target, what),
+                             name=f"pair-{self.name}-{what}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _guarded(self, target: Any, what: str) -> None:
+        try:
+            target()
+        except Exception:  # a thread that dies silently would leave the pair unwatched
+            log.exception("pair %s: the %s thread failed", self.name, what)
+            with self.mutex:
+                self.rec.state, self.rec.reason = "degraded", f"the {what} thread failed"
+                self.save()
+
+    def start(self) -> None:
+        """Start the role's threads (at pair start and when the agent starts again)."""
+
+    def shutdown(self) -> None:
+        """Stop the threads; the record stays (the agent is stopping, or the pair ends)."""
+        self.stop_event.set()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+
+    def stop(self, keep_images: bool) -> dict[str, Any]:
+        """End this host's part: nothing of the pair left here but what ``keep_images`` keeps."""
+        self.shutdown()
+        return {"host": self.agent.name, "role": self.rec.role}
+
+    def status(self) -> dict[str, Any]:
+        with self.mutex:
+            d = self.rec.to_dict()
+        d["host"] = self.agent.name
+        return d
+
+    def note_epoch(self, epoch: int, source: str) -> bool:
+        """A newer epoch seen from ``source``: this host lost the service; True if it was."""
+        with self.mutex:
+            if epoch <= self.rec.epoch:
+                return False
+            old = self.rec.epoch
+            self.rec.epoch = epoch
+            self.rec.event("newer epoch", epoch=epoch, was=old, source=source)
+            self.save()
+        self.on_newer_epoch(source)
+        return True
+
+    def on_newer_epoch(self, source: str) -> None:
+        pass
+
+
+class Pairs:
+    """Every pair of one agent, by name."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.store = RecordStore(agent.images_root)
+        self.roles: dict[str, Role] = {}
+        self.mutex = threading.Lock()
+        self._book: Any = None
+
+    @property
+    def book(self) -> Any:
+        """The witness's votes (one book for every pair this agent witnesses)."""
+        from orthros_py.agent.pair.guard import WitnessBook
+
+        with self.mutex:
+            if self._book is None:
+                self.store.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._book = WitnessBook(self.store.dir / WITNESS_BOOK)
+            return self._book
+
+    def make(self, rec: PairRecord) -> Role:
+        from orthros_py.agent.pair.active import ActiveSide
+        from orthros_py.agent.pair.standby import StandbySide
+        from orthros_py.agent.pair.witness import WitnessSide
+
+        cls: type[Role] = {"active": ActiveSide, "standby": StandbySide,
+                           "witness": WitnessSide}[rec.role]
+        return cls(self, rec)
+
+    def open(self, cfg: PairConfig, role: str, epoch: int = 1) -> Role:
+        if cfg.role_of(self.agent.name) not in (role, None):
+            raise bad(f"this agent is {self.agent.name}, the pair's "
+                      f"{cfg.role_of(self.agent.name)}, not its {role}")
+        with self.mutex:
+            if cfg.name in self.roles:
+                raise bad(f"this agent already takes part in a pair named {cfg.name!r} "
+                          f"(as its {self.roles[cfg.name].rec.role})")
+            rec = PairRecord(cfg, role, epoch=epoch)
+            role_obj = self.make(rec)
+            self.roles[cfg.name] = role_obj
+        try:
+            role_obj.save()
+            role_obj.start()
+        except BaseException:
+            with self.mutex:
+                self.roles.pop(cfg.name, None)
+            with contextlib.suppress(Exception):
+                role_obj.stop(keep_images=False)
+            self.store.delete(cfg.name)
+            raise
+        return role_obj
+
+    def get(self, name: str) -> Role:
+        with self.mutex:
+            role = self.roles.get(name)
+        if role is None:
+            raise bad(f"this agent ({self.agent.name}) takes part in no pair named {name!r}")
+        return role
+
+    def close(self, name: str, *, keep_images: bool = False) -> dict[str, Any]:
+        role = self.get(name)
+        out = role.stop(keep_images)
+        with self.mutex:
+            self.roles.pop(name, None)
+        self.store.delete(name)
+        return out
+
+    def statuses(self) -> list[dict[str, Any]]:
+        with self.mutex:
+            roles = list(self.roles.values())
+        return [r.status() for r in roles]
+
+    def resume_all(self) -> list[str]:
+        """At the agent's start: take up every pair role kept on disk."""
+        recs, broken = self.store.load_all()
+        for line in broken:
+            log.warning("pair record not readable, left alone: %s", line)
+        names = []
+        for rec in recs:
+            if rec.state == "stopped":
+                self.store.delete(rec.config.name)
+                continue
+            role = self.make(rec)
+            with self.mutex:
+                self.roles[rec.config.name] = role
+            rec.event("agent restarted")
+            # Each role starts in a thread of its own: the agent serves meanwhile (a role may
+            # first ask its peers about the epoch, and they may be slow or gone).
+            threading.Thread(target=self._take_up, args=(role,), daemon=True,
+                             name=f"pair-{rec.config.name}-resume").start()
+            names.append(rec.config.name)
+        return names
+
+    def _take_up(self, role: Role) -> None:
+        try:
+            role.start()
+        except Exception as err:
+            log.warning("pair %s: could not take up the %s role again: %s", role.name,
+                        role.rec.role, describe(err))
+            with role.mutex:
+                role.rec.state, role.rec.reason = "degraded", f"could not resume: {describe(err)}"
+                role.save()
+
+    def shutdown(self) -> None:
+        with self.mutex:
+            roles = list(self.roles.values())
+        for r in roles:
+            r.shutdown()
+
+
+def remove_tree(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+
+
+def replace_cfg(cfg: PairConfig, **changes: Any) -> PairConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,323 @@
+"""The standby host's side of a pair: the generations, the watch on the active, the promotion
+(see ``runtime`` for the whole picture).
+
+A promotion, in order: the witness's grant (automatic failover only; a planned one is ordered by
+the caller, who moved the tree), the fence of the old active where one is configured, the
+restore of the newest committed generation (without output commit its connections are closed,
+CRIU's ``tcp_close``: their clients have moved past that checkpoint, so they get a reset at once
+and reconnect instead of a stream that went back in time), then the service address with
+gratuitous ARP. The restore comes before the address: until the address is here no packet can
+reach the restored sockets, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from orthros_py.agent.pair.config import PairRecord, bad
+from orthros_py.agent.pair.runtime import (
+    Pairs,
+    Role,
+    describe,
+    generation_image,
+    log,
+    monotonic,
+)
+from orthros_py.errors import OrthrosError
+
+
+class StandbySide(Role):
+    def __init__(self, pairs: Pairs, rec: PairRecord) -> None:
+        super().__init__(pairs, rec)
+        from orthros_py.agent.pair.store import GenerationStore
+
+        self.store = GenerationStore(self.agent.images_root, self.name, self.cfg.keep)
+        self.watch: Any = None
+        self.promoting = False
+        self.last_checkpoint: dict[str, Any] | None = None
+        self.refusals: list[str] = []  # why the witness refused, newest last
+
+    def start(self) -> None:
+        with contextlib.suppress(Exception):
+            self.store.recover()
+        latest = self.store.latest()
+        if latest is not None:
+            self.rec.generation = latest.number
+            self.rec.committed_at = latest.committed_at
+        if self.rec.state in ("failed over", "stopped"):
+            return
+        if self.cfg.failover and self.cfg.output_commit:
+            # Loaded now (a first build takes ~10 s), not in the middle of a failover.
+            self.spawn(self._xdp, "lock preparation")
+        if self.cfg.failover:
+            from orthros_py.agent.pair.guard import GuardTimings, StandbyWatch
+
+            self.watch = StandbyWatch(GuardTimings(self.cfg.heartbeat, self.cfg.misses),
+                                      now=monotonic())
+            self.spawn(self._watch_loop, "watch")
+        with self.mutex:
+            self.rec.state = "replicating"
+            self.save()
+
+    def stop(self, keep_images: bool) -> dict[str, Any]:
+        out = super().stop(keep_images)
+        self._stop_page_servers()
+        if not keep_images:
+            self.store.destroy()
+        with self.mutex:
+            self.rec.state = "stopped"
+        out["kept_images"] = [g.dir for g in self.store.generations()] if keep_images else []
+        return out
+
+    def _stop_page_servers(self, only: str | None = None) -> None:
+        a = self.agent
+        prefix = f"{self.name}.g"
+        with a.mutex:
+            servers = [s for img, s in a.page_servers.items()
+                       if img.startswith(prefix) and (only is None or img == only)]
+            for s in servers:
+                a.page_servers.pop(s.image, None)
+        for s in servers:
+            with contextlib.suppress(Exception):
+                s.stop()
+
+    # -- generations ---------------------------------------------------------------------------
+
+    def stale(self, epoch: int) -> bool:
+        """Whether a sender at ``epoch`` lost the service (it must stand down)."""
+        return epoch < self.rec.epoch or self.rec.state == "failed over"
+
+    def _check_sender(self, epoch: int) -> None:
+        if self.stale(epoch):
+            raise bad(f"pair {self.name}: the sender's epoch {epoch} is stale (this standby "
+                      f"is at {self.rec.epoch}, {self.rec.state}): stand down")
+
+    def begin(self, epoch: int, parent: int | None) -> dict[str, Any]:
+        """Open the next generation; incremental on ``parent`` only if that is the newest
+        committed one here (the active's copy of it is what CRIU's dump builds on)."""
+        from orthros_py.agent.ops.criu import op_page_server
+        from orthros_py.agent.table import Call
+
+        if self.stale(epoch):
+            return {"stand_down": True, "epoch": max(self.rec.epoch, epoch + 1)}
+        latest = self.store.latest()
+        gen = (latest.number if latest is not None else 0) + 1
+        incremental = parent is not None and latest is not None and parent == latest.number
+        image = generation_image(self.name, gen)
+        self._stop_page_servers(only=image)
+        self.store.begin(gen, incremental=incremental)
+        ps = op_page_server(Call(self.agent, "pair"), image=image, address=None,
+                            log_level=2, wait=60.0)
+        return {"generation": gen, "incremental": incremental, "address": ps.get("address"),
+                "port": ps["port"], "nonce": ps["nonce"]}
+
+    def commit(self, gen: int, epoch: int, stats: dict[str, Any]) -> dict[str, Any]:
+        self._check_sender(epoch)
+        self._stop_page_servers(only=generation_image(self.name, gen))
+        g = self.store.commit(gen, {k: v for k, v in stats.items()
+                                    if k not in ("generation", "dir", "committed_at")})
+        used = self.store.bytes_used()
+        with self.mutex:
+            self.rec.generation = g.number
+            self.rec.committed_at = g.committed_at
+            self.last_checkpoint = {**stats, "storage_bytes": used}
+            if self.rec.state == "degraded" and self.watch is None:
+                self.rec.state = "replicating"
+            # The record is written at most once a second: the store's pointer is the truth
+            # about generations; the record only has to survive a restart.
+            if time.time() - self.rec.updated_at > 1.0:
+                self.save()
+        return {"generation": g.number, "storage_bytes": used}
+
+    def abort(self, gen: int) -> dict[str, Any]:
+        self._stop_page_servers(only=generation_image(self.name, gen))
+        with contextlib.suppress(Exception):
+            self.store.abort(gen)
+        return {"aborted": gen}
+
+    # -- the watch -----------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        assert self.watch is not None and self.cfg.witness is not None
+        hb = self.cfg.heartbeat
+        active = self.client(self.cfg.active, timeout=hb, connect_timeout=hb)
+        witness = self.client(self.cfg.witness, timeout=hb, connect_timeout=hb)
+        degraded_since: float | None = None
+        while not self.stop_event.is_set() and self.rec.state != "failed over":
+            t = monotonic()
+            try:
+                res = active.call("pair_heartbeat", {"name": self.name,
+                                                     "epoch": self.rec.epoch}).result or {}
+                ok = bool(res.get("serving", True))
+            except OrthrosError:
+                ok = False
+            if ok:
+                self.watch.heartbeat_ok(monotonic())
+                degraded_since = None
+            else:
+                self.watch.heartbeat_missed(monotonic())
+            if self.watch.suspects(monotonic()):
+                if degraded_since is None:
+                    degraded_since = time.time()
+                try:
+                    grant = witness.call("witness_promote", {
+                        "name": self.name, "epoch": self.rec.epoch}).result or {}
+                except OrthrosError as err:
+                    grant = {"granted": False, "reason": f"the witness did not answer: {err}"}
+                if grant.get("granted"):
+                    try:
+                        self.promote(f"the active missed {self.cfg.misses} heartbeats",
+                                     epoch=int(grant["epoch"]), detected_at=time.time())
+                    except Exception as err:
+                        log.error("pair %s: promotion failed: %s", self.name, describe(err))
+                        with self.mutex:
+                            self.rec.state, self.rec.reason = "degraded", (
+                                f"promotion failed: {describe(err)}")
+                            self.rec.event("promotion failed", reason=describe(err))
+                            self.save()
+                    return
+                self.refusals.append(str(grant.get("reason")))
+                del self.refusals[:-5]
+            self.stop_event.wait(max(0.0, hb - (monotonic() - t)))
+
+    # -- promotion -----------------------------------------------------------------------------
+
+    def promote(self, why: str, *, epoch: int | None = None, planned: bool = False,
+                detected_at: float | None = None) -> dict[str, Any]:
+
+        with self.mutex:
+            if self.promoting or self.rec.state == "failed over":
+                raise bad(f"pair {self.name} is already failing over or failed over")
+            self.promoting = True
+        try:
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            if epoch is not None:
+                with self.mutex:
+                    self.rec.epoch = max(self.rec.epoch, epoch)
+                    self.save()
+            if self.cfg.fence and not planned:
+                from orthros_py.net.fence import fence_from_config
+
+                with contextlib.suppress(Exception):
+                    fence_from_config(dict(self.cfg.fence), host=self.cfg.active.name).off()
+                timings["fence_ms"] = (time.perf_counter() - t0) * 1000
+            latest = self.store.latest()
+            if latest is None:
+                raise OrthrosError(f"pair {self.name} has no committed generation to restore",
+                                   host=self.agent.name, stage="promote")
+            # CRIU binds the restored sockets to the service address, so it must be here
+            # first; with the connections kept, they stay locked until they are restored (a
+            # client's packet meanwhile would meet no socket and reset the connection).
+            t1 = time.perf_counter()
+            locked = self._lock_conns(latest.dir) if self.cfg.output_commit else []
+            self._take_address()
+            timings["address_ms"] = (time.perf_counter() - t1) * 1000
+            t2 = time.perf_counter()
+            try:
+                result = self._restore(latest.dir)
+            finally:
+                self._unlock_conns(locked)
+            timings["restore_ms"] = (time.perf_counter() - t2) * 1000
+            timings["total_ms"] = (time.perf_counter() - t0) * 1000
+            age = time.time() - latest.committed_at
+            with self.mutex:
+                self.rec.state, self.rec.reason = "failed over", why
+                self.rec.serving_pid = result.pid
+                ev = self.rec.event("promoted", planned=planned, generation=latest.number,
+                                    generation_age_ms=round(age * 1000, 1),
+                                    generation_frozen_at=(latest.stats or {}).get("frozen_at"),
+                                    epoch=self.rec.epoch, pid=result.pid,
+                                    detected_at=detected_at,
+                                    tcp="kept" if self.cfg.output_commit else "closed",
+                                    **{k: round(v, 3) for k, v in timings.items()})
+                self.save()
+            self.stop_event.set()
+            log.warning("pair %s: promoted: restored generation %d as pid %d (%s)", self.name,
+                        latest.number, result.pid, why)
+            return ev
+        finally:
+            with self.mutex:
+                self.promoting = False
+
+    def adopt(self, pid: int, why: str, *, epoch: int | None = None) -> dict[str, Any]:
+        """A planned failover restored the tree here by a migration: this host serves it."""
+        with self.mutex:
+            if self.rec.state == "failed over":
+                raise bad(f"pair {self.name} failed over already")
+            if epoch is not None:
+                self.rec.epoch = max(self.rec.epoch, epoch)
+            self.rec.state, self.rec.reason = "failed over", why
+            self.rec.serving_pid = pid
+            ev = self.rec.event("promoted", planned=True, pid=pid, epoch=self.rec.epoch,
+                                tcp="kept")
+            self.save()
+        self.stop_event.set()
+        return ev
+
+    def _restore(self, image: str) -> Any:
+        from orthros_py.agent.ops.criu import restore_image
+        from orthros_py.criu.request import CriuNetworkLock, RestoreOptions
+
+        cfg = self.cfg
+        opts = RestoreOptions(tcp_established=cfg.tcp_established,
+                              tcp_close=cfg.tcp_established and not cfg.output_commit,
+                              shell_job=cfg.shell_job, file_locks=cfg.file_locks,
+                              network_lock=CriuNetworkLock.SKIP, log_level=2)
+        return restore_image(self.agent, image, opts)
+
+    def _xdp(self) -> Any:
+        from orthros_py.agent.ops.net import _netlock
+
+        with self.agent.netlock_mutex:
+            lock = _netlock(self.agent, "xdp", None)
+            lock.prepare()
+        return lock
+
+    def _lock_conns(self, image: str) -> list[Any]:
+        from orthros_py.checkpoint import checkpoint_conns
+
+        conns = checkpoint_conns(self.agent.images_root / image)
+        if not conns or not self.cfg.service_ifname:
+            return []
+        lock = self._xdp()
+        with self.agent.netlock_mutex:
+            lock.attach([self.cfg.service_ifname], netns=None)
+            return list(lock.lock(conns))
+
+    def _unlock_conns(self, conns: list[Any]) -> None:
+        if not conns:
+            return
+        lock = self._xdp()
+        with self.agent.netlock_mutex:
+            lock.unlock(conns)
+            ip = str(self.cfg.service_ip).split("/")[0]
+            mine = [lc for lc in lock.locked() if ip in (lc.conn.local_ip, lc.conn.remote_ip)]
+            if not mine and self.cfg.service_ifname:
+                with contextlib.suppress(Exception):
+                    lock.detach([self.cfg.service_ifname], netns=None)
+
+    def _take_address(self) -> None:
+        if not self.cfg.service_ip or not self.cfg.service_ifname:
+            return
+        from orthros_py.net import addr
+
+        addr.add_address(None, self.cfg.service_ifname, self.cfg.service_ip)
+        with contextlib.suppress(Exception):
+            addr.Link(None, self.cfg.service_ifname).gratuitous_arp(
+                self.cfg.service_ip.split("/")[0], count=2)
+
+    def status(self) -> dict[str, Any]:
+        d = super().status()
+        with self.mutex:
+            d["last_checkpoint"] = self.last_checkpoint
+            d["witness_refusals"] = list(self.refusals)
+        d["storage_bytes"] = self.store.bytes_used()
+        d["generations"] = [g.to_dict() for g in self.store.generations()]
+        if self.watch is not None:
+            d["heartbeats"] = self.watch.to_dict(monotonic())
+        latest = self.store.latest()
+        d["newest"] = latest.to_dict() if latest is not None else None
+        return d
