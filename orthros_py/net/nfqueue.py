@@ -247,15 +247,16 @@ def _delete(netns: str | None, family: int, lines: list[str]) -> None:
         _iptables(netns, _TOOLS[family][2], "-w", "--noflush", input=script)
 
 
-def flush(netns: str | None) -> int:
-    """Remove every hold rule of orthros from ``netns`` (None: this namespace); how many went.
-    For clean-up and recovery after a holder died: its queue went with its socket, but its rule
-    still sends the service's output to a queue nobody reads (dropped, not passed)."""
+def flush(netns: str | None, queue: int | None = None) -> int:
+    """Remove every hold rule of orthros (or only queue ``queue``'s) from ``netns`` (None: this
+    namespace); how many went. For clean-up and recovery after a holder died: its queue went
+    with its socket, but its rule still sends the service's output to a queue nobody reads
+    (dropped, not passed)."""
     removed = 0
     for family in _TOOLS:
         if family == 6 and shutil.which(_TOOLS[6][1]) is None:
             continue  # a host without ip6tables has no IPv6 rule of ours either
-        lines = _ours(netns, family, None)
+        lines = _ours(netns, family, comment(queue) if queue is not None else None)
         _delete(netns, family, lines)
         removed += len(lines)
     return removed

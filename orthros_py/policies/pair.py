@@ -211,6 +211,13 @@ def _first_generation(active: Host, name: str, wait_s: float,
         if int(rec.get("generation") or 0) >= 1:
             return rec
         if rec.get("state") == "degraded":
+            cause = rec.get("reason_error")
+            if isinstance(cause, dict):
+                # As the checkpoint failed (a CRIU refusal keeps its exit status and reason).
+                err = OrthrosError.from_dict(cause)
+                err.msg = f"the first checkpoint of pair {name} failed: {err.msg}"
+                err.host, err.stage = err.host or active.name, err.stage or "pair start"
+                raise err
             raise PairError(f"the first checkpoint of pair {name} failed: {rec.get('reason')}",
                             host=active.name, stage="pair start")
         if time.monotonic() > deadline:

@@ -92,7 +92,7 @@ class ActiveSide(Role):
 
         user = dirtytrack.tree_uses_userfaultfd(self._tree_pids())
         if user is not None:
-            raise OrthrosError(
+            raise NoSuchProcessError(
                 f"pid {user} of the tree uses userfaultfd itself, and orthros tracks the "
                 "tree's memory with a userfaultfd of its own: one memory range can have only "
                 "one, so this tree cannot be protected", pid=self.cfg.pid)
@@ -105,10 +105,14 @@ class ActiveSide(Role):
                                   "userfaultfd write-protect tracking with orthros's CRIU")
 
     def _open_hold(self) -> None:
-        from orthros_py.net.nfqueue import OutputHold
+        from orthros_py.net import nfqueue
 
         ip = str(self.cfg.service_ip).split("/")[0]
-        self.hold = OutputHold(address=ip, queue=self._queue_number())
+        queue = self._queue_number()
+        # A rule left by this agent before it was killed sends the output to a queue nobody
+        # reads (held for good: fail closed); ours replaces it.
+        nfqueue.flush(None, queue=queue)
+        self.hold = nfqueue.OutputHold(address=ip, queue=queue)
         self.hold.start()
 
     def _queue_number(self) -> int:
@@ -259,11 +263,13 @@ class ActiveSide(Role):
         if mine != gen:
             remove_tree(a.images_root / local_image(self.name, mine))
         with self.mutex:
+            if self.stood_down():
+                return info  # fenced or failed over meanwhile: that state stays
             self.full_reason = None
             self.failures = 0
             self.rec.generation = gen
             self.rec.committed_at = time.time()
-            self.rec.state, self.rec.reason = "replicating", None
+            self.rec.state, self.rec.reason, self.rec.reason_error = "replicating", None, None
             self.checkpoints.append(info)
             del self.checkpoints[:-10]
             self.save()
@@ -281,15 +287,24 @@ class ActiveSide(Role):
                 self.tracker.forget()
         gone = isinstance(err, NoSuchProcessError) or not self._tree_pids()
         with self.mutex:
+            if self.stood_down():
+                return  # a checkpoint under way when this host stood down: nothing to say
             self.failures += 1
             self.full_reason = "the checkpoint before failed"
             self.rec.state = "degraded"
             self.rec.reason = ("the protected tree is gone" if gone else why)
+            # Kept whole, so that the caller who waits for the first generation fails as the
+            # checkpoint did (a CRIU refusal exits as one).
+            self.rec.reason_error = (err.to_dict() if isinstance(err, OrthrosError)
+                                     else None)
             if self.failures == 1 or gone:
                 self.rec.event("checkpoint failed", reason=self.rec.reason)
             self.save()
 
     # -- heartbeats, the lease, the self-fence ------------------------------------------------
+
+    def stood_down(self) -> bool:
+        return self.rec.state in ("failed over", "fenced", "stopped")
 
     def heartbeat(self, epoch: int) -> dict[str, Any]:
         """The standby's heartbeat: it is alive and sees us."""

@@ -173,6 +173,7 @@ class PairRecord:
     epoch: int = 1
     state: str = "starting"
     reason: str | None = None  # why degraded, fenced or stopped
+    reason_error: dict[str, Any] | None = None  # the error behind ``reason`` (errors.to_dict)
     generation: int = 0  # newest committed (the standby's, as the active last heard it)
     committed_at: float | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -202,6 +203,7 @@ class PairRecord:
             setattr(rec, k, int(d.get(k) or 0) or getattr(rec, k))
         rec.state = str(d.get("state") or "starting")
         rec.reason = d.get("reason")
+        rec.reason_error = d.get("reason_error")
         rec.committed_at = d.get("committed_at")
         rec.events = list(d.get("events") or [])
         rec.serving_pid = d.get("serving_pid")

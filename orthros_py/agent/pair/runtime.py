@@ -104,8 +104,9 @@ class Role:
         except Exception:  # a thread that dies silently would leave the pair unwatched
             log.exception("pair %s: the %s thread failed", self.name, what)
             with self.mutex:
-                self.rec.state, self.rec.reason = "degraded", f"the {what} thread failed"
-                self.save()
+                if self.rec.state not in ("failed over", "fenced", "stopped"):
+                    self.rec.state, self.rec.reason = "degraded", f"the {what} thread failed"
+                    self.save()
 
     def start(self) -> None:
         """Start the role's threads (at pair start and when the agent starts again)."""
@@ -209,6 +210,11 @@ class Pairs:
         out = role.stop(keep_images)
         with self.mutex:
             self.roles.pop(name, None)
+            book = self._book
+            if book is not None and not book.status():
+                # The witness's book held only this pair: nothing of it stays on this host.
+                self._book = None
+                (self.store.dir / WITNESS_BOOK).unlink(missing_ok=True)
         self.store.delete(name)
         return out
 
