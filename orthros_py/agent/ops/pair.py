@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from orthros_py.agent.pair.config import PairConfig, bad, validate_pair_name
-from orthros_py.agent.pair.runtime import Pairs, Role
+from orthros_py.agent.pair.pairs import Pairs
+from orthros_py.agent.pair.runtime import Role
 from orthros_py.agent.state import Agent
 from orthros_py.agent.table import Call, op
 

@@ -24,7 +24,7 @@ from typing import Any
 from orthros_py.agent.pair.config import PairRecord
 from orthros_py.agent.pair.runtime import (
     OUTPUT_QUEUE_BASE,
-    Pairs,
+    PairsHost,
     Role,
     describe,
     generation_image,
@@ -39,7 +39,7 @@ KEEP_DEGRADED_REASON = 200  # characters of a failure kept in the record
 
 
 class ActiveSide(Role):
-    def __init__(self, pairs: Pairs, rec: PairRecord) -> None:
+    def __init__(self, pairs: PairsHost, rec: PairRecord) -> None:
         super().__init__(pairs, rec)
         self.tracker: Any = None
         self.hold: Any = None

@@ -63,7 +63,12 @@ class PeerAddr:
         if not isinstance(d, dict):
             raise bad("a pair host must be an object with name, address and port")
         try:
-            return cls(str(d["name"]), str(d["address"]), int(d["port"]))
+            name, address, port = d["name"], d["address"], d["port"]
+            if not isinstance(name, str) or not isinstance(address, str):
+                raise bad("a pair host's name and address must be strings")
+            if isinstance(port, bool) or not isinstance(port, int):
+                raise bad(f"a pair host's port must be a number, not {port!r}")
+            return cls(name, address, port)
         except (KeyError, TypeError, ValueError) as err:
             raise bad(f"a pair host needs name, address and port: {err}") from err
 
@@ -109,6 +114,10 @@ class PairConfig:
         if self.failover and self.witness is None:
             raise bad("automatic failover needs a witness: without a third vote a standby "
                       "cannot tell a dead active from a cut link")
+        for k in ("service_ip", "service_ifname"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, str):
+                raise bad(f"{k} must be a string, not {v!r}")
         if self.service_ip is not None:
             try:
                 ipaddress.IPv4Interface(self.service_ip)
@@ -143,7 +152,10 @@ class PairConfig:
                     raise bad(f"{k} must be an integer")
             for k in ("interval", "heartbeat", "created_at"):
                 if k in args:
-                    args[k] = float(args[k])
+                    v = args[k]
+                    if isinstance(v, bool) or not isinstance(v, (int, float)):
+                        raise bad(f"{k} must be a number of seconds, not {v!r}")
+                    args[k] = float(v)
             for k in ("output_commit", "failover", "tcp_established", "shell_job", "file_locks"):
                 if k in args and not isinstance(args[k], bool):
                     raise bad(f"{k} must be true or false")
@@ -225,11 +237,15 @@ class RecordStore:
         rec.updated_at = time.time()
         path = self.path(rec.config.name)
         tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(rec.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with tmp.open("w") as f:
+                json.dump(rec.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a record behind
+            raise
 
     def load_all(self) -> tuple[list[PairRecord], list[str]]:
         """Every readable record, and a sentence for each file that is not one."""
@@ -246,6 +262,7 @@ class RecordStore:
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(name).unlink()
+        self.path(name).with_suffix(".tmp").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()  # only when it is empty: nothing left behind
 

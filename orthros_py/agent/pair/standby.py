@@ -18,7 +18,7 @@ from typing import Any
 
 from orthros_py.agent.pair.config import PairRecord, bad
 from orthros_py.agent.pair.runtime import (
-    Pairs,
+    PairsHost,
     Role,
     describe,
     generation_image,
@@ -29,7 +29,7 @@ from orthros_py.errors import OrthrosError
 
 
 class StandbySide(Role):
-    def __init__(self, pairs: Pairs, rec: PairRecord) -> None:
+    def __init__(self, pairs: PairsHost, rec: PairRecord) -> None:
         super().__init__(pairs, rec)
         from orthros_py.agent.pair.store import GenerationStore
 

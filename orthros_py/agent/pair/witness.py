@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from orthros_py.agent.pair.config import PairRecord
-from orthros_py.agent.pair.runtime import Pairs, Role, monotonic
+from orthros_py.agent.pair.runtime import PairsHost, Role, monotonic
 
 
 class WitnessSide(Role):
-    def __init__(self, pairs: Pairs, rec: PairRecord) -> None:
+    def __init__(self, pairs: PairsHost, rec: PairRecord) -> None:
         super().__init__(pairs, rec)
         from orthros_py.agent.pair.guard import GuardTimings
 
