@@ -297,6 +297,7 @@ class Grant:
     epoch: int  # the pair's epoch after the answer (the new one on a grant)
     active: str | None  # the pair's active after the answer
     reason: str
+    retry_in: float = 0.0  # refused only for the lease: how long until it runs out
 
     def to_dict(self) -> dict[str, Any]:
         return {"granted": self.granted, "epoch": self.epoch, "active": self.active,
@@ -414,7 +415,7 @@ class WitnessBook:
             if not p.renewal.expired(now, lease):
                 return Grant(False, p.epoch, p.active,
                              f"{p.active} renewed {_fmt(max(age, 0.0))} ago, within the lease "
-                             f"of {_fmt(lease)}")
+                             f"of {_fmt(lease)}", retry_in=max(lease - age, 0.0))
             # The new active counts as renewed at its grant: no second grant within a lease.
             new = _Pair(p.epoch + 1, candidate, p.active, Lease(now))
             self._commit({**self._pairs, pair: new})

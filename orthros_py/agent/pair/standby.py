@@ -161,11 +161,7 @@ class StandbySide(Role):
             if self.watch.suspects(monotonic()):
                 if degraded_since is None:
                     degraded_since = time.time()
-                try:
-                    grant = witness.call("witness_promote", {
-                        "name": self.name, "epoch": self.rec.epoch}).result or {}
-                except OrthrosError as err:
-                    grant = {"granted": False, "reason": f"the witness did not answer: {err}"}
+                grant = self._ask_witness(witness)
                 if grant.get("granted"):
                     try:
                         self.promote(f"the active missed {self.cfg.misses} heartbeats",
@@ -181,6 +177,23 @@ class StandbySide(Role):
                 self.refusals.append(str(grant.get("reason")))
                 del self.refusals[:-5]
             self.stop_event.wait(max(0.0, hb - (monotonic() - t)))
+
+    def _ask_witness(self, witness: Any) -> dict[str, Any]:
+        """The witness's answer; refused only because the active's lease still runs for less
+        than a heartbeat, asked again right when it runs out (the witness alone decides, so
+        nothing is lost by not asking the active meanwhile)."""
+        for _ in range(3):
+            try:
+                grant: dict[str, Any] = witness.call("witness_promote", {
+                    "name": self.name, "epoch": self.rec.epoch}).result or {}
+            except OrthrosError as err:
+                return {"granted": False, "reason": f"the witness did not answer: {err}"}
+            retry = float(grant.get("retry_in") or 0.0)
+            if grant.get("granted") or not 0.0 < retry < self.cfg.heartbeat:
+                return grant
+            if self.stop_event.wait(retry + 0.002):
+                break
+        return grant
 
     # -- promotion -----------------------------------------------------------------------------
 
@@ -198,11 +211,19 @@ class StandbySide(Role):
                 with self.mutex:
                     self.rec.epoch = max(self.rec.epoch, epoch)
                     self.save()
+            fenced = "no fence configured"
             if self.cfg.fence and not planned:
                 from orthros_py.net.fence import fence_from_config
 
-                with contextlib.suppress(Exception):
-                    fence_from_config(dict(self.cfg.fence), host=self.cfg.active.name).off()
+                fence = fence_from_config(dict(self.cfg.fence), host=self.cfg.active.name)
+                try:
+                    fence.off()
+                    fenced = f"fenced: {fence.describe()}"
+                except Exception as err:
+                    # The witness's lease already made the old active fence itself: a fence
+                    # device that fails is reported, and the promotion goes on.
+                    fenced = f"fence failed: {describe(err)}"
+                    log.warning("pair %s: %s", self.name, fenced)
                 timings["fence_ms"] = (time.perf_counter() - t0) * 1000
             latest = self.store.latest()
             if latest is None:
@@ -232,6 +253,7 @@ class StandbySide(Role):
                                     epoch=self.rec.epoch, pid=result.pid,
                                     detected_at=detected_at,
                                     tcp="kept" if self.cfg.output_commit else "closed",
+                                    fence=fenced,
                                     **{k: round(v, 3) for k, v in timings.items()})
                 self.save()
             self.stop_event.set()

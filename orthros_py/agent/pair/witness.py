@@ -36,7 +36,7 @@ class WitnessSide(Role):
         grant = self.pairs.book.promote(self.name, candidate, epoch, monotonic(),
                                         self.timings.lease)
         out = {"granted": grant.granted, "reason": grant.reason,
-               "epoch": self.pairs.book.epoch_of(self.name)}
+               "epoch": self.pairs.book.epoch_of(self.name), "retry_in": grant.retry_in}
         if grant.granted:
             with self.mutex:
                 self.rec.epoch = int(out["epoch"] or self.rec.epoch)
