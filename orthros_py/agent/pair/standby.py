@@ -13,6 +13,7 @@ reach the restored sockets, so no lock is needed.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any
 
@@ -116,8 +117,13 @@ class StandbySide(Role):
     def commit(self, gen: int, epoch: int, stats: dict[str, Any]) -> dict[str, Any]:
         self._check_sender(epoch)
         self._stop_page_servers(only=generation_image(self.name, gen))
+        # Pruned after the answer: merging old generations copies memory, and the active
+        # waits for this answer before it releases the held output.
         g = self.store.commit(gen, {k: v for k, v in stats.items()
-                                    if k not in ("generation", "dir", "committed_at")})
+                                    if k not in ("generation", "dir", "committed_at")},
+                              prune=False)
+        threading.Thread(target=self._prune, name=f"pair-{self.name}-prune",
+                         daemon=True).start()
         used = self.store.bytes_used()
         with self.mutex:
             self.rec.generation = g.number
@@ -130,6 +136,12 @@ class StandbySide(Role):
             if time.time() - self.rec.updated_at > 1.0:
                 self.save()
         return {"generation": g.number, "storage_bytes": used}
+
+    def _prune(self) -> None:
+        try:
+            self.store.prune()
+        except Exception as err:  # the next commit's prune tries again
+            log.warning("pair %s: pruning old generations failed: %s", self.name, describe(err))
 
     def abort(self, gen: int) -> dict[str, Any]:
         self._stop_page_servers(only=generation_image(self.name, gen))
@@ -199,7 +211,6 @@ class StandbySide(Role):
 
     def promote(self, why: str, *, epoch: int | None = None, planned: bool = False,
                 detected_at: float | None = None) -> dict[str, Any]:
-
         with self.mutex:
             if self.promoting or self.rec.state == "failed over":
                 raise bad(f"pair {self.name} is already failing over or failed over")
@@ -225,24 +236,11 @@ class StandbySide(Role):
                     fenced = f"fence failed: {describe(err)}"
                     log.warning("pair %s: %s", self.name, fenced)
                 timings["fence_ms"] = (time.perf_counter() - t0) * 1000
-            latest = self.store.latest()
-            if latest is None:
-                raise OrthrosError(f"pair {self.name} has no committed generation to restore",
-                                   host=self.agent.name, stage="promote")
-            # CRIU binds the restored sockets to the service address, so it must be here
-            # first; with the connections kept, they stay locked until they are restored (a
-            # client's packet meanwhile would meet no socket and reset the connection).
-            t1 = time.perf_counter()
-            locked = self._lock_conns(latest.dir) if self.cfg.output_commit else []
-            self._take_address()
-            timings["address_ms"] = (time.perf_counter() - t1) * 1000
-            t2 = time.perf_counter()
-            try:
-                result = self._restore(latest.dir)
-            finally:
-                self._unlock_conns(locked)
-            timings["restore_ms"] = (time.perf_counter() - t2) * 1000
+            with self.store.reading() as latest:
+                result, timings_rest = self._promote_from(latest)
+            timings.update(timings_rest)
             timings["total_ms"] = (time.perf_counter() - t0) * 1000
+            assert latest is not None
             age = time.time() - latest.committed_at
             with self.mutex:
                 self.rec.state, self.rec.reason = "failed over", why
@@ -278,6 +276,26 @@ class StandbySide(Role):
             self.save()
         self.stop_event.set()
         return ev
+
+    def _promote_from(self, latest: Any) -> tuple[Any, dict[str, float]]:
+        if latest is None:
+            raise OrthrosError(f"pair {self.name} has no committed generation to restore",
+                               host=self.agent.name, stage="promote")
+        timings: dict[str, float] = {}
+        # CRIU binds the restored sockets to the service address, so it must be here
+        # first; with the connections kept, they stay locked until they are restored (a
+        # client's packet meanwhile would meet no socket and reset the connection).
+        t1 = time.perf_counter()
+        locked = self._lock_conns(latest.dir) if self.cfg.output_commit else []
+        self._take_address()
+        timings["address_ms"] = (time.perf_counter() - t1) * 1000
+        t2 = time.perf_counter()
+        try:
+            result = self._restore(latest.dir)
+        finally:
+            self._unlock_conns(locked)
+        timings["restore_ms"] = (time.perf_counter() - t2) * 1000
+        return result, timings
 
     def _restore(self, image: str) -> Any:
         from orthros_py.agent.ops.criu import restore_image

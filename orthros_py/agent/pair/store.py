@@ -22,6 +22,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,9 +236,11 @@ class GenerationStore:
             fsync_dir(self.root)
             return d
 
-    def commit(self, k: int, stats: dict[str, Any] | None = None) -> Generation:
+    def commit(self, k: int, stats: dict[str, Any] | None = None, *,
+               prune: bool = True) -> Generation:
         """Make begun generation ``k`` the newest committed one (see the class for the order
-        and why it is crash safe), then drop the generations beyond ``keep``."""
+        and why it is crash safe), then drop the generations beyond ``keep`` (unless
+        ``prune`` is False: then ``prune()`` does it later)."""
         stats = dict(stats or {})
         clash = (_RESERVED | {"images"}) & stats.keys()
         if clash:
@@ -260,8 +263,23 @@ class GenerationStore:
             _write_json(d / META, gen.to_dict())
             _write_json(self.pointer, gen.to_dict())  # the commit point
             self._remove_uncommitted(gen)
-            self._prune(gen)
+            if prune:
+                self._prune(gen)
             return self.latest() or gen
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Generation | None]:
+        """The newest committed generation, kept as it is (no commit, prune or merge) while
+        the caller reads it (a restore)."""
+        with self._lock:
+            yield self.latest()
+
+    def prune(self) -> None:
+        """Drop the committed generations beyond ``keep`` (merging, as ``commit`` does)."""
+        with self._lock:
+            latest = self.latest()
+            if latest is not None:
+                self._prune(latest)
 
     def abort(self, k: int) -> None:
         """Remove begun generation ``k`` (nothing if it is not there); never a committed one."""
