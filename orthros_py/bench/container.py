@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orthros_py.bench.stats import fmt_ms, median
+from orthros_py.bench.stats import fmt_ms, fmt_pct, median, ratio
 from orthros_py.criu.log import part_times_in
 
 # Seed 000 (Orthros), its table of one container failover, ms.
@@ -117,11 +117,7 @@ class Summary:
     detail: dict[str, float | None]  # mounts, cgroup criu/orthros, whole at level 4, downtime
 
     def share(self, row: str) -> float | None:
-        whole = self.medians.get("whole")
-        value = self.medians.get(row)
-        if value is None or not whole:
-            return None
-        return value / whole
+        return ratio(self.medians.get(row), self.medians.get("whole"))
 
 
 def summarize(runs: Sequence[Run]) -> list[Summary]:
@@ -161,7 +157,7 @@ def markdown(runs: Sequence[Run], meta: dict[str, Any]) -> str:
         cells = [f"{ROW_LABELS[row]}", fmt_ms(PAPER_MS[row])]
         for s in sums:
             share = s.share(row)
-            cells += [fmt_ms(s.medians.get(row)), "—" if share is None else f"{share:.1%}"]
+            cells += [fmt_ms(s.medians.get(row)), fmt_pct(share)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Detail (medians, ms):", "",
               "| | " + " | ".join(f"{s.sockets:,} sockets" for s in sums) + " |",

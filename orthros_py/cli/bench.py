@@ -322,4 +322,230 @@ def _say_files(env: Env, paths: list[Path]) -> None:
         env.console.print(f"wrote {escape(str(p))}")
 
 
+# --- orthros bench pair ------------------------------------------------------------------------
+
+
+def _intervals(text: str) -> tuple[int, ...]:
+    from orthros_py.bench.pair.model import parse_intervals
+
+    return parse_intervals(text)
+
+
+@bench.command("pair")
+@click.option("--intervals", type=_ListOf("LIST", _intervals), default="50,100,200,500,1000",
+              show_default=True, help="Checkpoint intervals of the paired arms, in ms.")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True,
+              help="Rounds of the throughput runs; each round runs every arm once, in an "
+                   "order shuffled by --seed.")
+@click.option("--requests", type=click.IntRange(100), default=100_000, show_default=True,
+              help="redis-benchmark requests per test (SET, GET); output commit runs use fewer "
+                   "(about --oc-seconds of checkpoints).")
+@click.option("--clients", type=click.IntRange(1, 5000), default=50, show_default=True,
+              help="redis-benchmark connections (-c); pipelining is off (-P 1).")
+@click.option("--keyspace", type=click.IntRange(1), default=100_000, show_default=True,
+              help="Keys the SETs spread over (redis-benchmark -r).")
+@click.option("--oc-seconds", type=click.FloatRange(0.1), default=3.0, show_default=True,
+              help="How long an output commit run lasts per test, about.")
+@click.option("--death-reps", type=click.IntRange(0), default=3, show_default=True,
+              help="Deaths of the active per mode (with and without output commit).")
+@click.option("--death-interval", "death_interval_ms", type=click.IntRange(10), default=200,
+              show_default=True, help="Checkpoint interval of the pairs that die (ms).")
+@click.option("--heartbeat", "heartbeat_ms", type=click.IntRange(10, 10_000), default=100,
+              show_default=True, help="The standby's heartbeat in the deaths (ms).")
+@click.option("--misses", type=click.IntRange(2, 100), default=3, show_default=True,
+              help="Missed heartbeats before the standby asks the witness.")
+@click.option("--memory-mib", type=click.IntRange(0), default=256, show_default=True,
+              help="Fill redis with this much for the bytes-per-checkpoint experiment "
+                   "(0: skip it).")
+@click.option("--write-mib", type=click.IntRange(1, 1024), default=10, show_default=True,
+              help="Written between two checkpoints in that experiment.")
+@click.option("--skip-throughput", is_flag=True, help="Skip the throughput runs.")
+@click.option("--skip-death", is_flag=True, help="Skip the deaths.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the arms' order [default: a random one, recorded].")
+@click.option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/pair-<timestamp>].")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again "
+                                 "(markdown, plots, tables) into its directory.")
+@click.option("--json", "as_json", is_flag=True, help="Also print results.json on stdout.")
+@click.pass_obj
+def pair(env: Env, intervals: tuple[int, ...], reps: int, requests: int, clients: int,
+         keyspace: int, oc_seconds: float, death_reps: int, death_interval_ms: int,
+         heartbeat_ms: int, misses: int, memory_mib: int, write_mib: int,
+         skip_throughput: bool, skip_death: bool, seed: int | None, port: int,
+         out: Path | None, from_json: Path | None, as_json: bool) -> None:
+    """Protect redis with a standby host (``orthros pair``) and measure it on the lab: throughput
+    and p50/p99 under redis-benchmark unprotected and paired at each interval with and without
+    output commit (interleaved rounds), checkpoint cost (frozen time, bytes, full against
+    incremental, bytes against memory written), and the time from the active's death to the
+    first correct reply from the standby. Reports the issue's targets, met or not.
+
+    Needs root. Builds a lab of three hosts and tears it down, also on Ctrl-C.
+    """
+    from orthros_py.bench import pair as pb
+
+    if from_json is not None:
+        res = pb.load_results(from_json)
+        made = pb.write_outputs(res, from_json.parent)
+        render_pair(env, res)
+        _say_files(env, made)
+        if as_json:
+            env.emit_json(res.to_dict())
+        return
+    cfg = pb.BenchConfig(intervals=intervals, reps=reps, requests=requests, clients=clients,
+                         keyspace=keyspace, oc_seconds=oc_seconds, death_reps=death_reps,
+                         death_interval_ms=death_interval_ms, heartbeat_ms=heartbeat_ms,
+                         misses=misses, memory_mib=memory_mib, write_mib=write_mib, seed=seed,
+                         out=out or pb.default_out(), port=port,
+                         skip_throughput=skip_throughput, skip_death=skip_death)
+    n_arms = len(pb.arms(intervals))
+    env.console.print(
+        "[bold]pair benchmark[/]: "
+        + ("" if skip_throughput else f"{reps} rounds x {n_arms} arms, ")
+        + (f"memory {memory_mib} MiB, " if memory_mib else "")
+        + ("" if skip_death else f"{death_reps} x 2 deaths, ")
+        + f"-> {escape(str(cfg.out))}")
+
+    def progress(msg: str) -> None:
+        env.console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)
+
+    def on_run(rec: Any, i: int, n: int) -> None:
+        env.console.print(f"[{i}/{n}] {escape(pair_run_line(rec))}", soft_wrap=True)
+
+    bench_ = pb.PairBench(cfg, progress=progress, on_run=on_run)
+    with _term_as_interrupt():
+        res = bench_.run()
+    render_pair(env, res)
+    _say_files(env, sorted(cfg.out.glob("*.*")))
+    if res.wall_s is not None:
+        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
+    if as_json:
+        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
+    if any(not r.ok for r in res.throughput) or any(not d.ok for d in res.deaths) or (
+            res.memory is not None and not res.memory.ok):
+        raise SystemExit(1)
+
+
+def pair_run_line(rec: Any) -> str:
+    from orthros_py.bench import pair as pb
+
+    if isinstance(rec, pb.DeathRun):
+        head = (f"death {rec.rep + 1} " + ("with" if rec.output_commit else "without")
+                + " output commit:")
+        if not rec.ok:
+            return f"{head} FAILED: {rec.error}"
+        ph = rec.phases()
+        return (f"{head} serving after {fmt_ms(rec.death_to_serving_ms, 0)} ms (detect + "
+                f"grant {fmt_ms(ph['detect + grant'], 0)}, fence {fmt_ms(ph['fence'], 0)}, "
+                f"address {fmt_ms(ph['lock + address'], 0)}, restore "
+                f"{fmt_ms(ph['restore'], 0)}, then reply {fmt_ms(ph['promoted -> reply'], 0)}"
+                f"); generation {fmt_ms(rec.generation_age_ms, 0)} ms old; "
+                f"{rec.acked_after_freeze} keys acked after its freeze, {rec.lost} missing")
+    head = f"round {rec.round + 1} {rec.arm.label}:"
+    if not rec.ok:
+        return f"{head} FAILED: {rec.error}"
+    parts = [f"{t} {rec.tests[t].rps:,.0f}/s p99 {fmt_ms(rec.tests[t].p99_ms, 3)} ms"
+             for t in ("SET", "GET") if t in rec.tests]
+    text = f"{head} " + ", ".join(parts)
+    if rec.arm.paired:
+        text += f"; {rec.generations} generations"
+    return text
+
+
+def render_pair(env: Env, res: Any) -> None:
+    from orthros_py.bench import pair as pb
+
+    wide = _wide(env)
+    arms = res.arms
+    if arms:
+        t = Table(title="redis under redis-benchmark -P 1 (medians \\[min-max] over rounds)",
+                  title_justify="left")
+        for col in ("arm", "ok", "SET req/s", "SET ratio", "SET p50", "SET p99", "GET req/s",
+                    "GET ratio", "GET p50", "GET p99"):
+            t.add_column(col, justify="left" if col == "arm" else "right")
+        for a in arms:
+            cells = [a.arm.label, f"{a.ok}/{a.runs}"]
+            for test in pb.TESTS:
+                s = a.tests[test]
+                cells += [pb.fmt_fig(s.rps, _int), pb.fmt_fig(s.ratio, _pct) if a.arm.paired
+                          else "100%", pb.fmt_fig(s.p50_ms, _ms3), pb.fmt_fig(s.p99_ms, _ms3)]
+            t.add_row(*cells, style="red" if a.ok < a.runs else None)
+        wide.print(t)
+        c = Table(title="checkpoints (medians \\[min-max]; full: generation 1; incremental: "
+                        "under load)", title_justify="left")
+        for col in ("arm", "full frozen ms", "full bytes", "incr frozen ms", "incr bytes",
+                    "incr duration ms", "kept interval ms", "client retrans"):
+            c.add_column(col, justify="left" if col == "arm" else "right")
+        for a in arms:
+            k = a.checkpoints
+            if k is None:
+                continue
+            c.add_row(a.arm.label, pb.fmt_fig(k.full_frozen_ms), pb.fmt_fig(k.full_bytes,
+                                                                             pb.fmt_bytes),
+                      pb.fmt_fig(k.incr_frozen_ms), pb.fmt_fig(k.incr_bytes, pb.fmt_bytes),
+                      pb.fmt_fig(k.incr_duration_ms), pb.fmt_fig(k.achieved_interval_ms, _int),
+                      pb.fmt_fig(a.client_retrans, _int))
+        wide.print(c)
+    m = res.memory
+    if m is not None:
+        if m.ok:
+            env.console.print(
+                f"memory: {m.filled_mib} MiB filled (RSS {pb.fmt_bytes(m.rss_bytes)}): full "
+                f"checkpoint {pb.fmt_bytes(m.full_bytes)}; incremental with nothing written "
+                f"{pb.fmt_bytes(m.idle_bytes)}, with {pb.fmt_bytes(m.written_bytes)} written "
+                f"{pb.fmt_bytes(m.written_bytes_sent)} ({m.bytes_per_written:.2f} x written)",
+                soft_wrap=True)
+        else:
+            env.console.print(f"[red]memory experiment failed:[/] {escape(str(m.error))}")
+    deaths = res.death_summaries
+    if deaths:
+        d = Table(title="death of the active to serving (ms, medians \\[min-max])",
+                  title_justify="left")
+        d.add_column("")
+        for s in deaths:
+            d.add_column("output commit" if s.output_commit else "no output commit",
+                         justify="right")
+        d.add_row("deaths ok", *(f"{s.ok}/{s.runs}" for s in deaths))
+        d.add_row("death to serving", *(pb.fmt_fig(s.serving_ms, _int) for s in deaths),
+                  style="bold")
+        d.add_row("death to data", *(pb.fmt_fig(s.data_ms, _int) for s in deaths))
+        for name in (deaths[0].phases or {}):
+            d.add_row(f"  {name}", *(pb.fmt_fig(s.phases.get(name), _int) for s in deaths))
+        d.add_row("generation age", *(pb.fmt_fig(s.generation_age_ms, _int) for s in deaths))
+        d.add_row("keys acked after freeze", *(pb.fmt_fig(s.acked_after_freeze, _int)
+                                               for s in deaths))
+        d.add_row("acked keys missing", *(pb.fmt_fig(s.lost, _int) for s in deaths))
+        wide.print(d)
+    tg = Table(title="targets", title_justify="left")
+    for col in ("target", "goal", "measured", "", "detail"):
+        tg.add_column(col)
+    for x in res.targets:
+        mark = {True: "[green]met[/]", False: "[red]not met[/]", None: "[dim]—[/]"}[x.met]
+        tg.add_row(escape(x.name), escape(x.goal), escape(x.value), mark, escape(x.detail))
+    wide.print(tg)
+    for n in res.notes:
+        env.console.print(f"[dim]note: {escape(n)}[/]", soft_wrap=True)
+    for a in arms:
+        for e in a.errors:
+            env.console.print(f"[red]{escape(a.arm.label)}:[/] {escape(e)}", soft_wrap=True)
+    for s in deaths:
+        for e in s.errors:
+            env.console.print(f"[red]death {'with' if s.output_commit else 'without'} output "
+                              f"commit:[/] {escape(e)}", soft_wrap=True)
+
+
+def _int(v: float | None) -> str:
+    return fmt_ms(v, 0)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def _ms3(v: float | None) -> str:
+    return fmt_ms(v, 3)
+
+
 COMMANDS = [bench]

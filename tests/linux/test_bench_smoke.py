@@ -1,7 +1,11 @@
 """A tiny real run of the network lock benchmark through the ``orthros bench netlock`` command:
 nginx, ab in a client namespace, dump and restore with the xdp lock and with none, at 0 and 20
 connections, once each. It must write its three kinds of output with sane numbers and leave
-nothing behind (namespace, veth, processes, locked connections)."""
+nothing behind (namespace, veth, processes, locked connections).
+
+And one of the pair benchmark (``orthros bench pair``): redis on a lab of three hosts, one round
+of unprotected, paired at 200 ms and paired with output commit, a few thousand requests, no
+deaths and no memory experiment; the lab must be gone afterwards."""
 
 from __future__ import annotations
 
@@ -99,3 +103,53 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
     run_dir = next((out / "runs").glob("*-c20-xdp-r0"))
     assert (run_dir / "images" / "dump.log").exists()
     assert not list((run_dir / "images").glob("pages-*.img"))
+
+
+# --- orthros bench pair ---------------------------------------------------------------------
+
+# A lab of three hosts, three short redis-benchmark runs, two pairs (about 10-30 s).
+PAIR_TIMEOUT = 150
+
+
+@pytest.fixture
+def pair_run(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / "pair"
+    res = run_orthros("bench", "pair", "--intervals", "200", "--reps", "1", "--requests",
+                      "2000", "--oc-seconds", "1", "--skip-death", "--memory-mib", "0",
+                      "--seed", "1", "--out", str(out), "--json", timeout=PAIR_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, json.loads(res.stdout)
+
+
+def test_pair_smoke_run_writes_sane_results(pair_run: tuple[Path, dict[str, Any]]) -> None:
+    out, data = pair_run
+    # The lab is gone, and so is every redis of the run.
+    assert not Path("/run/orthros/lab/state.json").exists()
+    assert not [p.pid for p in psutil.process_iter(["cmdline"])
+                if str(out) in " ".join(p.info["cmdline"] or [])]
+
+    assert json.loads((out / "results.json").read_text()) == data
+    runs = data["runs"]["throughput"]
+    assert sorted((r["arm"]["interval_ms"] or 0, r["arm"]["output_commit"]) for r in runs) == [
+        (0, False), (200, False), (200, True)]
+    for r in runs:
+        assert r["ok"], r
+        for test in ("SET", "GET"):
+            t = r["tests"][test]
+            assert t["rps"] > 0 and t["p50_ms"] is not None and t["p99_ms"] is not None, t
+        if r["arm"]["interval_ms"]:
+            first = r["checkpoints"][0]
+            assert first["generation"] == 1 and first["full"], first
+            assert first["frozen_ms"] > 0 and first["page_bytes"] > 0, first
+            assert all(not c["full"] for c in r["checkpoints"][1:]), r["checkpoints"]
+            assert r["pair_state"] == "replicating"
+    # How fast is for the report to say: each target is only measured or not.
+    met = {t["name"]: t["met"] for t in data["targets"]}
+    assert isinstance(met["throughput at 200 ms"], bool)
+    assert met["bytes per checkpoint"] is None  # not run
+    assert not [name for name in met if name.startswith("death")]  # skipped
+    assert data["deaths"] == [] and data["memory"] is None and data["leftovers"] == []
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and "| 200 ms + output commit | 1/1 |" in md
+    for name in ("throughput_ratio.png", "p99.png", "checkpoint_bytes.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

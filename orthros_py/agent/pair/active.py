@@ -57,6 +57,7 @@ class ActiveSide(Role):
         if self.rec.state in ("failed over", "fenced", "stopped"):
             log.info("pair %s: this host stood down (%s): not serving it again", self.name,
                      self.rec.state)
+            self._flush_hold_rule()  # one an agent killed before it could remove it
             return
         if self.cfg.failover:
             from orthros_py.agent.pair.guard import ActiveGuard, GuardTimings
@@ -67,6 +68,7 @@ class ActiveSide(Role):
                 # Back after a restart: a newer epoch anywhere means the service moved on.
                 self._check_epoch_after_restart()
                 if self.rec.state in ("failed over", "fenced"):
+                    self._flush_hold_rule()
                     return
         if self.rec.tree_started is None:
             from orthros_py.proc.tree import ProcessRef
@@ -76,14 +78,18 @@ class ActiveSide(Role):
             except OrthrosError as err:
                 raise OrthrosError(f"pid {self.cfg.pid} is not running on "
                                    f"{self.agent.name}: {err.msg}", pid=self.cfg.pid) from err
-        self._open_tracking()
-        if self.cfg.output_commit:
-            self._open_hold()
-        self.spawn(self._loop, "replicator")
-        if self.guard is not None:
-            self.spawn(self._renew_loop, "lease")
-            self.spawn(self._guard_loop, "guard")
+        # A pair closed while this ran (an agent taking its roles up again serves meanwhile)
+        # must not get a hold, a tracker or threads after its close.
         with self.mutex:
+            if self.stop_event.is_set():
+                return
+            self._open_tracking()
+            if self.cfg.output_commit:
+                self._open_hold()
+            self.spawn(self._loop, "replicator")
+            if self.guard is not None:
+                self.spawn(self._renew_loop, "lease")
+                self.spawn(self._guard_loop, "guard")
             self.rec.state = "replicating" if self.rec.generation else "starting"
             self.save()
 
@@ -128,7 +134,17 @@ class ActiveSide(Role):
         except psutil.Error:
             return []
 
+    def _flush_hold_rule(self) -> None:
+        if not self.cfg.output_commit:
+            return
+        from orthros_py.net import nfqueue
+
+        with contextlib.suppress(Exception):
+            nfqueue.flush(None, queue=self._queue_number())
+
     def shutdown(self) -> None:
+        with self.mutex:  # after a start under way has finished, or before it begins
+            self.stop_event.set()
         super().shutdown()
         if self.hold is not None:
             with contextlib.suppress(Exception):
@@ -141,6 +157,7 @@ class ActiveSide(Role):
 
     def stop(self, keep_images: bool) -> dict[str, Any]:
         out = super().stop(keep_images)
+        self._flush_hold_rule()
         for gen in range(max(0, self.rec.generation - 2), self.rec.generation + 2):
             remove_tree(self.agent.images_root / local_image(self.name, gen))
         with self.mutex:
@@ -390,6 +407,7 @@ class ActiveSide(Role):
             with contextlib.suppress(Exception):
                 self.hold.close(verdict="drop")
             self.hold = None
+        self._flush_hold_rule()
 
     def _drop_address(self) -> None:
         if not self.cfg.service_ip:

@@ -255,6 +255,7 @@ class StandbySide(Role):
                                     **{k: round(v, 3) for k, v in timings.items()})
                 self.save()
             self.stop_event.set()
+            threading.Thread(target=self._announce_again, daemon=True).start()
             log.warning("pair %s: promoted: restored generation %d as pid %d (%s)", self.name,
                         latest.number, result.pid, why)
             return ev
@@ -347,7 +348,18 @@ class StandbySide(Role):
         addr.add_address(None, self.cfg.service_ifname, self.cfg.service_ip)
         with contextlib.suppress(Exception):
             addr.Link(None, self.cfg.service_ifname).gratuitous_arp(
-                self.cfg.service_ip.split("/")[0], count=2)
+                self.cfg.service_ip.split("/")[0], count=1)
+
+    def _announce_again(self) -> None:
+        """One more gratuitous ARP once the service runs (a switch that missed the first
+        learns it now), off the promotion's critical path."""
+        if not self.cfg.service_ip or not self.cfg.service_ifname:
+            return
+        from orthros_py.net import addr
+
+        with contextlib.suppress(Exception):
+            addr.Link(None, self.cfg.service_ifname).gratuitous_arp(
+                self.cfg.service_ip.split("/")[0], count=1)
 
     def status(self) -> dict[str, Any]:
         d = super().status()

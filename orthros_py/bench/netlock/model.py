@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orthros_py.bench.stats import median
+from orthros_py.bench.stats import median, ratio
 from orthros_py.netlock.method import NetworkLock
 
 # --- methods and the paper's figures ------------------------------------------------------------
@@ -394,19 +394,15 @@ class Ratio:
 
     @property
     def xdp_iptables(self) -> float | None:
-        return _div(self.xdp_ms, self.iptables_ms)
+        return ratio(self.xdp_ms, self.iptables_ms)
 
     @property
     def xdp_none(self) -> float | None:
-        return _div(self.xdp_ms, self.none_ms)
+        return ratio(self.xdp_ms, self.none_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "xdp_iptables": self.xdp_iptables,
                 "xdp_none": self.xdp_none}
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def ratios(cells: Sequence[Cell]) -> list[Ratio]:

@@ -21,18 +21,13 @@ from orthros_py.bench.netlock.model import (
     RunRecord,
 )
 from orthros_py.bench.stats import fmt_ms
+from orthros_py.bench.stats import fmt_ratio as fmt_ratio  # where the package exported it from
 
 # --- results, files -------------------------------------------------------------------------------
 
 
 def load_results(path: Path) -> BenchResults:
     return BenchResults.from_dict(json.loads(path.read_text()))
-
-
-def fmt_ratio(r: float | None) -> str:
-    if r is None:
-        return "—"
-    return f"{r:.3f} (1 : {1 / r:,.1f})" if r < 1 else f"{r:.3f}"
 
 
 def markdown(res: BenchResults) -> str:
