@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -129,18 +130,33 @@ def page_server_request(address: str, port: int, log_level: int,
 
 
 def dump_for_pair(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
-                  page_nonce: str, remote_image: str, **dump_kw: Any) -> DumpResult:
+                  page_nonce: str, remote_image: str, *, page_timeout: float,
+                  **dump_kw: Any) -> DumpResult:
     """A pair's checkpoint: ``_dump_tree`` into the standby's ``remote_image`` with what only
     this side can give it (a network lock, the notification hook that marks the output hold,
-    the dirty tracker)."""
+    the dirty tracker). A standby that stops answering for ``page_timeout`` s ends the dump
+    (CRIU then resumes the tree) instead of leaving the tree frozen while it is away."""
     with a.busy(image, "dump"):
         return _dump_tree(a, pid, image, path, opts, page_nonce, remote_image=remote_image,
-                          **dump_kw)
+                          page_timeout=page_timeout, **dump_kw)
+
+
+def _give_up_after(sock: socket.socket, seconds: float) -> None:
+    """Abort the connection when the peer acknowledges nothing for ``seconds`` (data sent,
+    or keepalive probes while we wait for its answer): the kernel then fails our reads and
+    writes, the relay ends CRIU's side, and CRIU fails the dump and resumes the tree."""
+    ms = max(int(seconds * 1000), 200)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(seconds / 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
 
 
 def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
                page_nonce: str | None, remote_image: str | None = None,
-               **dump_kw: Any) -> DumpResult:
+               page_timeout: float | None = None, **dump_kw: Any) -> DumpResult:
     """``dump_tree``; with a page server, over the page channel: we connect and prove
     ourselves, and CRIU's dump reaches that connection through a loopback relay, with CRIU's
     TLS or, for a tree with its own IPC namespace, sealed by the relay (see ``pagechan`` for
@@ -171,6 +187,8 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
         err.stage, err.pid = "dump", pid
         raise
     handshake_ms = (time.perf_counter() - start) * 1000
+    if page_timeout is not None:
+        _give_up_after(chan.sock, page_timeout)
     relay = pagechan.Relay(chan.sock, chan.records, label=f"image {image}")
     try:
         local = dataclasses.replace(opts, page_server=("127.0.0.1", relay.port))

@@ -35,7 +35,7 @@ from orthros_py.agent.pair.runtime import (
 )
 from orthros_py.errors import NoSuchProcessError, OrthrosError
 
-KEEP_DEGRADED_REASON = 200  # characters of a failure kept in the record
+KEEP_DEGRADED_REASON = 1200  # characters of a failure kept in the record
 
 
 class ActiveSide(Role):
@@ -50,6 +50,8 @@ class ActiveSide(Role):
         self.failures = 0
         self.full_reason: str | None = "first checkpoint"  # why the next one sends everything
         self.tracking_note: str | None = None
+        self.standby_said: str | None = None  # the reason a failed generation had there
+        self.first_failure: str | None = None  # of the failures since the last success
 
     # -- life -----------------------------------------------------------------------------
 
@@ -158,8 +160,7 @@ class ActiveSide(Role):
     def stop(self, keep_images: bool) -> dict[str, Any]:
         out = super().stop(keep_images)
         self._flush_hold_rule()
-        for gen in range(max(0, self.rec.generation - 2), self.rec.generation + 2):
-            remove_tree(self.agent.images_root / local_image(self.name, gen))
+        self._remove_local_images()
         with self.mutex:
             self.rec.state = "stopped"
         return out
@@ -171,7 +172,13 @@ class ActiveSide(Role):
             start = monotonic()
             if not self.paused and self.rec.state not in ("failed over", "fenced"):
                 self.checkpoint()
-            left = self.cfg.interval - (monotonic() - start)
+            # After failures, back off (up to 5 s): every attempt freezes the tree and locks
+            # its connections, and a refusal (CRIU's, a full standby) rarely ends by itself
+            # within an interval.
+            wait = self.cfg.interval * (2 ** min(self.failures, 6)) if self.failures else \
+                self.cfg.interval
+            left = min(max(wait, self.cfg.interval), max(5.0, self.cfg.interval)) - (
+                monotonic() - start)
             self.stop_event.wait(max(left, 0.0))
 
     def checkpoint(self) -> dict[str, Any] | None:
@@ -240,6 +247,7 @@ class ActiveSide(Role):
         try:
             result = dump_for_pair(a, cfg.pid, image, path, opts, str(begun["nonce"]),
                                    generation_image(self.name, gen),
+                                   page_timeout=self._page_timeout(),
                                    network_lock=NetworkLock.XDP, on_notify=on_notify,
                                    dirty_track=self.tracker)
             if self.tracker is not None:
@@ -265,9 +273,11 @@ class ActiveSide(Role):
             committed = True
         finally:
             if not committed:
+                self.standby_said = None
                 with contextlib.suppress(Exception):
-                    standby.call("pair_abort", {"name": self.name, "generation": gen},
-                                 timeout=5.0)
+                    ab = standby.call("pair_abort", {"name": self.name, "generation": gen},
+                                      timeout=5.0).result or {}
+                    self.standby_said = ab.get("page_server_said")
                 remove_tree(path)
         released = 0
         if self.hold is not None and mark:
@@ -277,13 +287,13 @@ class ActiveSide(Role):
         info["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         info["storage_bytes"] = done.get("storage_bytes")
         info["at"] = time.time()
-        if mine != gen:
-            remove_tree(a.images_root / local_image(self.name, mine))
+        self._remove_local_images(keep=image)
         with self.mutex:
             if self.stood_down():
                 return info  # fenced or failed over meanwhile: that state stays
             self.full_reason = None
             self.failures = 0
+            self.first_failure = None
             self.rec.generation = gen
             self.rec.committed_at = time.time()
             self.rec.state, self.rec.reason, self.rec.reason_error = "replicating", None, None
@@ -292,8 +302,35 @@ class ActiveSide(Role):
             self.save()
         return info
 
+    def _remove_local_images(self, keep: str | None = None) -> None:
+        """Every copy of a generation this host keeps for the pair (an agent killed between
+        the standby's commit and its own record may have left one the numbers do not name)."""
+        prefix = f"{self.name}.a"
+        for name in self.agent.image_names():
+            if name.startswith(prefix) and name[len(prefix):].isdigit() and name != keep:
+                remove_tree(self.agent.images_root / name)
+
+    def _page_timeout(self) -> float:
+        """How long a checkpoint waits for a silent standby, the tree frozen meanwhile: long
+        enough for a busy standby, short against what clients tolerate."""
+        return max(2.0, 10 * self.cfg.heartbeat)
+
     def _failed(self, err: BaseException) -> None:
-        why = describe(err)[:KEEP_DEGRADED_REASON]
+        why = describe(err)
+        said, self.standby_said = self.standby_said, None
+        if said:
+            # What the standby's page server logged before its generation was removed
+            # (a full disk shows there, not in the broken channel seen from here).
+            why = f"{why}; the standby's page server said: {said}"
+        # Named with the standby: a broken channel reads as CRIU's own failure otherwise.
+        why = f"the checkpoint to {self.cfg.standby.name} failed: {why}"
+        if self.failures == 0:
+            self.first_failure = why
+        elif self.first_failure and self.first_failure != why:
+            # Later attempts often fail only as a consequence (a full standby resets the
+            # channel): the first cause stays in view until a checkpoint succeeds.
+            why = f"{why} (failing since: {self.first_failure})"
+        why = why[:KEEP_DEGRADED_REASON]
         log.warning("pair %s: checkpoint failed: %s", self.name, why)
         if self.hold is not None:
             with contextlib.suppress(Exception):

@@ -13,6 +13,7 @@ reach the restored sockets, so no lock is needed.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Any
@@ -27,6 +28,8 @@ from orthros_py.agent.pair.runtime import (
     monotonic,
 )
 from orthros_py.errors import OrthrosError
+
+MIN_FREE_BYTES = 4 << 20  # below this the images root counts as full
 
 
 class StandbySide(Role):
@@ -95,6 +98,20 @@ class StandbySide(Role):
             raise bad(f"pair {self.name}: the sender's epoch {epoch} is stale (this standby "
                       f"is at {self.rec.epoch}, {self.rec.state}): stand down")
 
+    def _out_of_space(self) -> str | None:
+        """A sentence if the images root is (nearly) full: a page server that cannot write
+        only breaks the channel, and its own log cannot be written either."""
+        root = self.agent.images_root
+        try:
+            st = os.statvfs(root)
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        if free >= MIN_FREE_BYTES:
+            return None
+        return (f"No space left on device: {free} bytes free in {root} (the pair needs at "
+                "least a generation's worth)")
+
     def begin(self, epoch: int, parent: int | None) -> dict[str, Any]:
         """Open the next generation; incremental on ``parent`` only if that is the newest
         committed one here (the active's copy of it is what CRIU's dump builds on)."""
@@ -103,6 +120,11 @@ class StandbySide(Role):
 
         if self.stale(epoch):
             return {"stand_down": True, "epoch": max(self.rec.epoch, epoch + 1)}
+        full = self._out_of_space()
+        if full:
+            # Refused before the active freezes anything.
+            raise OrthrosError(f"the standby cannot take a generation: {full}",
+                               host=self.agent.name, stage="pair begin")
         latest = self.store.latest()
         gen = (latest.number if latest is not None else 0) + 1
         incremental = parent is not None and latest is not None and parent == latest.number
@@ -144,10 +166,21 @@ class StandbySide(Role):
             log.warning("pair %s: pruning old generations failed: %s", self.name, describe(err))
 
     def abort(self, gen: int) -> dict[str, Any]:
-        self._stop_page_servers(only=generation_image(self.name, gen))
+        image = generation_image(self.name, gen)
+        self._stop_page_servers(only=image)
+        said = None
+        with contextlib.suppress(Exception):
+            from orthros_py.agent.ops.criu import PAGE_SERVER_LOG
+            from orthros_py.criu.log import log_tail, main_reason
+
+            said = main_reason(log_tail(self.agent.images_root / image / PAGE_SERVER_LOG))
+        if not said:
+            said = self._out_of_space()
+        if said:
+            log.warning("pair %s: generation %d failed here: %s", self.name, gen, said)
         with contextlib.suppress(Exception):
             self.store.abort(gen)
-        return {"aborted": gen}
+        return {"aborted": gen, "page_server_said": said}
 
     # -- the watch -----------------------------------------------------------------------------
 
