@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from orthros_py.agent.errors import AgentUnreachable
 from orthros_py.errors import ExitStatus, OrthrosError
 from orthros_py.policies.hosts import (
     Host,
@@ -207,7 +208,15 @@ def _first_generation(active: Host, name: str, wait_s: float,
                       sleep: Callable[[float], None]) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
-        rec = active.agent.request("pair_status", {"name": name})
+        try:
+            rec = active.agent.request("pair_status", {"name": name})
+        except AgentUnreachable:
+            # The first checkpoint may build the lock's BPF program (~10 s of a busy CPU
+            # here): an agent slow to accept meanwhile is not a failed pair.
+            if time.monotonic() > deadline:
+                raise
+            sleep(0.5)
+            continue
         if int(rec.get("generation") or 0) >= 1:
             return rec
         if rec.get("state") == "degraded":
@@ -223,7 +232,7 @@ def _first_generation(active: Host, name: str, wait_s: float,
         if time.monotonic() > deadline:
             raise PairError(f"pair {name} committed no generation within {wait_s:g} s",
                             host=active.name, stage="pair start")
-        sleep(0.05)
+        sleep(0.2)
 
 
 def find(hosts: Sequence[Host], name: str | None = None
