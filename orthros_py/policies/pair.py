@@ -177,7 +177,8 @@ def start(active: Host, standby: Host, pid: int, opts: PairOptions, *,
         for host, role in ((witness, "witness"), (standby, "standby"), (active, "active")):
             if host is None:
                 continue
-            host.agent.request("pair_open", {"config": config, "role": role})
+            # The active builds its lock program first (~10 s the first time on a host).
+            host.agent.request("pair_open", {"config": config, "role": role}, timeout=180.0)
             opened.append(host)
         rec = _first_generation(active, name, wait_s, sleep)
     except BaseException:

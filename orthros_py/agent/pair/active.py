@@ -80,6 +80,13 @@ class ActiveSide(Role):
             except OrthrosError as err:
                 raise OrthrosError(f"pid {self.cfg.pid} is not running on "
                                    f"{self.agent.name}: {err.msg}", pid=self.cfg.pid) from err
+        # The lock's program built and pinned now, in the request that opens the pair (its
+        # caller waits for it), not inside the first checkpoint: a first build takes ~10 s of
+        # a busy CPU, during which this agent answers other requests slowly.
+        from orthros_py.agent.ops.net import _netlock
+
+        with self.agent.netlock_mutex:
+            _netlock(self.agent, "xdp", None).prepare()
         # A pair closed while this ran (an agent taking its roles up again serves meanwhile)
         # must not get a hold, a tracker or threads after its close.
         with self.mutex:
