@@ -191,7 +191,8 @@ class AgentClient:
     # -- checkpoint and restore -----------------------------------------------------------
 
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = CRIU_TIMEOUT, page_nonce: str | None = None) -> RemoteDump:
+             timeout: float = CRIU_TIMEOUT, page_nonce: str | None = None,
+             dirty_track: str | None = None) -> RemoteDump:
         """Checkpoint the tree of ``pid`` on the agent's host into its image ``image``.
         ``opts.pid`` is ignored; ``opts.notify`` cannot cross the RPC. With
         ``opts.page_server``, ``page_nonce`` is the destination's ``PageServerInfo.nonce``."""
@@ -202,6 +203,8 @@ class AgentClient:
                                 "options": options_to_args(opts, exclude=("pid", "notify"))}
         if page_nonce is not None:
             args["page_nonce"] = page_nonce
+        if dirty_track is not None:
+            args["dirty_track"] = validate_name(dirty_track, "dirty_track")
         return RemoteDump.from_dict(self._result("dump", args, timeout=timeout))
 
     def restore(self, image: str, opts: RestoreOptions | None = None, *,
@@ -216,7 +219,8 @@ class AgentClient:
         return RemoteRestore.from_dict(self._result("restore", args, timeout=timeout))
 
     def page_server(self, image: str, *, address: str | None = None,
-                    port: int = 0, log_level: int = 2, wait: float = 600.0) -> PageServerInfo:
+                    port: int = 0, log_level: int = 2, wait: float = 600.0,
+                    parent: str | None = None) -> PageServerInfo:
         """Open the page channel receiving a dump's memory into image ``image``; pass its
         (address, port) as ``DumpOptions.page_server`` and its ``nonce`` as ``page_nonce`` to
         the dumping host's ``dump``. Port 0: any. It waits ``wait`` s for the sender."""
@@ -224,6 +228,8 @@ class AgentClient:
                                 "log_level": log_level, "wait": wait}
         if address is not None:
             args["address"] = address
+        if parent is not None:
+            args["parent"] = validate_name(parent, "parent image name")
         return PageServerInfo.from_dict(self._result("page_server", args))
 
     def page_server_stop(self, image: str) -> dict[str, Any]:

@@ -152,6 +152,11 @@ class Agent:
         self._page_tls: TlsFiles | None = None
         # The pairs this agent takes part in (``orthros_py.agent.ops.pair.pairs_of``).
         self.pairs: Any = None
+        # Lazy (post-copy) migrations under way: image -> its source or destination side
+        # (``orthros_py.agent.ops.lazy``).
+        self.lazy: dict[str, Any] = {}
+        # Dirty trackers kept between the dumps of a pre-copy (name -> DirtyTracker).
+        self.trackers: dict[str, Any] = {}
 
     # -- images ---------------------------------------------------------------------------
 
@@ -241,6 +246,25 @@ class Agent:
                 pid=pid)
         return tree
 
+    def tracker(self, name: str) -> Any:
+        """The dirty tracker called ``name``, made on first use: it holds the userfaultfds
+        that keep a tree's memory tracked from one dump to the next."""
+        from orthros_py.criu.dirtytrack import DirtyTracker
+
+        with self.mutex:
+            tracker = self.trackers.get(name)
+            if tracker is None:
+                tracker = self.trackers[name] = DirtyTracker()
+            return tracker
+
+    def close_tracker(self, name: str) -> bool:
+        with self.mutex:
+            tracker = self.trackers.pop(name, None)
+        if tracker is None:
+            return False
+        tracker.close()
+        return True
+
     def close(self) -> None:
         """At the agent's exit: stop the page servers still waiting for a dump (nobody could
         stop them later). Restored trees are left running: init inherits them."""
@@ -253,6 +277,13 @@ class Agent:
             if server.alive():
                 log.info("stopping page server %d of image %s", server.pid, server.image)
             server.stop()
+        with self.mutex:
+            lazy, self.lazy = list(self.lazy.values()), {}
+            trackers, self.trackers = list(self.trackers.values()), {}
+        for side in lazy:
+            side.stop()
+        for tracker in trackers:
+            tracker.close()
 
     def page_tls(self) -> TlsFiles:
         """The page channel's certificate files, derived from the cluster key (written once,
@@ -266,13 +297,23 @@ class Agent:
     # -- facts ----------------------------------------------------------------------------
 
     def criu_info(self) -> dict[str, Any]:
-        """CRIU's path and version, looked up once (``criu --version`` forks)."""
+        """CRIU's path and version, and whether it tracks memory (incremental dumps, pre-copy)
+        and restores lazily here, looked up once (each answer forks CRIU)."""
         if self._criu is None:
             from orthros_py.criu.binary import find_criu
+            from orthros_py.criu.request import feature_request
+            from orthros_py.criu.session import CriuSession
 
             try:
                 binary = find_criu()
-                self._criu = {"path": binary.path, "version": binary.version_str, "error": None}
+                info: dict[str, Any] = {"path": binary.path, "version": binary.version_str,
+                                        "error": None, "mem_track": False, "lazy_pages": False}
+                with contextlib.suppress(OrthrosError):
+                    feats = CriuSession(binary, timeout=60).call(feature_request()).features
+                    info.update(mem_track=bool(feats.mem_track),
+                                lazy_pages=bool(feats.lazy_pages))
+                self._criu = info
             except OrthrosError as err:
-                self._criu = {"path": None, "version": None, "error": str(err)}
+                self._criu = {"path": None, "version": None, "error": str(err),
+                              "mem_track": False, "lazy_pages": False}
         return self._criu

@@ -548,4 +548,135 @@ def _ms3(v: float | None) -> str:
     return fmt_ms(v, 3)
 
 
+# --- orthros bench lazy ------------------------------------------------------------------------
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    from orthros_py.bench.lazy.model import parse_sizes
+
+    return parse_sizes(text)
+
+
+def _lazy_methods(text: str) -> tuple[str, ...]:
+    from orthros_py.bench.lazy.model import parse_methods
+
+    return parse_methods(text)
+
+
+@bench.command("lazy")
+@click.option("--sizes", type=_ListOf("LIST", _sizes), default="256,1024,2048",
+              show_default=True, help="Workload sizes in MiB (2g also works).")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True,
+              help="Rounds per size; each round migrates once with every method, in an order "
+                   "shuffled by --seed.")
+@click.option("--methods", type=_ListOf("LIST", _lazy_methods),
+              default="eager,precopy,lazy,precopy+lazy", show_default=True,
+              help="Methods to compare (eager is the base of the ratios).")
+@click.option("--hot-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Share of the workload's pages its worker keeps reading and writing.")
+@click.option("--hot-layout", type=click.Choice(["first", "spread"]), default="first",
+              show_default=True, help="The hot pages: the first ones, or spread evenly.")
+@click.option("--rate", type=click.FloatRange(0), default=2000.0, show_default=True,
+              help="Hot pages the worker visits a second (0: no limit).")
+@click.option("--read-only-hot", is_flag=True,
+              help="The worker only reads its hot pages (what write tracking misses).")
+@click.option("--ping-rate", type=click.FloatRange(1), default=100.0, show_default=True,
+              help="The client's PINGs a second.")
+@click.option("--settle", "settle_s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds the client keeps measuring after migrate returns.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the methods' order [default: a random one, recorded].")
+@click.option("--port", type=click.IntRange(1, 65535), default=7070, show_default=True)
+@click.option("--no-warmup", is_flag=True, help="Skip the unrecorded first migration.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/lazy-<timestamp>].")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again "
+                                 "(markdown, plots, tables) into its directory.")
+@click.option("--json", "as_json", is_flag=True, help="Also print results.json on stdout.")
+@click.pass_obj
+def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
+         hot_fraction: float, hot_layout: str, rate: float, read_only_hot: bool,
+         ping_rate: float, settle_s: float, seed: int | None, port: int, no_warmup: bool,
+         out: Path | None, from_json: Path | None, as_json: bool) -> None:
+    """Migrate a memory workload (``orthros_py.workloads.memhog``) of each size back and forth
+    between two lab hosts, eagerly, with pre-copy rounds, lazily (post-copy) and with both,
+    interleaved: downtime, the client's time to first response, total time until the source
+    is free, bytes sent, pages faulted and pushed. Every migration must leave every page
+    right (the workload's VERIFY). Reports lazy downtime against eager at 1 GiB and across
+    sizes.
+
+    Needs root. Builds a lab of two hosts and tears it down, also on Ctrl-C.
+    """
+    from orthros_py.bench import lazy as lb
+
+    if from_json is not None:
+        res = lb.load_results(from_json)
+        made = lb.write_outputs(res, from_json.parent)
+        render_lazy(env, res)
+        _say_files(env, made)
+        if as_json:
+            env.emit_json(res.to_dict())
+        return
+    cfg = lb.BenchConfig(sizes=sizes, reps=reps, methods=methods, hot_fraction=hot_fraction,
+                         hot_layout=hot_layout, rate=rate, read_only_hot=read_only_hot,
+                         ping_rate=ping_rate, settle_s=settle_s, seed=seed,
+                         out=out or lb.default_out(), port=port, warmup=not no_warmup)
+    env.console.print(f"[bold]lazy benchmark[/]: {reps} rounds x {len(methods)} methods at "
+                      f"{', '.join(f'{s:,}' for s in sizes)} MiB -> {escape(str(cfg.out))}")
+
+    def progress(msg: str) -> None:
+        env.console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)
+
+    def on_run(rec: Any, i: int, n: int) -> None:
+        env.console.print(f"[{i}/{n}] {escape(lb.run_line(rec))}", soft_wrap=True,
+                          style=None if rec.ok else "red")
+
+    bench_ = lb.LazyBench(cfg, progress=progress, on_run=on_run)
+    with _term_as_interrupt():
+        res = bench_.run()
+    render_lazy(env, res)
+    _say_files(env, sorted(cfg.out.glob("*.*")))
+    if res.wall_s is not None:
+        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
+    if as_json:
+        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
+    if any(not r.ok for r in res.runs):
+        raise SystemExit(1)
+
+
+def render_lazy(env: Env, res: Any) -> None:
+    from orthros_py.bench.lazy import model as lm
+
+    wide = _wide(env)
+    cells = res.cells
+    for size in sorted({c.size_mib for c in cells}):
+        mine = [c for c in cells if c.size_mib == size]
+        t = Table(title=f"{size:,} MiB (medians \\[min-max])", title_justify="left")
+        t.add_column("")
+        for c in mine:
+            t.add_column(c.method, justify="right")
+        t.add_row("ok", *(f"{c.ok}/{c.runs}" for c in mine))
+        for key, label, unit in lm.METRICS:
+            t.add_row(label + (" ms" if unit == "ms" else ""),
+                      *(lm.fmt_metric(c.figures[key], unit) for c in mine),
+                      style="bold" if key == "downtime_ms" else None)
+        t.add_row("downtime / eager",
+                  *(_pct(c.ratios["downtime_ms"].median) if c.ratios else "100%"
+                    for c in mine))
+        wide.print(t)
+    tg = Table(title="targets", title_justify="left")
+    for col in ("target", "goal", "measured", "", "detail"):
+        tg.add_column(col)
+    for x in res.targets:
+        mark = {True: "[green]met[/]", False: "[red]not met[/]", None: "[dim]—[/]"}[x.met]
+        tg.add_row(escape(x.name), escape(x.goal), escape(x.value), mark, escape(x.detail))
+    wide.print(tg)
+    for n in res.notes:
+        env.console.print(f"[dim]note: {escape(n)}[/]", soft_wrap=True)
+    for r in res.runs:
+        if not r.ok:
+            env.console.print(f"[red]{escape(lm.run_line(r))}[/]", soft_wrap=True)
+
+
 COMMANDS = [bench]

@@ -33,8 +33,11 @@ if TYPE_CHECKING:
 LOCKS = tuple(m.value for m in (NetworkLock.XDP, NetworkLock.NFTABLES, NetworkLock.IPTABLES,
                                 NetworkLock.SKIP))
 # The rows of the timings table (the policy measures a few more; --json has them all).
-TABLE_ROWS = ("lock", "dump", "transfer", "address move", "restore", "unlock", "total")
+TABLE_ROWS = ("pre-copy", "lock", "dump", "transfer", "address move", "restore", "unlock",
+              "memory", "total")
 EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "criu restore")
+LAZY_RISK = ("with --lazy the tree runs on the destination before its memory has arrived: "
+             "until the last page has crossed, the death of either host loses the service")
 
 
 @click.command()
@@ -66,6 +69,15 @@ EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "cri
               default="soft", show_default=True,
               help="How strictly the tree's cgroups are recreated (CRIU's modes; 'ignore' "
                    "leaves them behind). The destination is checked first either way.")
+@click.option("--lazy", is_flag=True,
+              help="Post-copy: restore on the destination before the memory has arrived "
+                   "(pages fetched on demand, the rest pushed), so the freeze does not grow "
+                   "with the memory. RISK: until the last page has crossed, the death of either "
+                   "host loses the service.")
+@click.option("--precopy/--no-precopy", default=None,
+              help="Copy the memory in rounds while the tree runs, each only what was written "
+                   "since the last, before the final freeze [default: for trees of 64 MiB or "
+                   "more, where the source's CRIU tracks memory].")
 @click.option("--keep-images", is_flag=True,
               help="Keep the images (and CRIU's logs) on both hosts afterwards, also after a "
                    "rollback.")
@@ -78,7 +90,8 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             shell_job: bool, ext_unix_sk: bool, file_locks: bool, link_remap: bool,
             ghost_limit: int | None, skip_in_flight: bool, evasive_devices: bool,
             external: tuple[str, ...], restore_external: tuple[str, ...], manage_cgroups: str,
-            keep_images: bool, journal_dir: Path | None, as_json: bool) -> None:
+            lazy: bool, precopy: bool | None, keep_images: bool, journal_dir: Path | None,
+            as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
     from orthros_py.cluster import Cluster
@@ -101,14 +114,17 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
                            ghost_limit=ghost_limit, skip_in_flight=skip_in_flight,
                            evasive_devices=evasive_devices, dump_external=external,
                            restore_external=restore_external,
-                           manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images)
+                           manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images,
+                           lazy=lazy, precopy=precopy)
     from orthros_py.policies.journal import Journal
 
     job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest),
                     journal=Journal(journal_dir) if journal_dir else Journal())
+    if lazy:
+        env.console.print(f"[yellow]warning:[/] {LAZY_RISK}")
     if not as_json:
         env.console.print(f"migrating pid {pid} from [bold]{source}[/] to [bold]{dest}[/] "
-                          f"({network_lock} lock)")
+                          f"({network_lock} lock" + (", post-copy" if lazy else "") + ")")
     # SIGTERM (a service manager, a `timeout`) rolls back like Ctrl-C instead of leaving the
     # tree stopped and locked half way.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -138,6 +154,8 @@ def render_result(env: Env, r: MigrationResult) -> None:
     for row in TABLE_ROWS:
         if row == "total":
             timings.add_section()
+        if row in ("pre-copy", "memory") and row not in r.timings_ms:
+            continue
         timings.add_row(row, f"{r.timings_ms.get(row, 0.0):.1f}")
     timings.add_section()
     for row in EXTRA_ROWS:
@@ -152,6 +170,15 @@ def render_result(env: Env, r: MigrationResult) -> None:
                         ("CRIU frozen ms", "-" if r.frozen_ms is None else f"{r.frozen_ms:.1f}"),
                         ("new pid", r.new_pid)):
         counts.add_row(name, str(value))
+    if r.precopy:
+        rounds = r.precopy.get("rounds", [])
+        counts.add_row("pre-copy rounds", str(len(rounds)))
+        counts.add_row("pre-copy pages", " + ".join(str(x["pages"]) for x in rounds))
+    if r.lazy:
+        counts.add_row("pages faulted on demand", str(r.lazy.get("pages_faulted")))
+        counts.add_row("pages pushed", str(r.lazy.get("pages_pushed")))
+        last = r.lazy.get("last_page_ms")
+        counts.add_row("last page ms after serving", "-" if last is None else f"{last:.1f}")
     con.print(timings)
     con.print(counts)
     restored = r.cgroups.get("restore") or {}

@@ -65,6 +65,7 @@ def _net_lock(method: CriuNetworkLock) -> int:
 
 
 DUMP_LOG = "dump.log"
+PRE_DUMP_LOG = "pre-dump.log"
 GLOBAL_CG_ROOT = "*"  # a cgroup root for every hierarchy not named otherwise
 RESTORE_LOG = "restore.log"
 # criu_opts.ghost_limit is a uint32; CRIU's own default is 1 MiB.
@@ -150,6 +151,12 @@ class DumpOptions(CommonOptions):
     # Previous image directory, relative to this one, for incremental dumps.
     parent_img: str | None = None
     track_mem: bool = False
+    # Post-copy: the private anonymous memory stays behind, and the dump ends as a page server
+    # that serves it to the destination's lazy-pages daemon (on the socket CriuSession's
+    # ``ps_fd`` names), returning once the last page has gone.
+    lazy_pages: bool = False
+    # A pre-dump (a pre-copy round): memory only, the tree runs on while it is sent.
+    pre_dump: bool = False
     freeze_cgroup: str | None = None
     # Only these cgroup hierarchies (as /proc/PID/cgroup names them; "" is v2) go into the
     # images; the others are left to the restorer. Empty: all.
@@ -200,8 +207,10 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
     rpc = pycriu_rpc()
     if o.pid <= 0:
         raise ValueError("a dump needs the pid of the tree's root")
-    req = rpc.criu_req(type=rpc.DUMP)
-    _common(req.opts, o, images_dir_fd, DUMP_LOG)
+    if o.pre_dump and (o.lazy_pages or o.leave_stopped):
+        raise ValueError("a pre-dump only copies memory: it cannot be lazy or stop the tree")
+    req = rpc.criu_req(type=rpc.PRE_DUMP if o.pre_dump else rpc.DUMP)
+    _common(req.opts, o, images_dir_fd, PRE_DUMP_LOG if o.pre_dump else DUMP_LOG)
     req.opts.pid = o.pid
     req.opts.leave_running = o.leave_running
     if o.leave_running and o.leave_stopped:
@@ -213,6 +222,7 @@ def dump_request(o: DumpOptions, images_dir_fd: int) -> Any:
     if o.ghost_limit is not None:
         req.opts.ghost_limit = o.ghost_limit
     req.opts.track_mem = o.track_mem
+    req.opts.lazy_pages = o.lazy_pages
     if o.page_server is not None:
         req.opts.ps.address, req.opts.ps.port = o.page_server
     if o.parent_img:

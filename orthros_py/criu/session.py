@@ -46,7 +46,8 @@ class CriuSession:
 
     def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0,
                  tls: TlsFiles | None = None, pass_fds: tuple[int, ...] = (),
-                 dirty_track: socket.socket | None = None) -> None:
+                 dirty_track: socket.socket | None = None,
+                 ps_fd: int | None = None) -> None:
         self.binary = binary or find_criu()
         self.timeout = timeout
         # The page channel: CRIU runs TLS on its page-server connection, which may be a
@@ -56,6 +57,9 @@ class CriuSession:
         # Where a dump sends the userfaultfds that track its memory on (orthros's CRIU patch
         # 0002; a DirtyTracker's socket_for_criu()), inherited by swrk.
         self.dirty_track = dirty_track
+        # A lazy dump's page-server socket, connected and authenticated by orthros (``ps.fd``;
+        # orthros's CRIU patch 0003 lets a lazy dump take it), inherited by swrk.
+        self.ps_fd = ps_fd
 
     def call(
         self,
@@ -71,6 +75,11 @@ class CriuSession:
         if self.dirty_track is not None and req.type in (rpc.DUMP, rpc.PRE_DUMP):
             set_dirty_track_sk(req.opts, self.dirty_track.fileno())
             pass_fds.append(self.dirty_track.fileno())
+        if self.ps_fd is not None and req.type == rpc.DUMP:
+            req.opts.ps.SetInParent()
+            req.opts.ps.port = 0
+            req.opts.ps.fd = self.ps_fd
+            pass_fds.append(self.ps_fd)
         dir_fd = -1
         if images_dir is not None:
             dir_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)

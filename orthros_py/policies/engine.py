@@ -186,7 +186,9 @@ class Policy:
     ``point_of_no_return`` are rolled back when one fails; those after it are not."""
 
     kind: ClassVar[str]  # the journal record's kind
-    stages: ClassVar[tuple[PolicyStage, ...]]  # the forward stages, in order
+    # The forward stages, in order (a policy whose stages depend on its options sets them per
+    # instance).
+    stages: tuple[PolicyStage, ...]
     point_of_no_return: ClassVar[PolicyStage]  # the last stage a failure rolls back
     self_timed: ClassVar[frozenset[str]] = frozenset()  # stages that time their own rows
 

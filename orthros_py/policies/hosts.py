@@ -47,10 +47,11 @@ class AgentAPI(Protocol):
                        netns: str | None = None, detach: Iterable[str] = (),
                        tidy: bool = False) -> list[str]: ...
     def page_server(self, image: str, *, address: str | None = None, port: int = 0,
-                    log_level: int = 2) -> PageServerInfo: ...
+                    log_level: int = 2, parent: str | None = None) -> PageServerInfo: ...
     def page_server_stop(self, image: str) -> dict[str, Any]: ...
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = 600.0, page_nonce: str | None = None) -> RemoteDump: ...
+             timeout: float = 600.0, page_nonce: str | None = None,
+             dirty_track: str | None = None) -> RemoteDump: ...
     def restore(self, image: str, opts: RestoreOptions | None = None, *,
                 timeout: float = 600.0) -> RemoteRestore: ...
     def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
@@ -117,13 +118,15 @@ class TreeFacts:
     conns: tuple[Conn, ...]  # everything a lock must cover
     interfaces: tuple[str, ...] = ()  # where their packets leave
     in_agent_netns: bool = True
+    rss: int = 0  # resident bytes of all its processes (what a dump must copy, about)
 
     @classmethod
     def from_agent(cls, data: Mapping[str, Any]) -> TreeFacts:
         return cls(int(data["pid"]), tuple(int(p["pid"]) for p in data["processes"]),
                    tuple(Conn.parse(c) for c in data["conns"]),
                    tuple(str(i) for i in data.get("interfaces", [])),
-                   bool(data.get("agent_netns", True)))
+                   bool(data.get("agent_netns", True)),
+                   sum(int(p.get("rss", 0)) for p in data["processes"]))
 
 
 def shared_pid_space(a: HostFacts, b: HostFacts) -> bool | None:

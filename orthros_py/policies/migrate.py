@@ -6,6 +6,12 @@ The stages, in order (``Stage``)::
     PREPARE   ask both agents what they are and hold; find the tree, its connections and the
               service address; plan (``plan``, pure); load the lock on both hosts, attach it on
               the source; open the destination's page channel (``agent.pagechan``)
+    PRE-COPY  (``--precopy``; by default for a tree of ``precopy_auto_bytes`` or more where the
+              source's CRIU tracks memory) rounds of CRIU pre-dumps while the tree runs, each
+              sending only the pages written since the previous one (orthros's CRIU patch 0002:
+              userfaultfd write-protection where soft-dirty is missing) into an image of its
+              own on the destination, until a round no longer shrinks (``precopy_*``); the
+              final dump is then incremental to the last round
     LOCK      silence the tree's connections on the source (XDP: map writes only)
     DUMP      CRIU dump on the source, memory streamed to the destination's page server over
               the page channel (proven with the cluster key, then TLS), the tree left
@@ -19,7 +25,19 @@ The stages, in order (``Stage``)::
     UNLOCK    kill the stopped source tree (silently: its sockets are in repair mode), unlock
               both hosts, take the lock programs off their interfaces
     VERIFY    the restored tree runs and holds its connections, established
+    MEMORY    (``--lazy``) wait until the last lazy page has reached the destination
     CLEANUP   remove the images on both hosts
+
+Post-copy (``lazy``): the dump leaves the tree's private anonymous memory in its page pipes and
+serves it from there (``agent.ops.lazy``); the destination restores with CRIU's lazy pages, so
+the tree runs there before its memory has arrived, faulting pages in on demand while the rest is
+pushed. The frozen time no longer grows with the memory; the risk moves instead: until the last
+page has crossed, the tree's memory is split between two hosts, and the death of either loses
+the service. Where the hosts share a PID space the stopped source tree must go before the
+restore, and with it the last copy of its memory outside the dump's page pipes: the point of no
+return moves to the start of the lazy restore (a failure from there on is reported as the
+service lost, and both hosts are cleaned; a source whose clients may have talked to the
+destination is never resumed).
 
 Why the source tree is left stopped rather than killed by the dump: its memory went to the
 destination only (written once, as the page server receives it), so the source has no complete
@@ -52,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import ipaddress
 import secrets
 import time
@@ -60,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orthros_py.agent.messages import FileInfo, PageServerInfo, RemoteDump, RemoteRestore
+from orthros_py.agent.protocol import options_to_args
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.cgroup.model import CgroupFile
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
@@ -101,6 +121,7 @@ __all__ = ["Event", "Facts", "Host", "HostFacts", "MigrateConfig", "Migration",
            "shared_pid_space"]
 
 KIND = "migrate"  # its journal records' kind
+PAGE_BYTES = 4096
 
 # --- stages, methods, configuration --------------------------------------------------------------
 
@@ -110,6 +131,7 @@ class Stage(PolicyStage):
     when one of them before the point of no return fails."""
 
     PREPARE = "prepare"
+    PRECOPY = "pre-copy"
     LOCK = "lock"
     DUMP = "dump"
     TRANSFER = "transfer"
@@ -117,6 +139,7 @@ class Stage(PolicyStage):
     RESTORE = "restore"
     UNLOCK = "unlock"
     VERIFY = "verify"
+    MEMORY = "memory"
     CLEANUP = "cleanup"
     # The engine's names (``engine.DONE``, ...), which its events carry.
     DONE = "done"
@@ -131,8 +154,8 @@ class Stage(PolicyStage):
 
 # A failure in one of these rolls back. RESTORE is the last: only its success passes the point
 # of no return.
-_BEFORE_PONR = frozenset({Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
-                          Stage.RESTORE})
+_BEFORE_PONR = frozenset({Stage.PREPARE, Stage.PRECOPY, Stage.LOCK, Stage.DUMP, Stage.TRANSFER,
+                          Stage.ADDRESS, Stage.RESTORE})
 
 
 @dataclass(frozen=True)
@@ -174,23 +197,56 @@ class MigrateConfig:
     dest_retry_s: float = 15.0
     retry_interval_s: float = 0.5
     keep_images: bool = False  # leave the images on both hosts, after a rollback too
+    # Post-copy: the tree runs on the destination before its memory has arrived (see above).
+    lazy: bool = False
+    # Pre-copy rounds: True, False, or None to decide (the source's CRIU tracks memory, the
+    # tree holds at least precopy_auto_bytes and has no userfaultfd of its own).
+    precopy: bool | None = None
+    # P.Haul's thresholds: at most this many rounds; stop once a round sends fewer pages than
+    # precopy_min_pages, or more than precopy_growth times the round before (not converging).
+    precopy_max_rounds: int = 8
+    precopy_min_pages: int = 64
+    precopy_growth: float = 1.10
+    # Below this, a round costs more (a CRIU run, a page channel) than it saves.
+    precopy_auto_bytes: int = 64 << 20
+    # How long the last lazy page may take to arrive after the restore.
+    lazy_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("prepare_timeout_s", "dump_timeout_s", "transfer_timeout_s",
-                     "restore_timeout_s", "verify_timeout_s", "kill_wait_s", "dest_retry_s"):
+                     "restore_timeout_s", "verify_timeout_s", "kill_wait_s", "dest_retry_s",
+                     "lazy_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.criu_log_level <= 4:
             raise ValueError("criu_log_level must be 0-4")
+        if not 1 <= self.precopy_max_rounds <= 64:
+            raise ValueError("precopy_max_rounds must be 1-64")
+        if self.precopy_min_pages < 0 or self.precopy_growth < 1.0:
+            raise ValueError("precopy_min_pages must not be negative, precopy_growth not "
+                             "below 1")
         if self.service_ip is not None:
             parse_service_ip(self.service_ip)
         # Refuse bad CRIU options here, before anything stops the tree.
         self.dump_options(("", 0))
         self.restore_options()
 
-    def dump_options(self, page_server: tuple[str, int]) -> DumpOptions:
+    def precopy_options(self, page_server: tuple[str, int], parent: str | None) -> DumpOptions:
+        """One pre-copy round: a pre-dump (memory only, the tree runs on) tracking the tree's
+        memory from now on, incremental to the previous round."""
+        return DumpOptions(
+            pre_dump=True, track_mem=True, parent_img=f"../{parent}" if parent else None,
+            page_server=page_server, network_lock=CriuNetworkLock.SKIP,
+            log_level=self.criu_log_level, shell_job=self.shell_job,
+            manage_cgroups=CgroupMode.IGNORE)
+
+    def dump_options(self, page_server: tuple[str, int] | None,
+                     parent: str | None = None) -> DumpOptions:
+        """The final dump's options; ``parent``: the last pre-copy round, which it is
+        incremental to (only the pages written since then are sent)."""
         # CRIU is told skip whatever the method: orthros's agents hold the lock (see network_lock).
         return DumpOptions(
+            track_mem=parent is not None, parent_img=f"../{parent}" if parent else None,
             tcp_established=self.tcp_established, ext_unix_sk=self.ext_unix_sk,
             shell_job=self.shell_job, file_locks=self.file_locks,
             manage_cgroups=self.manage_cgroups, network_lock=CriuNetworkLock.SKIP,
@@ -356,12 +412,24 @@ class Done:
     released: bool = False  # the held source tree was killed
     restored_pid: int | None = None
     restore_in_doubt: bool = False  # the destination may have restored it: it did not say
+    # Pre-copy: its rounds' images (on both hosts) and the source's tracker of the tree's memory.
+    precopy_images: tuple[str, ...] = ()
+    tracker: str | None = None
+    # Post-copy: the destination listens for the lazy dump; the source dumped lazily (its
+    # memory lives in that dump's page pipes until the destination has it); the destination
+    # restored lazily.
+    lazy_listen: bool = False
+    lazy_dump: bool = False
+    lazy_restore: bool = False
 
 
 class Undo(enum.Enum):
     """One rollback step, and the host that performs it."""
 
     STOP_PAGE_SERVER = ("dest", "stop the page server")
+    STOP_LAZY_DEST = ("dest", "close the lazy restore's page channel")
+    STOP_LAZY_SOURCE = ("source", "end the lazy dump")
+    STOP_TRACKING = ("source", "stop tracking the tree's memory")
     ADDRESS_OFF_DEST = ("dest", "take the service address off the destination")
     ADDRESS_ON_SOURCE = ("source", "put the service address back on the source")
     RESUME_SOURCE = ("source", "resume the stopped tree on the source")
@@ -400,7 +468,8 @@ class Undo(enum.Enum):
     @property
     def leaves_litter(self) -> bool:
         """Failing it leaves files or records, not a lock, an address or a stopped tree."""
-        return self in (Undo.STOP_PAGE_SERVER, Undo.REMOVE_IMAGE_DEST, Undo.REMOVE_IMAGE_SOURCE)
+        return self in (Undo.STOP_PAGE_SERVER, Undo.REMOVE_IMAGE_DEST, Undo.REMOVE_IMAGE_SOURCE,
+                        Undo.STOP_LAZY_DEST, Undo.STOP_LAZY_SOURCE, Undo.STOP_TRACKING)
 
 
 def rollback_plan(done: Done) -> list[Undo]:
@@ -408,14 +477,23 @@ def rollback_plan(done: Done) -> list[Undo]:
     returns), locks lifted after that (its connections flow again only once it is there),
     images last. The images stay if the tree cannot be brought back (see ``Migration``)."""
     steps: list[Undo] = []
-    if done.page_server:
+    if done.page_server or done.precopy_images:
         steps.append(Undo.STOP_PAGE_SERVER)
+    if done.lazy_listen or done.lazy_restore:
+        steps.append(Undo.STOP_LAZY_DEST)
+    if done.lazy_dump:
+        steps.append(Undo.STOP_LAZY_SOURCE)
+    if done.tracker:
+        steps.append(Undo.STOP_TRACKING)
     if done.address_on_dest:
         steps.append(Undo.ADDRESS_OFF_DEST)
     if done.address_off_source:
         steps.append(Undo.ADDRESS_ON_SOURCE)
     if done.held and done.released:
-        steps.append(Undo.RESTORE_SOURCE)
+        # After a lazy dump the memory was never anywhere but in its page pipes: nothing can
+        # bring the tree back (the point of no return was its release).
+        if not done.lazy_dump:
+            steps.append(Undo.RESTORE_SOURCE)
     elif done.held:
         steps.append(Undo.RESUME_SOURCE)
     if done.src_locked or done.src_attached:
@@ -451,6 +529,21 @@ class MigrationResult:
     warnings: list[str] = field(default_factory=list)
     # The cgroups carried: the dump's and the restore's reports (groups, timings, mismatches).
     cgroups: dict[str, Any] = field(default_factory=dict)
+    # Pre-copy rounds ({pages, bytes, ms} each) and, after a lazy restore, how its memory came
+    # (pages faulted on demand and pushed, when the last one arrived, bytes).
+    precopy: dict[str, Any] | None = None
+    lazy: dict[str, Any] | None = None
+
+    @property
+    def bytes_total(self) -> int:
+        """Everything that crossed: the image files, the frozen dump's pages, the pre-copy
+        rounds' pages and the lazy pages (page data only: the channel's framing aside)."""
+        total = self.bytes_transferred + self.pages * 4096
+        if self.precopy:
+            total += int(self.precopy.get("pages", 0)) * 4096
+        if self.lazy:
+            total += int(self.lazy.get("pages_copied") or self.lazy.get("pages_total") or 0) * 4096
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -461,10 +554,11 @@ class MigrationResult:
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "counts": {"processes": self.processes, "connections": self.connections,
                        "established_after": self.established, "pages": self.pages,
-                       "bytes_transferred": self.bytes_transferred},
+                       "bytes_transferred": self.bytes_transferred,
+                       "bytes_total": self.bytes_total},
             "criu_frozen_ms": None if self.frozen_ms is None else round(self.frozen_ms, 3),
             "warnings": list(self.warnings), "notes": list(self.plan.notes),
-            "cgroups": self.cgroups,
+            "cgroups": self.cgroups, "precopy": self.precopy, "lazy": self.lazy,
         }
 
 
@@ -549,8 +643,10 @@ class Migration(Policy):
     """One migration of the tree of ``pid`` from ``source`` to ``dest``; ``run()`` once."""
 
     kind = KIND
-    stages = (Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
-              Stage.RESTORE, Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP)
+    # Every stage there is; an instance drops those its options do not use (``__init__``).
+    stages: tuple[PolicyStage, ...] = (
+        Stage.PREPARE, Stage.PRECOPY, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
+        Stage.RESTORE, Stage.UNLOCK, Stage.VERIFY, Stage.MEMORY, Stage.CLEANUP)
     # Only the restore's success passes it: the tree runs on the destination.
     point_of_no_return = Stage.RESTORE
     # Its destination lock counts as "lock", the move itself as "address move".
@@ -570,6 +666,10 @@ class Migration(Policy):
         self.config = config or MigrateConfig()
         self.candidates = tuple(candidates)
         self.image = image or new_image_name(pid)
+        self.stages = tuple(
+            st for st in Migration.stages
+            if (st is not Stage.PRECOPY or self.config.precopy is not False)
+            and (st is not Stage.MEMORY or self.config.lazy))
         self.done = Done()
         self.plan: Plan | None = None
         self._dumped: RemoteDump | None = None
@@ -580,6 +680,11 @@ class Migration(Policy):
         self._lock_started: float | None = None
         self._page_server: PageServerInfo | None = None
         self._cgroup_roots: dict[str, str] = {}  # where the destination recreates the groups
+        self._tree: TreeFacts | None = None
+        self._src_criu: Mapping[str, Any] = {}
+        self._parent: str | None = None  # the last pre-copy round's image
+        self._rounds: list[dict[str, Any]] = []
+        self._lazy: dict[str, Any] | None = None
 
     # -- what the engine asks of a policy ----------------------------------------------------
 
@@ -598,7 +703,8 @@ class Migration(Policy):
                             dict(self._cgroup_roots)).to_dict()
 
     def step(self, stage: PolicyStage) -> Callable[[], None]:
-        return {Stage.PREPARE: self._prepare, Stage.LOCK: self._lock_source,
+        return {Stage.PREPARE: self._prepare, Stage.PRECOPY: self._precopy,
+                Stage.LOCK: self._lock_source, Stage.MEMORY: self._memory,
                 Stage.DUMP: self._dump, Stage.TRANSFER: self._transfer,
                 Stage.ADDRESS: self._address, Stage.RESTORE: self._restore,
                 Stage.UNLOCK: self._unlock_stage, Stage.VERIFY: self._verify,
@@ -642,6 +748,8 @@ class Migration(Policy):
         if self.done.src_image and not self.done.held and steps.holds(self.source, self.pid):
             self.done.held = True  # the dump succeeded but its answer was lost with us
         known, found = self._restored_on_dest()
+        if self.done.lazy_dump and (self.done.released or found is not None):
+            return self._recover_lazy(died_in, known, found)
         if found is not None:
             self._restored_pid = found
             self.done.restored_pid = found
@@ -673,6 +781,31 @@ class Migration(Policy):
                         out.pid if out.tree_back else None, self.source.name,
                         problems=out.problems, leftovers=out.leftovers)
 
+    def _recover_lazy(self, died_in: Stage, known: bool, found: int | None) -> Recovery:
+        """A lazy migration past its point of no return: finished if the destination runs the
+        tree and has all its memory (or gets it now), else the service is lost and both hosts
+        are cleaned. The source is never resumed: its clients may have talked to the copy."""
+        if found is not None:
+            self._restored_pid = found
+            self.done.restored_pid = found
+            self.note(f"{self.dest.name} runs the tree as pid {found}: waiting for its memory")
+            try:
+                for stage in (Stage.UNLOCK, Stage.VERIFY, Stage.MEMORY, Stage.CLEANUP):
+                    with self.enter(stage):
+                        self.step(stage)()
+            except MigrationError as lost:
+                return Recovery(self.image, self.pid, died_in.value, "lost", None,
+                                self.dest.name, problems=[str(lost), *lost.problems])
+            self.stage = Stage.DONE
+            self.forget()
+            return Recovery(self.image, self.pid, died_in.value, "completed", found,
+                            self.dest.name, warnings=list(self.warnings))
+        why = (f"{self.dest.name} does not answer" if not known
+               else f"{self.dest.name} does not run the restored tree")
+        gone = self._lost(why)
+        return Recovery(self.image, self.pid, died_in.value, "lost", None, self.dest.name,
+                        problems=[str(gone), *gone.problems])
+
     def _prepare(self) -> None:
         cfg, src, dst = self.config, self.source, self.dest
         with self.on(src):
@@ -693,6 +826,16 @@ class Migration(Policy):
                       HostFacts.from_agent(dst.name, dst.address, dst_status, dst_ifaces),
                       tree, self.candidates)
         self.plan = plan(facts, cfg, self.image)
+        self._tree, self._src_criu = tree, src_status.get("criu") or {}
+        self._tree_uffd = tree_data.get("userfaultfd")
+        if cfg.lazy and not self._src_criu.get("lazy_pages", True):
+            raise PlanError(f"CRIU on {src.name} cannot restore lazily (no userfaultfd for "
+                            "it there): migrate without --lazy", host=src.name,
+                            stage=str(self.stage))
+        if cfg.lazy and not (dst_status.get("criu") or {}).get("lazy_pages", True):
+            raise PlanError(f"CRIU on {dst.name} cannot restore lazily (no userfaultfd for "
+                            "it there): migrate without --lazy", host=dst.name,
+                            stage=str(self.stage))
         for note in self.plan.notes:
             self.note(note)
         if cfg.manage_cgroups is not CgroupMode.IGNORE:
@@ -709,10 +852,99 @@ class Migration(Policy):
                 with self.on(src):
                     steps.lock(src, backend, ifaces=self.plan.src_lock_ifaces,
                                timeout=cfg.prepare_timeout_s)
-        self.done.page_server = self.done.dest_image = True
+        if Stage.PRECOPY not in self.stages:
+            self._open_page_channel()
+
+    def _open_page_channel(self) -> None:
+        """The destination's page channel for the final dump: a page server, or for a lazy
+        dump the listener its lazy restore takes the connection from; incremental to the last
+        pre-copy round if there was one."""
+        cfg, dst = self.config, self.dest
+        self.done.dest_image = True
         with self.on(dst):
-            self._page_server = dst.agent.page_server(
-                self.image, address=dst.address, log_level=cfg.criu_log_level)
+            if cfg.lazy:
+                self.done.lazy_listen = True
+                args: dict[str, Any] = {"image": self.image, "address": dst.address}
+                if self._parent:
+                    args["parent"] = self._parent
+                info = dst.agent.request("lazy_listen", args)
+                self._page_server = PageServerInfo(self.image, 0, int(info["port"]),
+                                                   str(info["address"] or dst.address), False,
+                                                   str(info["nonce"]), "waiting")
+            else:
+                self.done.page_server = True
+                self._page_server = dst.agent.page_server(
+                    self.image, address=dst.address, log_level=cfg.criu_log_level,
+                    parent=self._parent)
+
+    def _precopy_wanted(self) -> str | None:
+        """Why pre-copy is off for this migration (None: it runs)."""
+        cfg, tree = self.config, self._tree
+        assert tree is not None
+        tracks = bool(self._src_criu.get("mem_track"))
+        if cfg.precopy is True:
+            if not tracks:
+                raise PlanError(f"CRIU on {self.source.name} cannot track memory, which "
+                                "pre-copy needs: migrate without --precopy",
+                                hint="run 'make setup' there (orthros's CRIU patch 0002 "
+                                "tracks memory where the kernel has no soft-dirty bits)",
+                                host=self.source.name, stage=str(self.stage))
+            if self._tree_uffd:
+                raise PlanError(f"pid {self._tree_uffd} of the tree uses userfaultfd itself, "
+                                "which the memory tracking of pre-copy would clash with: "
+                                "migrate without --precopy", host=self.source.name,
+                                pid=self.pid, stage=str(self.stage))
+            return None
+        if not tracks:
+            return f"CRIU on {self.source.name} cannot track memory"
+        if self._tree_uffd:
+            return f"pid {self._tree_uffd} of the tree uses userfaultfd itself"
+        if tree.rss < cfg.precopy_auto_bytes:
+            return (f"the tree holds {tree.rss >> 20} MiB, under "
+                    f"{cfg.precopy_auto_bytes >> 20} MiB")
+        return None
+
+    def _precopy(self) -> None:
+        """Pre-copy rounds while the tree runs (see the module's docstring), then the page
+        channel for the final dump."""
+        cfg, src, dst = self.config, self.source, self.dest
+        why_not = self._precopy_wanted()
+        if why_not is not None:
+            self.note(f"no pre-copy: {why_not}")
+            self._open_page_channel()
+            return
+        tracker = f"{self.image}.track"
+        self.done.tracker = tracker
+        prev_pages: int | None = None
+        for k in range(1, cfg.precopy_max_rounds + 1):
+            img = f"{self.image}.pre{k}"
+            self.done.precopy_images = (*self.done.precopy_images, img)
+            start = self.clock()
+            with self.on(dst):
+                ps = dst.agent.page_server(img, address=dst.address,
+                                           log_level=cfg.criu_log_level, parent=self._parent)
+            opts = cfg.precopy_options((str(ps.address or dst.address), int(ps.port)),
+                                       self._parent)
+            with self.on(src):
+                d = src.agent.dump(self.pid, img, opts, timeout=cfg.dump_timeout_s,
+                                   page_nonce=str(ps.nonce), dirty_track=tracker)
+            stats = d.stats or {}
+            pages = int(stats.get("pages_written", 0))
+            ms = (self.clock() - start) * 1000
+            self._rounds.append({"round": k, "pages": pages, "bytes": pages * PAGE_BYTES,
+                                 "ms": round(ms, 3),
+                                 "frozen_ms": stats.get("frozen_ms")})
+            self._parent = img
+            self.note(f"pre-copy round {k}: {pages} pages ({pages * PAGE_BYTES >> 20} MiB) "
+                      f"in {ms:.0f} ms")
+            if pages < cfg.precopy_min_pages:
+                break  # converged: the final dump's share is small
+            if prev_pages is not None and pages > prev_pages * cfg.precopy_growth:
+                self.note(f"pre-copy stops: round {k} grew ({pages} pages after "
+                          f"{prev_pages}): the tree writes faster than the rounds copy")
+                break
+            prev_pages = pages
+        self._open_page_channel()
 
     def _check_cgroups(self, text: str | None, src_status: Mapping[str, Any],
                        dst_status: Mapping[str, Any]) -> None:
@@ -757,15 +989,20 @@ class Migration(Policy):
         cfg, src = self.config, self.source
         ps = self._page_server
         assert ps is not None
-        opts = cfg.dump_options((str(ps.address or self.dest.address), int(ps.port)))
+        where = (str(ps.address or self.dest.address), int(ps.port))
+        opts = cfg.dump_options(None if cfg.lazy else where, self._parent)
         self.done.src_image = True
+        if cfg.lazy:
+            self._dump_lazy(opts, where, str(ps.nonce))
+            return
         try:
             with self.on(src):
                 # The nonce opens the destination's page channel: only an agent holding the
                 # cluster key gets its memory there, and over TLS.
                 self._dumped = src.agent.dump(self.pid, self.image, opts,
                                               timeout=cfg.dump_timeout_s,
-                                              page_nonce=str(ps.nonce))
+                                              page_nonce=str(ps.nonce),
+                                              dirty_track=self.done.tracker)
         except BaseException as err:
             # A dump that failed leaves the tree running (CRIU resumes it). One whose answer
             # was lost may have succeeded: ask whether the tree is held stopped.
@@ -778,6 +1015,30 @@ class Migration(Policy):
         stats = self._dumped.stats or {}
         self.note(f"dumped {len(self._dumped.pids)} processes, "
                   f"{stats.get('pages_written', 0)} pages sent to {self.dest.name}")
+
+    def _dump_lazy(self, opts: DumpOptions, where: tuple[str, int], nonce: str) -> None:
+        """The source's lazy dump: the images without the anonymous memory, which the dump
+        keeps in its page pipes and serves to the destination's page channel from now on."""
+        cfg, src = self.config, self.source
+        args: dict[str, Any] = {
+            "pid": self.pid, "image": self.image, "page_host": where[0],
+            "page_port": where[1], "page_nonce": nonce,
+            "options": options_to_args(opts, exclude=("pid", "notify")),
+            "ready_timeout": cfg.dump_timeout_s}
+        if self.done.tracker:
+            args["dirty_track"] = self.done.tracker
+        self.done.lazy_dump = True
+        try:
+            with self.on(src):
+                self._dumped = RemoteDump.from_dict(
+                    src.agent.request("dump_lazy", args, timeout=cfg.dump_timeout_s + 30))
+        except BaseException as err:
+            if is_transport(err):
+                self.done.held = steps.holds(src, self.pid)
+            raise
+        self.done.held = True
+        self.note(f"dumped {len(self._dumped.pids)} processes lazily: their memory waits on "
+                  f"{self.source.name} for {self.dest.name} to ask for it")
 
     def _transfer(self) -> None:
         src, dst = self.source, self.dest
@@ -825,8 +1086,16 @@ class Migration(Policy):
         try:
             with self.on(dst):
                 opts = dataclasses.replace(cfg.restore_options(), cgroup_roots=self._cgroup_roots)
-                self._restored = dst.agent.restore(self.image, opts,
-                                                   timeout=cfg.restore_timeout_s)
+                if cfg.lazy:
+                    self.done.lazy_restore = True
+                    self._restored = RemoteRestore.from_dict(dst.agent.request(
+                        "restore_lazy",
+                        {"image": self.image,
+                         "options": options_to_args(opts, exclude=("notify", "sibling"))},
+                        timeout=cfg.restore_timeout_s))
+                else:
+                    self._restored = dst.agent.restore(self.image, opts,
+                                                       timeout=cfg.restore_timeout_s)
         except BaseException as err:
             if not (is_transport(err) or isinstance(err, KeyboardInterrupt)):
                 raise
@@ -906,6 +1175,9 @@ class Migration(Policy):
             try:
                 tree = self.dest.agent.tree(new_pid)
             except NoSuchProcessError as err:
+                if self.done.lazy_restore:
+                    raise self._lost(self._lazy_failure(f"the restored tree (pid {new_pid}) "
+                                                        f"died on {self.dest.name}"), err) from err
                 raise MigrationError(
                     f"pid {self.pid} was restored on {self.dest.name} as pid {new_pid} but is "
                     f"not running there any more; there is no going back (the source tree is "
@@ -931,10 +1203,122 @@ class Migration(Policy):
         self.note(f"pid {new_pid} runs on {self.dest.name} with {self._established} "
                   "established connections")
 
+    def _memory(self) -> None:
+        """Wait until the destination has the last lazy page (the source's dump then ends). A
+        transfer that fails loses the service: the tree's memory was split between the hosts."""
+        cfg, src, dst = self.config, self.source, self.dest
+        try:
+            with self.on(dst):
+                st = dst.agent.request("lazy_status",
+                                       {"image": self.image, "wait": cfg.lazy_timeout_s},
+                                       timeout=cfg.lazy_timeout_s + 30)
+        except Exception as err:
+            raise self._lost(f"{dst.name} did not say whether the tree's memory arrived "
+                             f"({reason(err)})", err) from err
+        if st.get("state") != "done":
+            why = st.get("error") or f"the transfer is still {st.get('state')}"
+            raise self._lost(f"the tree's memory did not all reach {dst.name}: {why}")
+        src_st: Mapping[str, Any] = {}
+        try:
+            with self.on(src):
+                src_st = src.agent.request("lazy_source_status",
+                                           {"image": self.image, "wait": 30.0}, timeout=60)
+        except Exception as err:
+            self.warn("asking the source how its lazy dump ended", err, src)
+        dump = src_st.get("dump") or {}
+        if self._dumped is not None and dump.get("stats"):
+            self._dumped = dataclasses.replace(self._dumped, stats=dump["stats"])
+        started, done_at = st.get("restore_done_at"), st.get("finished_at")
+        self._lazy = {
+            "pages_faulted": int(st.get("pages_faulted", 0)),
+            "pages_pushed": int(st.get("pages_pushed", 0)),
+            "pages_total": int(st.get("pages_total", 0)),
+            "pages_copied": int(st.get("pages_copied", 0)),
+            "bytes_received": int(st.get("bytes_received", 0)),
+            # From the tree running on the destination to the last page there (its clock).
+            "last_page_ms": (round((float(done_at) - float(started)) * 1000, 3)
+                             if started and done_at else None),
+            "downtime_ms": self.timings.get("downtime"),
+            "source": src_st.get("state")}
+        self.note(f"every page is on {dst.name}: {self._lazy['pages_faulted']} faulted on "
+                  f"demand, {self._lazy['pages_pushed']} pushed")
+
+    def _lazy_failure(self, what: str) -> str:
+        """``what``, with the destination's word on its lazy pages when it has one."""
+        with contextlib.suppress(Exception):
+            st = self.dest.agent.request("lazy_status", {"image": self.image}, timeout=10)
+            if st.get("error"):
+                return f"{what}: {st['error']}"
+        return what
+
+    def _lost(self, why: str, cause: BaseException | None = None) -> MigrationError:
+        """The service is lost (a lazy transfer failed past the point of no return): nothing
+        can bring the tree back on either host. Clean both hosts of everything of it (the
+        destination's half-restored tree, whose missing memory would read as zeros, first);
+        the error says so."""
+        src, dst = self.source, self.dest
+        problems: list[str] = []
+
+        def attempt(what: str, host: Host, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except NoSuchProcessError:
+                pass  # gone already (a second pass: orthros recover)
+            except Exception as err:
+                problems.append(f"{what} on {host.name}: {reason(err)}")
+
+        new_pid = self._restored_pid
+        if new_pid is not None:
+            attempt(f"killing the restored tree (pid {new_pid})", dst,
+                    lambda: dst.agent.kill(new_pid, wait=self.config.kill_wait_s))
+        attempt("closing the lazy restore", dst,
+                lambda: dst.agent.request("lazy_stop", {"image": self.image}))
+        attempt("ending the lazy dump", src,
+                lambda: src.agent.request("lazy_stop", {"image": self.image}))
+        if self.done.held and not self.done.released:
+            # Its clients may have talked to the destination already: never resumed.
+            attempt("killing the stopped source tree", src, self._release_source)
+        backend = self._backend if self.plan is not None else None
+        if backend is not None:
+            for host, conns, ifaces in ((dst, self.done.dst_locked, self.done.dst_attached),
+                                        (src, self.done.src_locked, self.done.src_attached)):
+                if conns or ifaces:
+                    attempt("unlocking the connections", host,
+                            functools.partial(steps.unlock, host, backend, conns, ifaces))
+        if self.done.tracker:
+            attempt("stopping the memory tracking", src, lambda: src.agent.request(
+                "dirty_track_close", {"name": self.done.tracker}))
+        for host in (dst, src):
+            for img in (self.image, *self.done.precopy_images):
+                attempt(f"removing image {img}", host,
+                        functools.partial(host.agent.remove_image, img))
+        self.stage = Stage.FAILED
+        self.emit(Stage.FAILED, "failed", why)
+        if not problems:
+            self.forget()  # nothing is left for orthros recover to do
+        state = ("both hosts were cleaned" if not problems
+                 else "cleaning failed: " + "; ".join(problems))
+        return MigrationError(
+            f"migration of pid {self.pid} from {src.name} to {dst.name} lost the service: "
+            f"{why}; with post-copy the tree's memory was split between the two hosts, so "
+            f"nothing can bring it back; {state}", cause=cause, rolled_back=False,
+            problems=problems, service_down=True, pid=self.pid, stage=Stage.MEMORY.value)
+
     def _cleanup(self) -> None:
         # The page server exited after the dump; this only drops the agent's record of it.
         with contextlib.suppress(Exception):
             self.dest.agent.page_server_stop(self.image)
+        if self.config.lazy:
+            for host in (self.dest, self.source):
+                try:
+                    host.agent.request("lazy_stop", {"image": self.image})
+                except Exception as err:
+                    self.warn("closing the lazy migration's records", err, host)
+        if self.done.tracker:
+            try:
+                self.source.agent.request("dirty_track_close", {"name": self.done.tracker})
+            except Exception as err:
+                self.warn("stopping the memory tracking", err, self.source)
         if self.config.manage_cgroups is not CgroupMode.IGNORE:
             # The source's groups are empty now that its tree is gone (its own record of them
             # is in its image: before the image goes).
@@ -947,10 +1331,11 @@ class Migration(Policy):
         if self.config.keep_images:
             return
         for host in (self.dest, self.source):
-            try:
-                host.agent.remove_image(self.image)
-            except Exception as err:
-                self.warn(f"removing image {self.image}", err, host)
+            for img in (self.image, *self.done.precopy_images):
+                try:
+                    host.agent.remove_image(img)
+                except Exception as err:
+                    self.warn(f"removing image {img}", err, host)
 
     def _result(self) -> MigrationResult:
         assert self.plan is not None and self._dumped is not None
@@ -968,7 +1353,11 @@ class Migration(Policy):
             warnings=list(self.warnings),
             cgroups={"dump": raw.get("cgroups"),
                      "restore": (self._restored.raw if self._restored else {}).get("cgroups"),
-                     "roots": dict(self._cgroup_roots)})
+                     "roots": dict(self._cgroup_roots)},
+            precopy={"rounds": list(self._rounds),
+                     "pages": sum(int(r["pages"]) for r in self._rounds)}
+            if self._rounds else None,
+            lazy=self._lazy)
 
     # -- rollback ---------------------------------------------------------------------------
 
@@ -981,6 +1370,10 @@ class Migration(Policy):
                 + f": {reason(err)}")
         if not rollback_plan(self.done) and not self.done.held:
             return err  # nothing was touched: the plain error says it all
+        if self.done.lazy_dump and self.done.released:
+            # Past the lazy restore's point of no return: the memory lived only in the dump.
+            return self._lost(f"{failed_stage.value} failed"
+                              + (f" on {where}" if where else "") + f": {reason(err)}", err)
         self.stage = Stage.ROLLBACK
         self.emit(Stage.ROLLBACK, "start", reason(err))
         start = self.clock()
@@ -1044,6 +1437,16 @@ class Migration(Policy):
         if step is Undo.STOP_PAGE_SERVER:
             with contextlib.suppress(NoSuchProcessError):
                 dst.page_server_stop(self.image)
+            for img in self.done.precopy_images:
+                with contextlib.suppress(NoSuchProcessError):
+                    dst.page_server_stop(img)
+        elif step is Undo.STOP_LAZY_DEST:
+            dst.request("lazy_stop", {"image": self.image})
+        elif step is Undo.STOP_LAZY_SOURCE:
+            src.request("lazy_stop", {"image": self.image})
+        elif step is Undo.STOP_TRACKING:
+            assert self.done.tracker is not None
+            src.request("dirty_track_close", {"name": self.done.tracker})
         elif step is Undo.ADDRESS_OFF_DEST:
             assert p is not None and p.service is not None
             dst.addr_del(p.dst_ifname, p.service.with_prefixlen)
@@ -1071,9 +1474,11 @@ class Migration(Policy):
         elif step is Undo.REMOVE_IMAGE_DEST:
             with contextlib.suppress(NoSuchProcessError):
                 dst.page_server_stop(self.image)  # drops the agent's record of it
-            dst.remove_image(self.image)
+            for img in (self.image, *self.done.precopy_images):
+                dst.remove_image(img)
         elif step is Undo.REMOVE_IMAGE_SOURCE:
-            src.remove_image(self.image)
+            for img in (self.image, *self.done.precopy_images):
+                src.remove_image(img)
         return None
 
 

@@ -223,6 +223,10 @@ def leftovers(lab: Lab, *, holder: str, service: Service,
             out.problems.append(f"{h.name} runs page servers {running}")
         if st["images"] and h.name not in images_ok:
             out.problems.append(f"{h.name} keeps images {st['images']}")
+        if st.get("lazy"):
+            out.problems.append(f"{h.name} keeps lazy migrations {sorted(st['lazy'])}")
+        if st.get("trackers"):
+            out.problems.append(f"{h.name} keeps memory trackers {st['trackers']}")
         others = [t["pid"] for t in st["restored"] if t["running"] and t["pid"] != service.pid]
         if others:
             out.problems.append(f"{h.name} runs restored trees {others}")

@@ -142,7 +142,7 @@ class FakeAgent:
         return sorted(gone)
 
     def page_server(self, image: str, *, address: str | None = None, port: int = 0,
-                    log_level: int = 2) -> PageServerInfo:
+                    log_level: int = 2, parent: str | None = None) -> PageServerInfo:
         self._hit("page_server", image)
         self.images.add(image)
         self.page_servers.add(image)
@@ -156,7 +156,8 @@ class FakeAgent:
         return {}
 
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
-             timeout: float = 600.0, page_nonce: str | None = None) -> RemoteDump:
+             timeout: float = 600.0, page_nonce: str | None = None,
+             dirty_track: str | None = None) -> RemoteDump:
         self.images.add(image)  # created (with CRIU's log) before CRIU may fail
         self._hit("dump", pid)
         assert opts is not None and opts.leave_stopped and opts.page_server is not None

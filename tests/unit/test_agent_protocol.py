@@ -418,9 +418,10 @@ def test_bad_dump_options_are_refused(args: dict[str, Any], match: str) -> None:
 
 def test_op_table_binds_arguments_by_the_handlers_signatures() -> None:
     dump = OPS["dump"]
-    assert [p.name for p in dump.params] == ["pid", "image", "options", "page_nonce"]
+    assert [p.name for p in dump.params] == ["pid", "image", "options", "page_nonce",
+                                             "dirty_track"]
     assert dump.bind({"pid": 5, "image": "w"}) == {"pid": 5, "image": "w", "options": None,
-                                                   "page_nonce": None}
+                                                   "page_nonce": None, "dirty_track": None}
     with pytest.raises(ProtocolError, match="needs the argument pid"):
         dump.bind({"image": "w"})
     with pytest.raises(ProtocolError, match=r"takes no argument.*shell"):

@@ -197,9 +197,10 @@ def test_a_migration_moves_tree_address_and_leaves_nothing(world: World) -> None
     assert f"{SVC}/32" in beta.addrs and f"{SVC}/32" not in alpha.addrs
     assert 4242 in beta.running and 4242 not in alpha.running
     assert alpha.clean() and beta.clean()
+    # Pre-copy is decided (and here declined: no memory tracking) before the page channel opens.
     assert [e.stage for e in events if e.kind == "start"] == [
-        Stage.PREPARE, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS, Stage.RESTORE,
-        Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP]
+        Stage.PREPARE, Stage.PRECOPY, Stage.LOCK, Stage.DUMP, Stage.TRANSFER, Stage.ADDRESS,
+        Stage.RESTORE, Stage.UNLOCK, Stage.VERIFY, Stage.CLEANUP]
     # Shared PID space: the stopped source tree goes just before the restore, not after.
     log = world.log
     assert log.index("alpha.kill") < log.index("beta.restore")
@@ -229,7 +230,7 @@ def assert_rolled_back(alpha: FakeAgent, beta: FakeAgent) -> None:
 
 # The agent call that fails, and the stage it belongs to.
 FAULTS = [
-    ("beta", "page_server", Stage.PREPARE),
+    ("beta", "page_server", Stage.PRECOPY),
     ("alpha", "netlock_lock", Stage.PREPARE),
     ("alpha", "dump", Stage.DUMP),
     ("alpha", "push_images", Stage.TRANSFER),

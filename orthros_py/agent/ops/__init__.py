@@ -3,11 +3,13 @@ in ``orthros_py.agent.table.OPS``.
 
 - ``host``: ping, status, check, tree, kill, resume, cgroup_check, cgroup_release.
 - ``criu``: dump, restore, page_server, page_server_stop.
+- ``lazy``: post-copy migration (dump_lazy, lazy_listen, restore_lazy, lazy_status,
+  lazy_source_status, lazy_stop) and dirty_track_close for pre-copy rounds.
 - ``images``: list_images, remove_image, recv_file, recv_files, send_file, push_images.
 - ``net``: netlock_prepare/lock/unlock/status, addr_list/add/del, garp.
 - ``pair``: service protection (pair_*, witness_*).
 """
 
-from orthros_py.agent.ops import criu, host, images, net, pair
+from orthros_py.agent.ops import criu, host, images, lazy, net, pair
 
-__all__ = ["criu", "host", "images", "net", "pair"]
+__all__ = ["criu", "host", "images", "lazy", "net", "pair"]

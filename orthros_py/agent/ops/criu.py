@@ -41,24 +41,53 @@ PAGE_SERVER_LOG = "page-server.log"
 _PARENT_IMG = re.compile(r"\.\./(?P<name>[^/]+)")
 
 
-@op("dump")
-def op_dump(call: Call, pid: int, image: str,
-            options: dict[str, Any] | None = None,
-            page_nonce: str | None = None) -> dict[str, Any]:
-    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``).
-    With ``page_server``, memory goes over the page channel of the destination's image of the
-    same name, opened with ``page_nonce`` (from its ``page_server``)."""
-    opts = options_from_args(DumpOptions, options or {}, where="dump", exclude=DUMP_EXCLUDED)
-    a = call.agent
+def vet_dump(a: Agent, opts: DumpOptions) -> None:
+    """Hold a dump's options from the network to this agent's policy: external resources,
+    and a parent that must be another image of this agent."""
     optpolicy.vet_dump(a.option_policy, opts.external)
     if opts.parent_img is not None:
         m = _PARENT_IMG.fullmatch(opts.parent_img)
         if m is None:
             raise bad_request("parent_img must be ../NAME: another image of this agent")
         a.image_path(validate_name(m["name"], "parent image name"), must_exist=True)
+
+
+def parse_nonce(page_nonce: str | None) -> bytes:
+    """The destination's page-channel nonce, as the caller passed it on."""
+    if page_nonce is None:
+        raise bad_request("a dump to a page server needs page_nonce, the nonce the "
+                           "destination's page_server returned: memory crosses hosts only "
+                           "on an authenticated channel")
+    try:
+        nonce = bytes.fromhex(page_nonce)
+    except ValueError:
+        nonce = b""
+    if len(nonce) != pagechan.NONCE_BYTES:
+        raise bad_request(f"page_nonce must be {2 * pagechan.NONCE_BYTES} hex digits")
+    return nonce
+
+
+@op("dump")
+def op_dump(call: Call, pid: int, image: str,
+            options: dict[str, Any] | None = None,
+            page_nonce: str | None = None, dirty_track: str | None = None) -> dict[str, Any]:
+    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``).
+    With ``page_server``, memory goes over the page channel of the destination's image of the
+    same name, opened with ``page_nonce`` (from its ``page_server``). ``dirty_track`` names a
+    tracker this agent keeps between dumps (``track_mem`` rounds; ``dirty_track_close``)."""
+    opts = options_from_args(DumpOptions, options or {}, where="dump", exclude=DUMP_EXCLUDED)
+    a = call.agent
+    if opts.lazy_pages:
+        raise bad_request("a lazy dump is dump_lazy's")
+    vet_dump(a, opts)
     path = a.image_path(image)
-    with a.busy(image, "dump"):
-        result = _dump_tree(a, pid, image, path, opts, page_nonce)
+    dump_kw: dict[str, Any] = {}
+    if dirty_track is not None:
+        # Pre-copy rounds and the final dump after them: the tracker keeps the tree's memory
+        # tracked from one to the next (see orthros_py.criu.dirtytrack).
+        dump_kw["dirty_track"] = a.tracker(validate_name(dirty_track, "dirty_track"))
+    with a.busy(image, "pre-dump" if opts.pre_dump else "dump"):
+        result = _dump_tree(a, pid, image, path, opts, page_nonce, **dump_kw)
         if opts.leave_stopped:
             tree = held_trees.HeldTree.of(pid, image, result.live.pids)
             with a.mutex:
@@ -163,16 +192,7 @@ def _dump_tree(a: Agent, pid: int, image: str, path: Path, opts: DumpOptions,
     why a relay and not ``ps.fd``, and why not always TLS)."""
     if opts.page_server is None:
         return dump_tree(pid, path, opts, **dump_kw)
-    if page_nonce is None:
-        raise bad_request("a dump to a page server needs page_nonce, the nonce the "
-                           "destination's page_server returned: memory crosses hosts only "
-                           "on an authenticated channel")
-    try:
-        nonce = bytes.fromhex(page_nonce)
-    except ValueError:
-        nonce = b""
-    if len(nonce) != pagechan.NONCE_BYTES:
-        raise bad_request(f"page_nonce must be {2 * pagechan.NONCE_BYTES} hex digits")
+    nonce = parse_nonce(page_nonce)
     host, port = opts.page_server
     use_tls = not _own_ipc_namespace(pid)
     if not use_tls:
@@ -225,9 +245,20 @@ def _own_ipc_namespace(pid: int) -> bool:
         return False  # the dump finds out what is wrong, and says so
 
 
+def link_parent(a: Agent, path: Path, parent: str) -> None:
+    """Make image ``path`` incremental to this agent's image ``parent`` (CRIU's relative
+    ``parent`` link, as its own ``--prev-images-dir ../NAME`` writes it)."""
+    a.image_path(validate_name(parent, "parent image name"), must_exist=True)
+    link = path / "parent"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(f"../{parent}", link)
+
+
 @op("page_server")
 def op_page_server(call: Call, image: str, address: str | None = None, port: int = 0,
-                   log_level: int = 2, wait: float = 600.0) -> dict[str, Any]:
+                   log_level: int = 2, wait: float = 600.0,
+                   parent: str | None = None) -> dict[str, Any]:
     """Open the page channel for a dump's memory into image ``image``: its port, and the
     ``nonce`` the sending agent must prove itself with.
 
@@ -236,7 +267,8 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
     ``wait`` s. On the first that proves itself, a CRIU page server receives one dump and
     exits: over TLS on that very connection, or, when the sender asks for the agents' records,
     through a socketpair joined to it by this agent. ``port`` 0 lets the kernel choose;
-    ``address`` defaults to the agent's own listen address.
+    ``address`` defaults to the agent's own listen address. ``parent`` names another image of
+    this agent that the incoming dump is incremental to (a pre-copy's previous round).
     """
     if not 0 <= port < 65536:
         raise bad_request(f"{port} is not a TCP port")
@@ -246,6 +278,8 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
         raise bad_request("wait must be more than 0 and at most a day")
     a = call.agent
     path = a.image_path(image, create=True)
+    if parent is not None:
+        link_parent(a, path, parent)
     with a.mutex:
         running = a.page_servers.get(image)
     if running is not None and running.alive():

@@ -50,6 +50,8 @@ def op_status(call: Call) -> dict[str, Any]:
         restored = [t.to_dict() for t in a.restored.values()]
         servers = list(a.page_servers.values())
         held = list(a.held.values())
+        lazy = dict(a.lazy)
+        trackers = list(a.trackers)
     busy = a.busy_marks()
     with a.netlock_mutex:
         netlocks = sorted(a.netlocks)
@@ -62,6 +64,8 @@ def op_status(call: Call) -> dict[str, Any]:
         "restored": restored, "page_servers": [s.to_dict() for s in servers],
         "held": [t.to_dict() for t in held], "busy": busy,
         "netlocks_loaded": netlocks, "ops": sorted(OPS), "cgroup_root": a.cgroup_root,
+        "lazy": {name: side.to_dict() for name, side in lazy.items()},
+        "trackers": sorted(trackers),
         **_pid_space(),
     }
 
@@ -162,7 +166,7 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc = psutil.Process(p)
             procs.append({"pid": p, "name": proc.name(), "status": proc.status(),
-                          "threads": proc.num_threads()})
+                          "threads": proc.num_threads(), "rss": proc.memory_info().rss})
     found = conns_mod.discover(pids)
     established = conns_mod.discover(pids, (conns_mod.TCP_ESTABLISHED,))
     from orthros_py.cgroup.fs import CgroupError, CgroupFs
@@ -171,7 +175,11 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
         cgroups: str | None = CgroupFs.here().read_tree(pids).to_text()
     except CgroupError:
         cgroups = None  # the tree went meanwhile: the caller hears of it soon enough
+    from orthros_py.criu.dirtytrack import tree_uses_userfaultfd
+
     return {"pid": pid, "processes": procs, "conns": [str(c) for c in found.conns],
+            # A tree with a userfaultfd of its own cannot have its memory tracked (pre-copy).
+            "userfaultfd": tree_uses_userfaultfd(pids),
             "cgroups": cgroups,
             "established": [str(c) for c in established.conns],
             "interfaces": found.interfaces, "routes": {str(c): i for c, i in found.routes.items()},
