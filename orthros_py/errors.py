@@ -29,6 +29,7 @@ class ExitStatus(enum.IntEnum):
     NETLOCK_FAILED = 8
     TIMEOUT = 9
     CANNOT_HONOUR = 10  # the destination cannot give the tree its cgroup limits
+    SERVICE_LOST = 11  # a post-copy migration failed with the memory split between two hosts
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 

@@ -157,6 +157,8 @@ class Agent:
         self.lazy: dict[str, Any] = {}
         # Dirty trackers kept between the dumps of a pre-copy (name -> DirtyTracker).
         self.trackers: dict[str, Any] = {}
+        # When each restored image's tree first answered (image -> FirstReply); the newest only.
+        self.replies: dict[str, Any] = {}
 
     # -- images ---------------------------------------------------------------------------
 

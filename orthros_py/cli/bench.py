@@ -563,6 +563,12 @@ def _lazy_methods(text: str) -> tuple[str, ...]:
     return parse_methods(text)
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    from orthros_py.bench.lazy.paging import parse_fractions
+
+    return parse_fractions(text)
+
+
 @bench.command("lazy")
 @click.option("--sizes", type=_ListOf("LIST", _sizes), default="256,1024,2048",
               show_default=True, help="Workload sizes in MiB (2g also works).")
@@ -588,6 +594,35 @@ def _lazy_methods(text: str) -> tuple[str, ...]:
               help="Seed of the methods' order [default: a random one, recorded].")
 @click.option("--port", type=click.IntRange(1, 65535), default=7070, show_default=True)
 @click.option("--no-warmup", is_flag=True, help="Skip the unrecorded first migration.")
+@click.option("--paging-only", "--skip-migrations", "paging_only", is_flag=True,
+              help="Only the paging standby's part (no migrations).")
+@click.option("--skip-paging", is_flag=True,
+              help="Only the migrations (no paging standby: a lab of two hosts).")
+@click.option("--paging-sizes", type=_ListOf("LIST", _sizes), default="1024",
+              show_default=True, help="Paging standby: workload sizes (MiB) of the memory "
+                                      "against hot fraction runs.")
+@click.option("--hot-fractions", type=_ListOf("LIST", _fractions), default="0.1,0.3,0.6",
+              show_default=True, help="Paging standby: hot fractions of the memory runs.")
+@click.option("--failover-sizes", type=_ListOf("LIST", _sizes), default="2048",
+              show_default=True, help="Paging standby: workload sizes (MiB) of the failovers, "
+                                      "paging against eager.")
+@click.option("--failover-hot", type=click.FloatRange(0, 1, min_open=True), default=0.3,
+              show_default=True, help="Paging standby: hot fraction of the failovers.")
+@click.option("--paging-reps", type=click.IntRange(0), default=3, show_default=True,
+              help="Failovers of each kind (paging, eager) per size, interleaved in an order "
+                   "shuffled by --seed; 0: no failovers.")
+@click.option("--no-read-only-check", is_flag=True,
+              help="Skip the paging failover whose worker only reads its hot set.")
+@click.option("--hot-window", "hot_window_s", type=click.FloatRange(0, min_open=True),
+              default=20.0, show_default=True, help="Paging pairs' --hot-window, seconds.")
+@click.option("--paging-interval", "paging_interval_s",
+              type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Paging and eager pairs' --interval, seconds.")
+@click.option("--paging-rate", type=click.FloatRange(0), default=20000.0, show_default=True,
+              help="Paging standby: hot pages the worker rewrites a second (the hot window "
+                   "must see the whole hot set).")
+@click.option("--paging-samples", type=click.IntRange(1), default=5, show_default=True,
+              help="pair status samples per memory run.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: results/lazy-<timestamp>].")
 @click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
@@ -598,7 +633,12 @@ def _lazy_methods(text: str) -> tuple[str, ...]:
 def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
          hot_fraction: float, hot_layout: str, rate: float, read_only_hot: bool,
          ping_rate: float, settle_s: float, seed: int | None, port: int, no_warmup: bool,
-         out: Path | None, from_json: Path | None, as_json: bool) -> None:
+         paging_only: bool, skip_paging: bool, paging_sizes: tuple[int, ...],
+         hot_fractions: tuple[float, ...], failover_sizes: tuple[int, ...],
+         failover_hot: float, paging_reps: int, no_read_only_check: bool,
+         hot_window_s: float, paging_interval_s: float, paging_rate: float,
+         paging_samples: int, out: Path | None, from_json: Path | None,
+         as_json: bool) -> None:
     """Migrate a memory workload (``orthros_py.workloads.memhog``) of each size back and forth
     between two lab hosts, eagerly, with pre-copy rounds, lazily (post-copy) and with both,
     interleaved: downtime, the client's time to first response, total time until the source
@@ -606,7 +646,12 @@ def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
     right (the workload's VERIFY). Reports lazy downtime against eager at 1 GiB and across
     sizes.
 
-    Needs root. Builds a lab of two hosts and tears it down, also on Ctrl-C.
+    Then the paging standby (``pair start --paging``): its memory against the hot fraction,
+    and failovers of a paging pair against an eager one (time to the first response from the
+    start of the standby's restore, time until every page is present), every page checked.
+
+    Needs root. Builds a lab of three hosts (two with --skip-paging) and tears it down, also
+    on Ctrl-C.
     """
     from orthros_py.bench import lazy as lb
 
@@ -618,12 +663,27 @@ def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
         if as_json:
             env.emit_json(res.to_dict())
         return
+    if paging_only and skip_paging:
+        raise click.UsageError("--paging-only and --skip-paging leave nothing to run")
     cfg = lb.BenchConfig(sizes=sizes, reps=reps, methods=methods, hot_fraction=hot_fraction,
                          hot_layout=hot_layout, rate=rate, read_only_hot=read_only_hot,
                          ping_rate=ping_rate, settle_s=settle_s, seed=seed,
-                         out=out or lb.default_out(), port=port, warmup=not no_warmup)
-    env.console.print(f"[bold]lazy benchmark[/]: {reps} rounds x {len(methods)} methods at "
-                      f"{', '.join(f'{s:,}' for s in sizes)} MiB -> {escape(str(cfg.out))}")
+                         out=out or lb.default_out(), port=port, warmup=not no_warmup,
+                         migrations=not paging_only, paging=not skip_paging,
+                         paging_sizes=paging_sizes, hot_fractions=hot_fractions,
+                         failover_sizes=failover_sizes, failover_hot=failover_hot,
+                         paging_reps=paging_reps, read_only_check=not no_read_only_check,
+                         hot_window_s=hot_window_s, paging_interval_s=paging_interval_s,
+                         paging_rate=paging_rate, paging_samples=paging_samples)
+    parts = []
+    if cfg.migrations:
+        parts.append(f"{reps} rounds x {len(methods)} methods at "
+                     f"{', '.join(f'{s:,}' for s in sizes)} MiB")
+    if cfg.paging:
+        parts.append(f"paging standby: memory at {', '.join(f'{s:,}' for s in paging_sizes)} "
+                     f"MiB x {len(hot_fractions)} hot fractions, {paging_reps} failovers of "
+                     f"each kind at {', '.join(f'{s:,}' for s in failover_sizes)} MiB")
+    env.console.print(f"[bold]lazy benchmark[/]: {'; '.join(parts)} -> {escape(str(cfg.out))}")
 
     def progress(msg: str) -> None:
         env.console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)
@@ -632,7 +692,13 @@ def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
         env.console.print(f"[{i}/{n}] {escape(lb.run_line(rec))}", soft_wrap=True,
                           style=None if rec.ok else "red")
 
-    bench_ = lb.LazyBench(cfg, progress=progress, on_run=on_run)
+    def on_paging(rec: Any, i: int, n: int) -> None:
+        line = lb.failover_line(rec) if isinstance(rec, lb.FailoverRun) else \
+            lb.memory_line(rec)
+        env.console.print(f"[{i}/{n}] {escape(line)}", soft_wrap=True,
+                          style=None if rec.ok else "red")
+
+    bench_ = lb.LazyBench(cfg, progress=progress, on_run=on_run, on_paging=on_paging)
     with _term_as_interrupt():
         res = bench_.run()
     render_lazy(env, res)
@@ -641,7 +707,7 @@ def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
         env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
     if as_json:
         env.emit_json(json.loads((cfg.out / "results.json").read_text()))
-    if any(not r.ok for r in res.runs):
+    if not res.ok:
         raise SystemExit(1)
 
 
@@ -665,6 +731,7 @@ def render_lazy(env: Env, res: Any) -> None:
                   *(_pct(c.ratios["downtime_ms"].median) if c.ratios else "100%"
                     for c in mine))
         wide.print(t)
+    render_paging(env, res)
     tg = Table(title="targets", title_justify="left")
     for col in ("target", "goal", "measured", "", "detail"):
         tg.add_column(col)
@@ -677,6 +744,51 @@ def render_lazy(env: Env, res: Any) -> None:
     for r in res.runs:
         if not r.ok:
             env.console.print(f"[red]{escape(lm.run_line(r))}[/]", soft_wrap=True)
+    from orthros_py.bench.lazy import paging as lp
+
+    for f in res.failovers:
+        if not f.ok:
+            env.console.print(f"[red]{escape(lp.failover_line(f))}[/]", soft_wrap=True)
+
+
+def render_paging(env: Env, res: Any) -> None:
+    """The paging standby's tables: memory against the hot fraction, failovers."""
+    from orthros_py.bench.lazy import paging as lp
+    from orthros_py.bench.pair.report import fmt_bytes, fmt_fig
+
+    wide = _wide(env)
+    mem = lp.summarize_memory(res.paging_memory)
+    if mem:
+        t = Table(title="paging standby: memory against the hot fraction (medians "
+                        "\\[min-max] over the samples)", title_justify="left")
+        for col in ("MiB", "hot", "worker", "samples", "hot set", "standby hot set", "memory",
+                    "bound", "share", "tmpfs peak", "disk"):
+            t.add_column(col, justify="left" if col == "worker" else "right")
+        for s in mem:
+            style = None if s.met is not False or s.read_only_hot else "red"
+            t.add_row(f"{s.size_mib:,}", f"{s.hot_fraction:.0%}",
+                      "reads" if s.read_only_hot else "writes", str(s.samples),
+                      fmt_bytes(s.hot_set_bytes), fmt_fig(s.figures["hot_bytes"], fmt_bytes),
+                      fmt_fig(s.memory, fmt_bytes), fmt_bytes(s.bound_bytes), _pct(s.share),
+                      fmt_fig(s.figures["peak_tmpfs_bytes"], fmt_bytes),
+                      fmt_fig(s.figures["disk_bytes"], fmt_bytes), style=style)
+        wide.print(t)
+    fo = lp.summarize_failovers(res.failovers)
+    for size, frac in sorted({(x.size_mib, x.hot_fraction) for x in fo}):
+        mine = [x for x in fo if (x.size_mib, x.hot_fraction) == (size, frac)]
+        t = Table(title=f"failover at {size:,} MiB, {frac:.0%} hot (medians \\[min-max])",
+                  title_justify="left")
+        t.add_column("")
+        for x in mine:
+            t.add_column(x.label, justify="right")
+        t.add_row("ok", *(f"{x.ok}/{x.runs}" for x in mine))
+        for key, label, unit in lp.FAILOVER_METRICS:
+            t.add_row(label + (" ms" if unit == "ms" else ""),
+                      *(lp.fmt_failover(x.figures[key], unit) for x in mine),
+                      style="bold" if key == "ttfr_ms" else None)
+        t.add_row("first response / eager's",
+                  *(_pct(x.ratio.median) if x.mode == lp.PAGING else "100%" for x in mine))
+        wide.print(t)
 
 
 COMMANDS = [bench]

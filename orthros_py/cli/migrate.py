@@ -35,7 +35,8 @@ LOCKS = tuple(m.value for m in (NetworkLock.XDP, NetworkLock.NFTABLES, NetworkLo
 # The rows of the timings table (the policy measures a few more; --json has them all).
 TABLE_ROWS = ("pre-copy", "lock", "dump", "transfer", "address move", "restore", "unlock",
               "memory", "total")
-EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "release source", "criu restore")
+EXTRA_ROWS = ("prepare", "verify", "cleanup", "downtime", "first response", "release source",
+              "criu restore")
 LAZY_RISK = ("with --lazy the tree runs on the destination before its memory has arrived: "
              "until the last page has crossed, the death of either host loses the service")
 

@@ -92,6 +92,13 @@ def pair() -> None:
 @click.option("--witness", default=None, metavar="HOST",
               help="The third host that breaks ties [default: the inventory's witness, else "
                    "the first other host whose agent answers].")
+@click.option("--paging", is_flag=True,
+              help="The standby keeps in memory only the pages the tree wrote within the hot "
+                   "window (a tmpfs), the rest on disk; a failover restores with lazy pages: "
+                   "the hot ones before the tree resumes, the cold ones on fault and in the "
+                   "background. Pages only read count as cold.")
+@click.option("--hot-window", default="30s", show_default=True, callback=_duration,
+              help="With --paging: how recently a page must have been written to be hot.")
 @click.option("--shell-job", is_flag=True, help="The tree was started from a shell.")
 @click.option("--file-locks", is_flag=True, help="The tree holds file locks (CRIU's option).")
 @inventory_option
@@ -101,7 +108,8 @@ def pair() -> None:
 def pair_start(env: Env, pid: int, source: str, dest: str, name: str | None,
                interval: float, keep: int, service_ip: str | None, output_commit: bool,
                auto_failover: bool, heartbeat: float, misses: int, witness: str | None,
-               shell_job: bool, file_locks: bool, inventory: Path | None,
+               paging: bool, hot_window: float, shell_job: bool, file_locks: bool,
+               inventory: Path | None,
                key_path: Path | None, as_json: bool) -> None:
     """Start protecting the live tree of PID on one host with another as its standby; prints
     the pair's name once the first generation is committed there."""
@@ -115,6 +123,7 @@ def pair_start(env: Env, pid: int, source: str, dest: str, name: str | None,
     opts = PairOptions(name=name, interval=interval, keep=keep, service_ip=service_ip,
                        output_commit=output_commit, failover=auto_failover,
                        heartbeat=heartbeat, misses=misses, witness=witness,
+                       paging=paging, hot_window=hot_window,
                        shell_job=shell_job, file_locks=file_locks,
                        fence=_lab_fence(cluster, source) if auto_failover else None)
     if not as_json:
@@ -134,6 +143,8 @@ def pair_start(env: Env, pid: int, source: str, dest: str, name: str | None,
         + (f"witness {cfg['witness']['name']}; " if cfg.get("witness") else "")
         + ("automatic failover; " if cfg["failover"] else "")
         + ("output commit; " if cfg["output_commit"] else "")
+        + (f"paging (hot window {cfg.get('hot_window', 30.0):g} s); " if cfg.get("paging")
+           else "")
         + f"{rec.get('tracking') or ''}")
 
 
@@ -172,6 +183,27 @@ def render_view(env: Env, v: PairView) -> None:
               f"now would lose); standby storage "
               f"{'-' if v.storage_bytes is None else _size(v.storage_bytes)}; "
               f"{escape(v.tracking or '')}")
+    if v.paging:
+        p = v.paging
+        con.print(f"  paging standby: hot set {p.get('hot_pages', 0)} pages "
+                  f"({_size(int(p.get('hot_bytes') or 0))}, written within "
+                  f"{float(p.get('hot_window_s') or 0):g} s); memory "
+                  f"{_size(int(p.get('memory_bytes') or 0))} (tmpfs "
+                  f"{_size(int(p.get('tmpfs_bytes') or 0))}, disk base cached "
+                  f"{_size(int(p.get('disk_cached_bytes') or 0))}); disk "
+                  f"{_size(int(p.get('disk_bytes') or 0))}; {p.get('young_generations', 0)} "
+                  f"young generations on base {p.get('base_generation')}")
+        for note in p.get("notes") or []:
+            con.print(f"  [yellow]{escape(str(note))}[/]")
+    if v.lazy:
+        lz = v.lazy
+        con.print(f"  lazy restore: {escape(str(lz.get('state')))}; "
+                  f"{lz.get('eager_pages', 0)} pages placed before the tree resumed, "
+                  f"{lz.get('lazy_pages', 0)} lazy"
+                  + (f", {lz.get('pages_copied')} of {lz.get('pages_total')} in "
+                     f"({lz.get('pages_faulted')} on fault) after "
+                     f"{float(lz.get('elapsed_ms') or 0):.0f} ms"
+                     if lz.get("state") == "complete" else ""))
     if v.heartbeats:
         con.print(f"  heartbeats seen {v.heartbeats.get('seen', 0)}, missed "
                   f"{v.heartbeats.get('missed', 0)}")

@@ -450,6 +450,16 @@ def _write_pagemap(path: Path, pages_id: int, entries: list[dict[str, Any]]) -> 
         os.fsync(f.fileno())
 
 
+def replace_pagemap(dir_: Path, name: str, pages_id: int, entries: list[dict[str, Any]]) -> None:
+    """Replace pagemap ``name`` of ``dir_`` by rename: a reader sees the old one or the new one,
+    never half of either. The entries must describe the same pages file (same present pages in
+    the same order): only flags and how runs are cut may change."""
+    tmp = dir_ / (name + TMP_SUFFIX)
+    _write_pagemap(tmp, pages_id, entries)
+    os.rename(tmp, dir_ / name)
+    fsync_dir(dir_)
+
+
 def _free_pages_id(dir_: Path, maps: list[Pagemap]) -> int:
     used = {pm.pages_id for pm in maps if pm.pages_id is not None}
     for p in dir_.glob("pages-*.img*"):

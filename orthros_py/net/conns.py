@@ -168,3 +168,29 @@ def tree_pids(pid: int) -> list[int]:
 def discover_tree(pid: int, states: Sequence[int] = LOCKABLE_STATES) -> TreeConns:
     """``discover`` over the tree rooted at ``pid``."""
     return discover(tree_pids(pid), states)
+
+
+# INET_DIAG_INFO as an idiag_ext bit: ask for each socket's tcp_info.
+_EXT_INFO = 1 << (2 - 1)
+
+
+def bytes_acked(netns: str | None, inodes: set[int]) -> dict[int, int]:
+    """tcp_info's ``tcpi_bytes_acked`` of the established TCP sockets ``inodes`` in ``netns``:
+    how much of what each sent its peer has acknowledged (it grows when a reply arrives)."""
+    from pyroute2 import DiagSocket
+
+    from orthros_py.net.addr import in_netns
+
+    out: dict[int, int] = {}
+    with in_netns(netns), DiagSocket() as diag:
+        diag.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in diag.get_sock_stats(family=family, states=1 << TCP_ESTABLISHED,
+                                           extensions=_EXT_INFO):
+                inode = int(msg["idiag_inode"])
+                if inode not in inodes:
+                    continue
+                info = msg.get_attr("INET_DIAG_INFO")
+                if info is not None:
+                    out[inode] = int(info.get("tcpi_bytes_acked") or 0)
+    return out

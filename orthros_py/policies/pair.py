@@ -60,6 +60,8 @@ class PairOptions:
     shell_job: bool = False
     file_locks: bool = False
     fence: Mapping[str, str] | None = None  # how the standby fences the active
+    paging: bool = False  # the standby keeps only the hot pages in memory
+    hot_window: float = 30.0
 
 
 @dataclass
@@ -83,6 +85,10 @@ class PairView:
     output_hold: dict[str, Any] | None = None
     unreachable: list[str] = field(default_factory=list)
     serving: str | None = None  # the host serving the service now
+    # A paging standby: hot set, tmpfs, disk, page cache (``agent.pair.tiers.TierStats``),
+    # and after a paging promotion how its lazy pages crossed.
+    paging: dict[str, Any] | None = None
+    lazy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -130,6 +136,9 @@ def start(active: Host, standby: Host, pid: int, opts: PairOptions, *,
     record once the first generation is committed."""
     if active.name == standby.name:
         raise PairError(f"the active and the standby are the same host ({active.name})")
+    if opts.paging and opts.hot_window < opts.interval:
+        raise PairError(f"the hot window ({opts.hot_window:g} s) must be at least one interval "
+                        f"({opts.interval:g} s)")
     if opts.failover:
         from orthros_py.agent.pair.guard import GuardTimings
 
@@ -171,6 +180,7 @@ def start(active: Host, standby: Host, pid: int, opts: PairOptions, *,
         "heartbeat": opts.heartbeat, "misses": opts.misses,
         "shell_job": opts.shell_job, "file_locks": opts.file_locks,
         "fence": dict(opts.fence) if opts.fence else None,
+        **({"paging": True, "hot_window": opts.hot_window} if opts.paging else {}),
     }
     opened: list[Host] = []
     try:
@@ -292,7 +302,8 @@ def view(name: str, roles: Mapping[str, dict[str, Any]], unreachable: Sequence[s
         output_commit=bool(cfg.get("output_commit")), failover=bool(cfg.get("failover")),
         epoch=max(int(r.get("epoch") or 0) for r in roles.values()),
         events=events[-20:], output_hold=(act or {}).get("output_hold"),
-        unreachable=[h for h in unreachable if h in hosts.values()], serving=serving)
+        unreachable=[h for h in unreachable if h in hosts.values()], serving=serving,
+        paging=(sby or {}).get("paging"), lazy=(sby or {}).get("lazy"))
 
 
 def status(hosts: Sequence[Host], name: str | None = None) -> list[PairView]:

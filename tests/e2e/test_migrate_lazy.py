@@ -87,6 +87,8 @@ def test_lazy_migration_of_1_gib_keeps_every_page_and_the_client(lab: Lab,
     assert out["counts"]["pages"] < PAGES // 100, out["counts"]  # not in the frozen dump
     assert out["precopy"] is None
     assert "memory" in out["timings_ms"] and out["timings_ms"]["downtime"] > 0
+    # The client was waiting: beta's agent saw its first reply acknowledged.
+    assert out["timings_ms"].get("first response", 0) > 0, out["timings_ms"]
     check_client(log)
     check_memory(lab)
     assert runs_on(lab, svc) == ["beta"]
@@ -170,3 +172,42 @@ def test_a_source_killed_mid_transfer_loses_the_service_and_leaves_nothing(
     assert_nothing_left(lab, holder="beta", service=svc)
     # orthros recover agrees: nothing was left half done.
     assert orthros_json("recover", "--journal", str(journal)) == []
+
+
+@pytest.mark.lab(hosts=2)
+def test_recover_finishes_a_lazy_migration_whose_coordinator_died_mid_transfer(
+        lab: Lab, tmp_path: Path) -> None:
+    """The coordinator dies (os._exit, as SIGKILL would stop it) when the memory stage starts:
+    the tree serves from beta, its pages still crossing between the agents (which go on without
+    it), the images and both lazy sides still there. `orthros recover` waits for the last page,
+    finishes, and leaves the service on beta with every page right and nothing else."""
+    import os
+
+    svc = memhog(lab, tmp_path, mib=256)
+    journal = tmp_path / "journal"
+    with pinging(lab) as client:
+        child = os.fork()
+        if child == 0:  # the coordinator: never returns into pytest
+            try:
+                def die(ev: Event) -> None:
+                    if ev.stage == Stage.MEMORY and ev.kind == "start":
+                        os._exit(137)
+
+                Migration(svc.pid, host(lab, "alpha"), host(lab, "beta"),
+                          MigrateConfig(lazy=True, precopy=False, service_ip=SERVICE_IP),
+                          observer=die, journal=Journal(journal)).run()
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 137, "the coordinator did not die there"
+        out = orthros_json("recover", "--journal", str(journal), timeout=300)
+        log = client.stop()
+    assert [r["outcome"] for r in out] == ["completed"], out
+    assert out[0]["runs_on"] == "beta"
+    check_client(log)
+    with MemConn(lambda: lab.connect((SERVICE_IP, PORT), timeout=10.0), timeout=120) as c:
+        verdict = c.verify(timeout=300)
+        assert verdict.ok and verdict.pages == 256 * 256, verdict.line()
+        assert c.stat()["mismatches"] == 0
+    assert runs_on(lab, svc) == ["beta"]
+    assert_nothing_left(lab, holder="beta", service=svc)

@@ -1,7 +1,8 @@
 """The lazy benchmark's pure half on synthetic records: sizes and methods parsed, the plan of
 interleaved rounds, one migration read from migrate's result (the contract of the lazy and
 pre-copy keys) and from the client's log, medians and per-round ratios to eager, the targets,
-the paging standby's summaries, results.json round trip, results.md and the plots. No root."""
+the paging standby's records (memory against the hot fraction, failovers paging against
+eager: the promotion's event read, judged, summarized, its targets), results.json round trip, results.md and the plots. No root."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ import pytest
 from orthros_py.bench.lazy import (
     BenchConfig,
     BenchResults,
+    FailoverRun,
     MigrationRun,
-    PagingRun,
+    PagingMemoryRun,
     config_for,
+    failover_line,
+    failover_plan,
+    load_results,
     markdown,
+    memory_line,
+    parse_fractions,
     parse_methods,
     parse_sizes,
     plan,
     run_line,
     summarize,
-    summarize_paging,
+    summarize_failovers,
+    summarize_memory,
     targets,
     write_outputs,
 )
@@ -35,10 +43,24 @@ from orthros_py.bench.lazy.model import (
     PRECOPY_LAZY,
     growth,
     judge,
-    paging_markdown,
     read_client,
     read_result,
     round_ratios,
+)
+from orthros_py.bench.lazy.paging import (
+    EAGER_PAIR,
+    MIB,
+    PAGING,
+    PAIR_MODES,
+    PlannedFailover,
+    hot_set_bytes,
+    judge_failover,
+    memory_bound_bytes,
+    paging_markdown,
+    paging_targets,
+    read_promotion,
+    rep_ratios,
+    sample_of,
 )
 from orthros_py.workloads.memhog import ClientError, ClientLog, Reply
 
@@ -222,30 +244,195 @@ def test_targets_met_and_not() -> None:
     assert [x.met for x in t] == [None, None]
 
 
-def paging_runs() -> list[PagingRun]:
+def test_parse_fractions() -> None:
+    assert parse_fractions("0.3, 0.1,60%,0.3") == (0.1, 0.3, 0.6)
+    for bad in ("", "0", "1.5", "x", "-0.1"):
+        with pytest.raises(ValueError):
+            parse_fractions(bad)
+
+
+def test_failover_plan_interleaves_paging_and_eager() -> None:
+    p = failover_plan((256, 2048), 3, seed=5)
+    assert len(p) == 2 * 3 * 2 + 1
+    for size in (256, 2048):
+        for rep in range(3):
+            got = sorted(x.mode for x in p if x.size_mib == size and x.rep == rep
+                         and not x.read_only_hot)
+            assert got == sorted(PAIR_MODES)
+    assert p[-1] == PlannedFailover(2048, 0, PAGING, read_only_hot=True)
+    orders = {tuple(x.mode for x in p if x.size_mib == 2048 and x.rep == r
+                    and not x.read_only_hot) for r in range(3)}
+    assert len(orders) > 1 or len(p) < 8  # shuffled (seed 5 gives both orders)
+    assert failover_plan((256, 2048), 3, seed=5) == p
+    assert failover_plan((256,), 1, seed=5, read_only_check=False) == [
+        x for x in failover_plan((256,), 1, seed=5) if not x.read_only_hot]
+    assert failover_plan((256,), 0, seed=1) == []
+
+
+def tier(hot: float, memory: float, **kw: float) -> dict[str, Any]:
+    """A pair status paging record (bytes in MiB)."""
+    d = {"hot_bytes": hot * MIB, "memory_bytes": memory * MIB,
+         "settled_tmpfs_bytes": (memory - 5) * MIB, "peak_tmpfs_bytes": 2 * memory * MIB,
+         "disk_cached_bytes": 5 * MIB, "disk_bytes": 1100 * MIB, "tmpfs_bytes": memory * MIB,
+         "hot_pages": int(hot * 256), "aged_in_place": 2, "aged_by_merge": 0,
+         "young_generations": 20, "hot_window_s": 20.0, "tmpfs": "/x", "notes": []}
+    d.update({k: v * MIB for k, v in kw.items()})
+    return d
+
+
+def memory_runs() -> list[PagingMemoryRun]:
     out = []
-    for frac, rss in ((0.1, 110.0), (0.3, 320.0)):
-        for rep in range(2):
-            out.append(PagingRun(1024, frac, rep, ok=True,
-                                 standby_rss_bytes=(rss + rep) * 2**20,
-                                 failover_ttfr_ms=300.0 + rep, eager_ttfr_ms=3000.0 + rep))
-    out.append(PagingRun(1024, 0.3, 2, ok=False, error="standby died"))
+    for frac, mem in ((0.1, 110.0), (0.3, 320.0), (0.6, 800.0)):
+        out.append(PagingMemoryRun(1024, frac, ok=True, hot_window_s=20.0, interval_s=1.0,
+                                   rate=20000.0,
+                                   samples=[sample_of(tier(frac * 1000, mem + d))
+                                            for d in (-2.0, 0.0, 3.0)]))
+    out.append(PagingMemoryRun(2048, 0.3, True, part="failover", ok=True,
+                               samples=[sample_of(tier(0.1, 12.0))]))
+    out.append(PagingMemoryRun(1024, 0.6, rep=1, error="pair start: refused"))
     return out
 
 
-def test_paging_summary_table_and_plot(tmp_path: Path) -> None:
-    sums = summarize_paging(paging_runs())
-    assert [(s.hot_fraction, s.ok, s.runs) for s in sums] == [(0.1, 2, 2), (0.3, 2, 3)]
-    assert sums[1].standby_share.median == pytest.approx(320.5 / 1024)
-    assert sums[0].ttfr_ratio.median == pytest.approx((300 / 3000 + 301 / 3001) / 2)
-    assert sums[1].errors == ["standby died"]
-    md = "\n".join(paging_markdown(paging_runs()))
-    assert "## Paging standby" in md and "| 1,024 | 30% | 2/3 |" in md
-    assert "standby died" in md
-    assert paging_markdown([]) == []
-    res = BenchResults(BenchConfig(out=tmp_path), seed=1, paging=paging_runs())
+def test_memory_summary_bound_and_targets() -> None:
+    assert hot_set_bytes(1024, 0.3) == round(262144 * 0.3) * 4096
+    assert memory_bound_bytes(1024, 0.3) == pytest.approx(hot_set_bytes(1024, 0.3)
+                                                          + 0.1 * 1024 * MIB)
+    runs = memory_runs()
+    assert sample_of(tier(1, 2)).keys() >= {"hot_bytes", "memory_bytes", "disk_bytes"}
+    assert "tmpfs" not in sample_of(tier(1, 2))
+    sums = summarize_memory(runs)
+    assert [(s.size_mib, s.hot_fraction, s.read_only_hot) for s in sums] == [
+        (1024, 0.1, False), (1024, 0.3, False), (1024, 0.6, False), (2048, 0.3, True)]
+    s30 = sums[1]
+    assert (s30.samples, s30.ok, s30.runs) == (3, 1, 1)
+    assert s30.memory.median == 320 * MIB and s30.memory.low == 318 * MIB
+    assert s30.share == pytest.approx(320 / 1024)
+    assert s30.met is True
+    s60 = sums[2]
+    assert s60.met is False and s60.runs == 2 and s60.errors == ["pair start: refused"]
+    t = paging_targets(runs, [])
+    # One per written hot fraction of the memory part; the failover part's rows are not.
+    assert [x.met for x in t] == [True, True, False]
+    assert "30 % hot" not in t[1].name and "30% hot of 1,024 MiB" in t[1].name
+    assert "69% less" in t[1].value
+
+
+def fo(rep: int, mode: str, *, restore: float, first: float, all_in: float | None = None,
+       ok: bool = True, read_only: bool = False, size: int = 2048) -> FailoverRun:
+    """A failover: died at 100.0 s, promoted 1.2 s later, restore of ``restore`` ms; the first
+    PONG ``first`` ms after the restore began."""
+    r = FailoverRun(size, 0.3, rep, mode, read_only, died_at=100.0)
+    lazy = {"state": "complete", "eager_pages": 1000, "lazy_pages": 9000,
+            "pages_faulted": 300, "pages_pushed": 8700, "pages_copied": 9000,
+            "pages_total": 9000, "elapsed_ms": 5000.0,
+            "finished_at": 101.2 + (all_in or 0) / 1000}
+    ev = {"what": "promoted", "at": 101.2 + restore / 1000, "detected_at": 101.2,
+          "restore_ms": restore, "total_ms": restore + 3, "generation": 40,
+          "generation_age_ms": 300.0, **({"lazy_plan_ms": 20.0} if mode == PAGING else {})}
+    read_promotion(r, ev, lazy if mode == PAGING else None)
+    r.first_reply_ms = 1200.0 + first
+    r.verify, r.mismatches = ("OK 524288", 0) if ok else ("BAD 3 17", 0)
+    judge_failover(r)
+    return r
+
+
+def failover_runs() -> list[FailoverRun]:
+    out = []
+    for rep in range(3):
+        out.append(fo(rep, EAGER_PAIR, restore=4000.0 + rep * 100, first=4050.0 + rep * 100))
+        out.append(fo(rep, PAGING, restore=300.0, first=350.0 + rep * 10, all_in=6000.0))
+    out.append(fo(0, PAGING, restore=100.0, first=900.0, all_in=7000.0, read_only=True))
+    out.append(fo(3, PAGING, restore=300.0, first=350.0, ok=False))
+    return out
+
+
+def test_read_promotion_and_judge() -> None:
+    e = fo(0, EAGER_PAIR, restore=4000.0, first=4100.0)
+    assert e.detected_ms == pytest.approx(1200.0)
+    assert e.restore_start_ms == pytest.approx(1200.0) and e.restore_end_ms == pytest.approx(5200)
+    assert e.ttfr_ms == pytest.approx(4100.0)
+    # An eager restore has every page when it ends.
+    assert e.all_pages_ms == e.restore_end_ms and e.all_pages_from_restore_ms == pytest.approx(4000)
+    assert e.ok and e.pages_faulted is None and e.lazy_state is None
+    p = fo(0, PAGING, restore=300.0, first=350.0, all_in=6000.0)
+    assert p.ok and (p.pages_faulted, p.pages_pushed, p.eager_pages) == (300, 8700, 1000)
+    assert p.all_pages_from_restore_ms == pytest.approx(6000.0)
+    assert p.lazy_plan_ms == 20.0 and p.generation == 40
+    bad = fo(0, PAGING, restore=300.0, first=350.0, ok=False)
+    assert not bad.ok and bad.error is not None and "BAD 3 17" in bad.error
+    # Lazy pages that did not all arrive fail the run, and so does a wrong hot page.
+    r = FailoverRun(2048, 0.3, 0, PAGING, died_at=1.0, first_reply_ms=5.0, verify="OK 1",
+                    lazy_state="complete", pages_copied=10, pages_total=12)
+    judge_failover(r)
+    assert not r.ok and "10 of 12" in str(r.error)
+    r = FailoverRun(2048, 0.3, 0, EAGER_PAIR, first_reply_ms=5.0, verify="OK 1", mismatches=2)
+    judge_failover(r)
+    assert not r.ok and "2 wrong hot pages" in str(r.error)
+    r = FailoverRun(2048, 0.3, 0, PAGING, verify="OK 1", lazy_state="failed")
+    judge_failover(r)
+    assert "no response" in str(r.error) and "ended failed" in str(r.error)
+    # Without the event's times nothing is invented.
+    r = FailoverRun(2048, 0.3, 0, PAGING, died_at=100.0)
+    read_promotion(r, {"what": "promoted"}, {"state": "crossing"})
+    assert r.restore_start_ms is None and r.ttfr_ms is None and r.all_pages_ms is None
+
+
+def test_failover_summary_ratios_and_target() -> None:
+    runs = failover_runs()
+    assert rep_ratios(runs, 2048, 0.3, "ttfr_ms") == pytest.approx(
+        [350 / 4050, 360 / 4150, 370 / 4250])  # rep 3 failed: no ratio
+    ro = rep_ratios(runs, 2048, 0.3, "ttfr_ms", read_only_hot=True)
+    assert ro == pytest.approx([900 / 4150])  # against eager's median
+    sums = summarize_failovers(runs)
+    assert [(s.mode, s.read_only_hot) for s in sums] == [
+        (PAGING, False), (EAGER_PAIR, False), (PAGING, True)]
+    p = sums[0]
+    assert (p.ok, p.runs) == (3, 4) and p.figures["ttfr_ms"].median == pytest.approx(360.0)
+    assert p.ratio.median == pytest.approx(360 / 4150)
+    assert p.all_pages_ratio.median == pytest.approx(6000 / 4100)
+    assert sums[1].ratio.median is None and sums[2].label.endswith("(read-only hot set)")
+    t = paging_targets([], runs)
+    assert len(t) == 1 and t[0].met is True and "2,048 MiB" in t[0].name
+    # Slow paging: not met, and how far; a smaller size says where the target is stated.
+    slow = [fo(0, EAGER_PAIR, restore=1000.0, first=1000.0, size=256),
+            fo(0, PAGING, restore=500.0, first=500.0, all_in=900.0, size=256)]
+    t = paging_targets([], slow)
+    assert t[0].met is False and "5.0 x the goal" in t[0].detail
+    assert "stated at 2,048 MiB" in t[0].detail
+    t = paging_targets([], [fo(0, PAGING, restore=1.0, first=1.0, ok=False, size=256)])
+    assert t[0].met is None
+
+
+def test_paging_markdown_round_trip_and_plot(tmp_path: Path) -> None:
+    mem, fos = memory_runs(), failover_runs()
+    md = "\n".join(paging_markdown(mem, fos))
+    assert "## Paging standby: memory against the hot fraction" in md
+    assert "| 1,024 | 30% | writes | 3 (1/1 runs) |" in md
+    assert "| 2,048 | 30% | reads (failover) |" in md and "known limitation" in md
+    assert "## Failover: paging standby against eager standby" in md
+    assert "### 2,048 MiB, 30% hot" in md
+    assert "| ok | 3/4 | 3/3 | 1/1 |" in md
+    assert "| restore start to first response ms | 360 [350-370] |" in md
+    assert "Failed failovers:" in md and "BAD 3 17" in md
+    assert paging_markdown([], []) == []
+    res = BenchResults(BenchConfig(out=tmp_path, migrations=False, paging_reps=1), seed=1,
+                       paging_memory=mem, failovers=fos)
+    assert not res.ok  # failed runs
     made = write_outputs(res, tmp_path)
-    assert tmp_path / "paging.png" in made
+    assert tmp_path / "paging.png" in made and "downtime.png" not in {p.name for p in made}
+    back = load_results(tmp_path / "results.json")
+    assert [r.to_dict() for r in back.failovers] == [r.to_dict() for r in fos]
+    assert [r.to_dict() for r in back.paging_memory] == [r.to_dict() for r in mem]
+    assert back.config == res.config
+    full = markdown(res)
+    # A paging-only run lists no migration target as "not measured".
+    assert "lazy downtime" not in full and "paging standby memory" in full
+    assert "## Migrations" not in full and "Paging standby: the same workload" in full
+    line = failover_line(fos[1])
+    assert line.startswith("2,048 MiB hot 30% rep 1 paging:")
+    assert "faulted" in line and line.endswith("OK 524288")
+    assert "standby memory: 320.0 MiB" in memory_line(mem[1])
+    assert "FAILED: pair start: refused" in memory_line(mem[-1])
 
 
 def test_results_round_trip_markdown_and_plots(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def cfg_dict(**changes: Any) -> dict[str, Any]:
         "failover": True, "heartbeat": 0.1, "misses": 3, "tcp_established": True,
         "shell_job": False, "file_locks": False,
         "fence": {"agent": "lab", "netns": "orthros-lab", "ifname": "b-alpha"},
-        "created_at": 1_700_000_000.0,
+        "paging": False, "hot_window": 30.0, "created_at": 1_700_000_000.0,
     }
     d.update(changes)
     return d

@@ -22,6 +22,7 @@ import psutil
 
 from orthros_py.agent import held as held_trees
 from orthros_py.agent import optpolicy, pagechan
+from orthros_py.agent.firstreply import FirstReply
 from orthros_py.agent.protocol import options_from_args, validate_name
 from orthros_py.agent.state import Agent, PageServer, log
 from orthros_py.agent.table import Call, bad_request, op
@@ -29,7 +30,12 @@ from orthros_py.checkpoint import DumpResult, RestoreResult, dump_tree, restore_
 from orthros_py.criu.request import DumpOptions, RestoreOptions
 from orthros_py.criu.request import page_server_request as _ps_request
 from orthros_py.criu.session import CriuSession
-from orthros_py.errors import BadImageError, NoSuchProcessError, OrthrosError
+from orthros_py.errors import (
+    BadImageError,
+    MissingFeatureError,
+    NoSuchProcessError,
+    OrthrosError,
+)
 from orthros_py.proc.tree import ProcessRef
 
 # Options a caller may not set remotely: the pid is an argument of its own; CRIU notifications
@@ -38,6 +44,7 @@ from orthros_py.proc.tree import ProcessRef
 DUMP_EXCLUDED = ("pid", "notify")
 RESTORE_EXCLUDED = ("notify", "sibling")
 PAGE_SERVER_LOG = "page-server.log"
+REPLIES_KEPT = 16  # first-reply watches kept for their migration to ask
 _PARENT_IMG = re.compile(r"\.\./(?P<name>[^/]+)")
 
 
@@ -79,6 +86,12 @@ def op_dump(call: Call, pid: int, image: str,
     a = call.agent
     if opts.lazy_pages:
         raise bad_request("a lazy dump is dump_lazy's")
+    if (opts.pre_dump or opts.track_mem) and not a.criu_info().get("mem_track"):
+        # Unpatched, CRIU's pre-dump aborts here (BUG_ON without soft-dirty bits).
+        raise MissingFeatureError(
+            "CRIU cannot track memory on this host, which a pre-dump or a tracked dump needs",
+            hint="run 'make setup' (orthros's CRIU patch 0002 tracks memory with userfaultfd "
+                 "where the kernel has no soft-dirty bits)")
     vet_dump(a, opts)
     path = a.image_path(image)
     dump_kw: dict[str, Any] = {}
@@ -124,7 +137,29 @@ def restore_image(a: Agent, image: str, opts: RestoreOptions) -> RestoreResult:
             raise
         # Adopted under the busy mark, before any other request can ask to kill it.
         a.adopt(result.pid, image, result.pids)
+    watch = FirstReply(result.pid, list(result.pids), time.time()).start()
+    with a.mutex:
+        a.replies[image] = watch
+        for old in list(a.replies)[:-REPLIES_KEPT]:
+            del a.replies[old]
     return result
+
+
+@op("first_reply")
+def op_first_reply(call: Call, image: str, wait: float = 0.0) -> dict[str, Any]:
+    """When the tree restored from ``image`` first got a reply acknowledged by a peer (see
+    ``orthros_py.agent.firstreply``); waits up to ``wait`` s for it."""
+    if not 0 <= wait <= 60:
+        raise bad_request("wait must be 0-60 s")
+    a = call.agent
+    validate_name(image)
+    with a.mutex:
+        watch = a.replies.get(image)
+    if watch is None:
+        raise NoSuchProcessError(f"this agent restored no tree from image {image!r} lately")
+    watch.done.wait(wait)
+    data: dict[str, Any] = watch.to_dict()
+    return data
 
 
 def _reap_failed_restore(a: Agent, path: Path, timeout: float = 2.0) -> None:

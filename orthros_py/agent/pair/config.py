@@ -94,6 +94,10 @@ class PairConfig:
     shell_job: bool = False
     file_locks: bool = False
     fence: dict[str, str] | None = None  # how the standby fences the active (inventory)
+    # The standby keeps the pages written within ``hot_window`` in memory, the rest on disk,
+    # and a promotion restores with lazy pages (``tiers``).
+    paging: bool = False
+    hot_window: float = 30.0
     created_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,11 @@ class PairConfig:
             raise bad("interval must be between 10 ms and an hour")
         if not 1 <= self.keep <= 100:
             raise bad("keep must be 1-100 generations")
+        if not 0.1 <= self.hot_window <= 86400:
+            raise bad("the hot window must be between 100 ms and a day")
+        if self.paging and self.hot_window < self.interval:
+            raise bad("the hot window must be at least one interval: the pages of the newest "
+                      "generation are hot by definition")
         if not 0.005 <= self.heartbeat <= 60 or not 1 <= self.misses <= 100:
             raise bad("heartbeat must be 5 ms - 60 s and misses 1-100")
         if self.active.name == self.standby.name:
@@ -150,13 +159,14 @@ class PairConfig:
             for k in ("pid", "keep", "misses"):
                 if k in args and (not isinstance(args[k], int) or isinstance(args[k], bool)):
                     raise bad(f"{k} must be an integer")
-            for k in ("interval", "heartbeat", "created_at"):
+            for k in ("interval", "heartbeat", "hot_window", "created_at"):
                 if k in args:
                     v = args[k]
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
                         raise bad(f"{k} must be a number of seconds, not {v!r}")
                     args[k] = float(v)
-            for k in ("output_commit", "failover", "tcp_established", "shell_job", "file_locks"):
+            for k in ("output_commit", "failover", "tcp_established", "shell_job", "file_locks",
+                      "paging"):
                 if k in args and not isinstance(args[k], bool):
                     raise bad(f"{k} must be true or false")
             return cls(**args)

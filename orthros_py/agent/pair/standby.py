@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from orthros_py.agent.pair.config import PairRecord, bad
@@ -30,6 +32,8 @@ from orthros_py.agent.pair.runtime import (
 from orthros_py.errors import OrthrosError
 
 MIN_FREE_BYTES = 4 << 20  # below this the images root counts as full
+LAZY_WAIT_S = 3600.0  # a lazy restore's cold pages still crossing after this: it failed
+LAZY_STOP_WAIT_S = 120.0  # ``pair stop`` waits this long for the last cold pages
 
 
 class StandbySide(Role):
@@ -37,7 +41,16 @@ class StandbySide(Role):
         super().__init__(pairs, rec)
         from orthros_py.agent.pair.store import GenerationStore
 
-        self.store = GenerationStore(self.agent.images_root, self.name, self.cfg.keep)
+        self.store: GenerationStore
+        if self.cfg.paging:
+            from orthros_py.agent.pair.tiers import PagingStore
+
+            self.store = PagingStore(self.agent.images_root, self.name,
+                                     hot_window=self.cfg.hot_window)
+        else:
+            self.store = GenerationStore(self.agent.images_root, self.name, self.cfg.keep)
+        self.lazy: Any = None  # the lazy-pages daemon of a paging promotion
+        self.lazy_state: dict[str, Any] | None = None
         self.watch: Any = None
         self.promoting = False
         self.last_checkpoint: dict[str, Any] | None = None
@@ -68,6 +81,14 @@ class StandbySide(Role):
     def stop(self, keep_images: bool) -> dict[str, Any]:
         out = super().stop(keep_images)
         self._stop_page_servers()
+        if self.lazy is not None and self.lazy.running():
+            # The restored tree still faults its cold pages in from these images: they stay
+            # until the daemon has pushed the last one.
+            with contextlib.suppress(Exception):
+                self.lazy.proc.wait(timeout=LAZY_STOP_WAIT_S)
+            if self.lazy.running():
+                keep_images = True
+                out["kept_because"] = "the lazy-pages daemon still feeds the restored tree"
         if not keep_images:
             self.store.destroy()
         with self.mutex:
@@ -279,6 +300,7 @@ class StandbySide(Role):
                 self.rec.state, self.rec.reason = "failed over", why
                 self.rec.serving_pid = result.pid
                 ev = self.rec.event("promoted", planned=planned, generation=latest.number,
+                                    **({"lazy": self.lazy_state} if self.lazy_state else {}),
                                     generation_age_ms=round(age * 1000, 1),
                                     generation_frozen_at=(latest.stats or {}).get("frozen_at"),
                                     epoch=self.rec.epoch, pid=result.pid,
@@ -325,13 +347,70 @@ class StandbySide(Role):
         timings["address_ms"] = (time.perf_counter() - t1) * 1000
         t2 = time.perf_counter()
         try:
-            result = self._restore(latest.dir)
+            if self.cfg.paging:
+                result = self._restore_lazily(latest.dir, timings)
+            else:
+                result = self._restore(latest.dir)
         finally:
             self._unlock_conns(locked)
         timings["restore_ms"] = (time.perf_counter() - t2) * 1000
         return result, timings
 
-    def _restore(self, image: str) -> Any:
+    def _restore_lazily(self, image: str, timings: dict[str, float]) -> Any:
+        """The hot pages placed before the tree resumes, the cold ones left to CRIU's
+        lazy-pages daemon, which serves a fault at once and pushes the rest from the disk base
+        in the background (``_await_lazy`` records when the last one is in)."""
+        from orthros_py.agent.pair.tiers import PagingStore
+        from orthros_py.criu.lazy import LazyPagesDaemon
+
+        assert isinstance(self.store, PagingStore)
+        top = self.agent.images_root / image
+        t = time.perf_counter()
+        plan = self.store.prepare_lazy(top)
+        timings["lazy_plan_ms"] = (time.perf_counter() - t) * 1000
+        # Info level: the daemon's summary (pages in, on fault) is logged there.
+        daemon = LazyPagesDaemon(Path(plan["view"]), log_level=3).start()
+        try:
+            result = self._restore(image, lazy=True)
+        except BaseException:
+            daemon.stop()
+            raise
+        self.lazy = daemon
+        self.lazy_state = {**{k: v for k, v in plan.items() if k != "view"},
+                           "state": "crossing", "started_at": time.time()}
+        threading.Thread(target=self._await_lazy, args=(daemon, list(result.pids)), daemon=True,
+                         name=f"pair-{self.name}-lazy").start()
+        return result
+
+    def _await_lazy(self, daemon: Any, pids: list[int]) -> None:
+        try:
+            res = daemon.wait(timeout=LAZY_WAIT_S)
+        except OrthrosError as err:
+            daemon.stop()
+            # Its cold pages would now read as zeros (the daemon's userfaultfds closed with
+            # it): the copy must not run one more instruction.
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with self.mutex:
+                state = dict(self.lazy_state or {}, state="failed", reason=describe(err))
+                self.lazy_state = state
+                self.rec.event("lazy pages failed", reason=describe(err))
+                self.save()
+            log.error("pair %s: the lazy pages of the restored tree failed: %s", self.name,
+                      describe(err))
+            return
+        with self.mutex:
+            done = {**res.stats.to_dict(), "elapsed_ms": round(res.elapsed_ms, 3),
+                    "finished_at": res.finished_at}
+            self.lazy_state = dict(self.lazy_state or {}, state="complete", **done)
+            self.rec.event("lazy pages in", **done)
+            self.save()
+        log.info("pair %s: every lazy page is in (%d of %d, %d on fault) after %.0f ms",
+                 self.name, res.stats.copied, res.stats.total, res.stats.faulted,
+                 res.elapsed_ms)
+
+    def _restore(self, image: str, *, lazy: bool = False) -> Any:
         from orthros_py.agent.ops.criu import restore_image
         from orthros_py.criu.request import CriuNetworkLock, RestoreOptions
 
@@ -339,7 +418,7 @@ class StandbySide(Role):
         opts = RestoreOptions(tcp_established=cfg.tcp_established,
                               tcp_close=cfg.tcp_established and not cfg.output_commit,
                               shell_job=cfg.shell_job, file_locks=cfg.file_locks,
-                              network_lock=CriuNetworkLock.SKIP, log_level=2)
+                              network_lock=CriuNetworkLock.SKIP, log_level=2, lazy_pages=lazy)
         return restore_image(self.agent, image, opts)
 
     def _xdp(self) -> Any:
@@ -405,4 +484,11 @@ class StandbySide(Role):
             d["heartbeats"] = self.watch.to_dict(monotonic())
         latest = self.store.latest()
         d["newest"] = latest.to_dict() if latest is not None else None
+        if self.cfg.paging:
+            from orthros_py.agent.pair.tiers import PagingStore
+
+            if isinstance(self.store, PagingStore):
+                d["paging"] = self.store.tier_stats().to_dict()
+            with self.mutex:
+                d["lazy"] = dict(self.lazy_state) if self.lazy_state else None
         return d

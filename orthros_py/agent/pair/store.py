@@ -22,7 +22,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from orthros_py.agent.protocol import validate_name
 from orthros_py.criu.imagechain import (
     PARENT_LINK,
     TMP_SUFFIX,
+    VerifyResult,
     fsync_dir,
     fsync_file,
     materialize,
@@ -136,6 +137,7 @@ class GenerationStore:
         self._dir_re = re.compile(rf"{re.escape(pair)}\.g(\d{{6,}})")
         self._trash_re = re.compile(rf"{re.escape(pair)}\.g\d{{6,}}{re.escape(TRASH_SUFFIX)}")
         self._lock = threading.RLock()
+        self.now: Callable[[], float] = time.time  # when a generation counts as committed
 
     # --- names ---------------------------------------------------------------------------
 
@@ -255,9 +257,10 @@ class GenerationStore:
             if not d.is_dir():
                 raise GenerationError(f"generation {k} of {self.pair} was never begun")
             self._check_parent(d, latest)
-            result = verify(d)
+            self._place(d)
+            result = self._verify(d)
             self._fsync_generation(d)
-            gen = Generation(k, d.name, time.time(), {
+            gen = Generation(k, d.name, self.now(), {
                 **stats, "images": {**pages_stats(d).to_dict(), "pages_total": result.pages,
                                     "chain": len(result.chain)}})
             _write_json(d / META, gen.to_dict())
@@ -348,6 +351,14 @@ class GenerationStore:
             raise GenerationError(
                 f"generation {d.name} has parent {have} where the newest committed "
                 f"generation is {latest.dir if latest else 'none'}")
+
+    def _verify(self, d: Path) -> VerifyResult:
+        """The whole chain of ``d`` checked (``imagechain.verify``)."""
+        return verify(d)
+
+    def _place(self, d: Path) -> None:
+        """Where a received generation's files go before it is verified and committed: they
+        stay where the page server wrote them (the paging store moves pages to memory)."""
 
     def _fsync_generation(self, d: Path) -> None:
         # The page server and the agent wrote these without fsync: make them durable before

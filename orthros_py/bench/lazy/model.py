@@ -1,8 +1,8 @@
 """The lazy benchmark's pure half: the methods (eager, pre-copy, post-copy, both), the plan of
 interleaved rounds, one migration's record read from migrate's result (its ``to_dict``) and
 from what the PING client saw, summaries (medians, min-max spreads, per-round ratios to eager
-of the same size), the targets, the paging standby's records, results.md, results.json and
-the PNG plots.
+of the same size), the targets, the results record (with the paging standby's part, from
+``paging``), results.md, results.json and the PNG plots.
 
 The migrate result's contract this reads (the lead's additions to ``MigrationResult``):
 ``timings_ms["downtime"]`` (frozen to serving) and ``timings_ms["total"]`` (until the source
@@ -25,6 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orthros_py.bench.lazy.paging import (
+    FailoverRun,
+    PagingMemoryRun,
+    paging_markdown,
+    paging_targets,
+    plot_paging,
+    summarize_failovers,
+    summarize_memory,
+)
 from orthros_py.bench.pair.model import Figure, Target
 from orthros_py.bench.pair.report import fmt_bytes, fmt_fig
 from orthros_py.bench.stats import fmt_ms, ratio
@@ -119,11 +128,27 @@ class BenchConfig:
     out: Path = Path("results")
     port: int = 7070
     warmup: bool = True  # one unrecorded migration first (builds the XDP lock)
+    # Which parts run.
+    migrations: bool = True
+    paging: bool = True
+    # The paging standby (``paging``): memory against the hot fraction at ``paging_sizes``...
+    paging_sizes: tuple[int, ...] = (1024,)
+    hot_fractions: tuple[float, ...] = (0.1, 0.3, 0.6)
+    # ... and failovers, paging against eager, at ``failover_sizes``, ``paging_reps`` each.
+    failover_sizes: tuple[int, ...] = (2048,)
+    failover_hot: float = 0.3
+    paging_reps: int = 3
+    read_only_check: bool = True  # one more paging failover whose worker only reads
+    hot_window_s: float = 20.0
+    paging_interval_s: float = 1.0
+    paging_rate: float = 20000.0  # the worker's hot pages a second: the window sees the set
+    paging_samples: int = 5  # pair status samples per memory run
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
-        d["sizes"], d["methods"] = list(self.sizes), list(self.methods)
+        for k in _TUPLES:
+            d[k] = list(d[k])
         return d
 
     @classmethod
@@ -131,9 +156,14 @@ class BenchConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw["out"] = Path(kw.get("out", "results"))
-        kw["sizes"] = tuple(int(x) for x in kw.get("sizes", DEFAULT_SIZES))
-        kw["methods"] = tuple(str(x) for x in kw.get("methods", METHODS))
+        for k, conv in _TUPLES.items():
+            if k in kw:
+                kw[k] = tuple(conv(x) for x in kw[k])
         return cls(**kw)
+
+
+_TUPLES: dict[str, Any] = {"sizes": int, "methods": str, "paging_sizes": int,
+                           "hot_fractions": float, "failover_sizes": int}
 
 
 @dataclass(frozen=True)
@@ -395,97 +425,6 @@ def targets(cells: Sequence[CellSummary]) -> list[Target]:
     return out
 
 
-# --- the paging standby --------------------------------------------------------------------------
-
-
-@dataclass
-class PagingRun:
-    """A paging pair protecting the workload at ``hot_fraction``: what the standby holds, and
-    after the active's death the time to the first reply, against an eager restore of the
-    same image."""
-
-    size_mib: int
-    hot_fraction: float
-    rep: int
-    ok: bool = False
-    error: str | None = None
-    standby_rss_bytes: float | None = None  # what the standby keeps in memory
-    standby_image_bytes: float | None = None  # what it keeps on disk
-    hot_window_s: float | None = None
-    failover_ttfr_ms: float | None = None  # death to first reply, the paging standby
-    eager_ttfr_ms: float | None = None  # death to first reply, restoring the image eagerly
-    verify: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PagingRun:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class PagingSummary:
-    size_mib: int
-    hot_fraction: float
-    runs: int
-    ok: int
-    standby_rss_bytes: Figure
-    standby_share: Figure  # standby memory over the workload's size
-    failover_ttfr_ms: Figure
-    eager_ttfr_ms: Figure
-    ttfr_ratio: Figure  # per run: failover over eager
-    errors: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = v.to_dict() if isinstance(v, Figure) else v
-        return d
-
-
-def summarize_paging(runs: Sequence[PagingRun]) -> list[PagingSummary]:
-    out = []
-    for size, frac in sorted({(r.size_mib, r.hot_fraction) for r in runs}):
-        rs = [r for r in runs if r.size_mib == size and r.hot_fraction == frac]
-        good = [r for r in rs if r.ok]
-        out.append(PagingSummary(
-            size, frac, len(rs), len(good),
-            standby_rss_bytes=Figure.of([r.standby_rss_bytes for r in good]),
-            standby_share=Figure.of([ratio(r.standby_rss_bytes, size * 2**20) for r in good]),
-            failover_ttfr_ms=Figure.of([r.failover_ttfr_ms for r in good]),
-            eager_ttfr_ms=Figure.of([r.eager_ttfr_ms for r in good]),
-            ttfr_ratio=Figure.of([ratio(r.failover_ttfr_ms, r.eager_ttfr_ms) for r in good]),
-            errors=list(dict.fromkeys(str(r.error) for r in rs if r.error))))
-    return out
-
-
-def paging_markdown(runs: Sequence[PagingRun]) -> list[str]:
-    """The paging standby's section of results.md (empty without runs)."""
-    sums = summarize_paging(runs)
-    if not sums:
-        return []
-    lines = ["## Paging standby", "",
-             "A pair with ``--paging``: the standby keeps only the pages written within the "
-             "hot window in memory. *standby memory* is its resident size, *share* that over "
-             "the workload's size; *failover* is the active's death to the first reply from "
-             "the standby, *eager* the same from an eager restore of the same image; *ratio* "
-             "failover / eager per run. Medians [min-max].", "",
-             "| MiB | hot fraction | ok | standby memory | share | failover ms | eager ms | "
-             "ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in sums:
-        lines.append(f"| {s.size_mib:,} | {s.hot_fraction:.0%} | {s.ok}/{s.runs} | "
-                     f"{fmt_fig(s.standby_rss_bytes, fmt_bytes)} | {_pct(s.standby_share)} | "
-                     f"{fmt_fig(s.failover_ttfr_ms)} | {fmt_fig(s.eager_ttfr_ms)} | "
-                     f"{_pct(s.ttfr_ratio)} |")
-    for s in sums:
-        for e in s.errors:
-            lines.append(f"- failed ({s.size_mib:,} MiB, hot {s.hot_fraction:.0%}): {e}")
-    return [*lines, ""]
-
-
 # --- the results record --------------------------------------------------------------------------
 
 
@@ -495,7 +434,8 @@ class BenchResults:
     seed: int = 0
     env: dict[str, Any] = field(default_factory=dict)
     runs: list[MigrationRun] = field(default_factory=list)
-    paging: list[PagingRun] = field(default_factory=list)
+    paging_memory: list[PagingMemoryRun] = field(default_factory=list)
+    failovers: list[FailoverRun] = field(default_factory=list)
     started: str = ""
     finished: str | None = None
     wall_s: float | None = None
@@ -507,8 +447,20 @@ class BenchResults:
         return summarize(self.runs)
 
     @property
+    def has_paging(self) -> bool:
+        return bool(self.paging_memory or self.failovers)
+
+    @property
     def targets(self) -> list[Target]:
-        return targets(self.cells)
+        # A run of the paging part alone lists no migration targets as "not measured".
+        out = targets(self.cells) if self.runs or not self.has_paging else []
+        return out + paging_targets(self.paging_memory, self.failovers)
+
+    @property
+    def ok(self) -> bool:
+        """Every migration, memory run and failover succeeded."""
+        return (all(r.ok for r in self.runs) and all(r.ok for r in self.paging_memory)
+                and all(r.ok for r in self.failovers))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -517,9 +469,11 @@ class BenchResults:
             "wall_s": self.wall_s, "interrupted": self.interrupted, "notes": self.notes,
             "targets": [t.to_dict() for t in self.targets],
             "cells": [c.to_dict() for c in self.cells],
-            "paging": [s.to_dict() for s in summarize_paging(self.paging)],
+            "paging_memory": [s.to_dict() for s in summarize_memory(self.paging_memory)],
+            "failovers": [s.to_dict() for s in summarize_failovers(self.failovers)],
             "runs": {"migrations": [r.to_dict() for r in self.runs],
-                     "paging": [r.to_dict() for r in self.paging]},
+                     "paging_memory": [r.to_dict() for r in self.paging_memory],
+                     "failovers": [r.to_dict() for r in self.failovers]},
         }
 
     @classmethod
@@ -528,7 +482,9 @@ class BenchResults:
         return cls(config=BenchConfig.from_dict(d.get("config") or {}),
                    seed=int(d.get("seed") or 0), env=dict(d.get("env") or {}),
                    runs=[MigrationRun.from_dict(r) for r in runs.get("migrations", [])],
-                   paging=[PagingRun.from_dict(r) for r in runs.get("paging", [])],
+                   paging_memory=[PagingMemoryRun.from_dict(r)
+                                  for r in runs.get("paging_memory", [])],
+                   failovers=[FailoverRun.from_dict(r) for r in runs.get("failovers", [])],
                    started=str(d.get("started", "")), finished=d.get("finished"),
                    wall_s=d.get("wall_s"), interrupted=bool(d.get("interrupted")),
                    notes=list(d.get("notes") or []))
@@ -566,13 +522,22 @@ def run_line(r: MigrationRun) -> str:
 
 def notes_for(res: BenchResults) -> list[str]:
     notes = [f"{res.env.get('cpus', '?')} CPUs: the workload's worker, the client, CRIU, the "
-             "lazy-pages daemon and the agents share them.",
-             "*Time to first response* is measured by the client: from the moment the lock "
-             "took hold (the end of the lock stage; the freeze follows) to the first PONG of a "
-             "PING sent after it. A PING dropped "
-             "by the lock is resent by TCP after its retransmission timeout (200 ms, then "
-             "doubling), so this figure steps with that timeout; *downtime* is migrate's "
-             "own (frozen to serving)."]
+             "lazy-pages daemon and the agents share them."]
+    if res.runs:
+        notes.append("*Time to first response* of a migration is measured by the client: from "
+                     "the moment the lock took hold (the end of the lock stage; the freeze "
+                     "follows) to the first PONG of a PING sent after it. A PING dropped "
+                     "by the lock is resent by TCP after its retransmission timeout (200 ms, "
+                     "then doubling), so this figure steps with that timeout; *downtime* is "
+                     "migrate's own (frozen to serving).")
+    if res.failovers:
+        notes.append("Failover instants: the death is the active's link going down (its agent "
+                     "and the workload are SIGKILLed right after); the promotion and the "
+                     "restore's start and end come from the standby's ``promoted`` event (its "
+                     "wall clock, the same machine's), the last lazy page from the daemon's "
+                     "exit; the first response from a prober on the client host that opens a "
+                     "fresh connection every few ms (20 ms connect timeout), so it is late by "
+                     "at most about that.")
     if any(r.ok and r.ttfr_from == "migrate start" for r in res.runs):
         notes.append("Some runs never locked (they failed first, or saw no lock stage): "
                      "their time to first response counts from the start of the migration.")
@@ -588,27 +553,44 @@ def markdown(res: BenchResults) -> str:
     criu = env.get("criu")
     if isinstance(criu, dict):
         criu = criu.get("version") or criu.get("error")
-    lines = ["# Post-copy (lazy) and pre-copy migration against eager", "",
+    when = (f"Started {res.started}" + (f", finished {res.finished}" if res.finished else "")
+            + (f" ({res.wall_s / 60:.1f} min)" if res.wall_s else "")
+            + (" (interrupted: partial results)" if res.interrupted else "") + ".")
+    lines = ["# Post-copy (lazy) and pre-copy migration against eager; the paging standby", "",
              f"Host: Linux {env.get('kernel', '?')}, {env.get('cpus', '?')} CPUs; CRIU "
-             f"{criu or '?'}. The workload (``orthros_py.workloads.memhog``): "
-             f"{', '.join(f'{s:,}' for s in cfg.sizes)} MiB, hot set "
-             f"{cfg.hot_fraction:.0%} ({cfg.hot_layout}), {cfg.rate:,.0f} pages/s "
-             f"{'read' if cfg.read_only_hot else 'read and rewritten'}; a client PINGs it "
-             f"{cfg.ping_rate:g} times a second on one connection that migrates with it. "
-             f"{cfg.reps} rounds per size, every method once per round in a shuffled order "
-             f"(seed {res.seed}), back and forth between two hosts. Started {res.started}"
-             + (f", finished {res.finished}" if res.finished else "")
-             + (f" ({res.wall_s / 60:.1f} min)" if res.wall_s else "")
-             + (" (interrupted: partial results)" if res.interrupted else "") + ".", "",
-             "## Targets", "", "| target | goal | measured | | |", "|---|---|---|---|---|"]
+             f"{criu or '?'}. Seed {res.seed}. {when}", ""]
+    if res.runs:
+        lines += [f"Migrations: the workload (``orthros_py.workloads.memhog``) of "
+                  f"{', '.join(f'{s:,}' for s in cfg.sizes)} MiB, hot set "
+                  f"{cfg.hot_fraction:.0%} ({cfg.hot_layout}), {cfg.rate:,.0f} pages/s "
+                  f"{'read' if cfg.read_only_hot else 'read and rewritten'}; a client PINGs it "
+                  f"{cfg.ping_rate:g} times a second on one connection that migrates with it. "
+                  f"{cfg.reps} rounds per size, every method once per round in a shuffled "
+                  "order, back and forth between two hosts.", ""]
+    if res.has_paging:
+        lines += [f"Paging standby: the same workload with its hot set spread, "
+                  f"{cfg.paging_rate:,.0f} hot pages rewritten a second; memory at "
+                  f"{', '.join(f'{s:,}' for s in cfg.paging_sizes)} MiB for hot fractions "
+                  f"{', '.join(f'{h:.0%}' for h in cfg.hot_fractions)}; failovers at "
+                  f"{', '.join(f'{s:,}' for s in cfg.failover_sizes)} MiB, "
+                  f"{cfg.failover_hot:.0%} hot, {cfg.paging_reps} paging and eager each, "
+                  "interleaved in a shuffled order"
+                  + (", and one paging failover whose worker only reads its hot set"
+                     if cfg.read_only_check else "") + ". Pairs: alpha active, beta "
+                  f"standby, gamma witness, checkpoint every {cfg.paging_interval_s:g} s, hot "
+                  f"window {cfg.hot_window_s:g} s.", ""]
+    lines += ["## Targets", "", "| target | goal | measured | | |", "|---|---|---|---|---|"]
     met = {True: "**met**", False: "**not met**", None: "not measured"}
     for t in res.targets:
         lines.append(f"| {t.name} | {t.goal} | {t.value} | {met[t.met]} | {t.detail} |")
     cells = res.cells
-    lines += ["", "## Migrations", "",
-              "Medians over the rounds [min-max]. A run counts only if migrate succeeded, "
-              "VERIFY found every page right, the worker saw no wrong page and the client's "
-              "connection lived.", ""]
+    if res.runs:
+        lines += ["", "## Migrations", "",
+                  "Medians over the rounds [min-max]. A run counts only if migrate succeeded, "
+                  "VERIFY found every page right, the worker saw no wrong page and the "
+                  "client's connection lived.", ""]
+    else:
+        lines.append("")
     for size in sorted({c.size_mib for c in cells}):
         mine = [c for c in cells if c.size_mib == size]
         lines += [f"### {size:,} MiB", "",
@@ -629,7 +611,7 @@ def markdown(res: BenchResults) -> str:
     if grown:
         lo, hi = next(q for _, q in g if q is not None)[:2]
         lines += [f"Downtime from {lo:,} to {hi:,} MiB: " + ", ".join(grown) + ".", ""]
-    lines += paging_markdown(res.paging)
+    lines += paging_markdown(res.paging_memory, res.failovers)
     failed = [r for r in res.runs if not r.ok]
     if failed:
         lines += ["## Failures", ""] + [f"- {run_line(r)}" for r in failed] + [""]
@@ -696,44 +678,8 @@ def plot(res: BenchResults, out: Path) -> list[Path]:
             fig.savefig(out / name, dpi=110)
             made.append(out / name)
         plt.close(fig)
-    made += plot_paging(res.paging, out)
+    made += plot_paging(res.paging_memory, res.failovers, out)
     return made
-
-
-def plot_paging(runs: Sequence[PagingRun], out: Path) -> list[Path]:
-    """Standby memory against the hot fraction, and failover against an eager restore."""
-    sums = [s for s in summarize_paging(runs) if s.ok]
-    if not sums:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
-    for size in sorted({s.size_mib for s in sums}):
-        mine = [s for s in sums if s.size_mib == size]
-        xs = [s.hot_fraction * 100 for s in mine]
-        a.plot(xs, [(s.standby_rss_bytes.median or 0) / 2**20 for s in mine], marker="o",
-               label=f"{size:,} MiB")
-        b.plot(xs, [s.failover_ttfr_ms.median or 0 for s in mine], marker="o",
-               label=f"paging, {size:,} MiB")
-        b.plot(xs, [s.eager_ttfr_ms.median or 0 for s in mine], marker="s", linestyle="--",
-               label=f"eager restore, {size:,} MiB")
-    a.set_xlabel("hot fraction, %")
-    a.set_ylabel("standby memory, MiB")
-    a.set_title("what the paging standby holds", fontsize=10)
-    b.set_xlabel("hot fraction, %")
-    b.set_ylabel("death to first reply, ms")
-    b.set_title("failover: paging standby against an eager restore", fontsize=10)
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = out / "paging.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
 
 
 def write_outputs(res: BenchResults, out: Path, *, plots: bool = True) -> list[Path]:
@@ -741,6 +687,7 @@ def write_outputs(res: BenchResults, out: Path, *, plots: bool = True) -> list[P
     (out / "results.json").write_text(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
     (out / "results.md").write_text(markdown(res))
     made = [out / "results.json", out / "results.md"]
-    if plots and (any(r.ok for r in res.runs) or any(r.ok for r in res.paging)):
+    if plots and (any(r.ok for r in res.runs) or any(r.ok for r in res.paging_memory)
+                  or any(r.ok for r in res.failovers)):
         made += plot(res, out)
     return made

@@ -1,5 +1,6 @@
-"""The lazy benchmark's runner: ``LazyBench`` builds a lab of two hosts (alpha, beta) and the
-client, and for each size starts the memory workload (``orthros_py.workloads.memhog``) bound to
+"""The lazy benchmark's runner: ``LazyBench`` builds a lab of two hosts (alpha, beta; three with
+gamma the witness when the paging standby's part runs too, ``standby``) and the client, and
+for each size starts the memory workload (``orthros_py.workloads.memhog``) bound to
 the service address on the host holding it, a PING client on the client host whose connection
 migrates with it, and migrates it back and forth with the migrate policy
 (``orthros_py.policies.migrate``): every method once per round, in a shuffled order. After each
@@ -31,7 +32,6 @@ from orthros_py.bench.lazy.model import (
     BenchConfig,
     BenchResults,
     MigrationRun,
-    PagingRun,
     PlannedRun,
     config_for,
     judge,
@@ -41,6 +41,7 @@ from orthros_py.bench.lazy.model import (
     read_result,
     write_outputs,
 )
+from orthros_py.bench.lazy.paging import FailoverRun, PagingMemoryRun
 from orthros_py.errors import NotRootError, OrthrosError
 from orthros_py.workloads.memhog import MemClient, MemConn, wait_ready
 
@@ -136,10 +137,13 @@ class LazyBench:
     ``config.out`` (also when it is interrupted: then partial, and marked so)."""
 
     def __init__(self, config: BenchConfig, *, progress: Progress | None = None,
-                 on_run: Callable[[MigrationRun, int, int], None] | None = None) -> None:
+                 on_run: Callable[[MigrationRun, int, int], None] | None = None,
+                 on_paging: Callable[[PagingMemoryRun | FailoverRun, int, int], None]
+                 | None = None) -> None:
         self.config = config
         self.progress = progress or (lambda _m: None)
         self.on_run = on_run or (lambda _r, _i, _n: None)
+        self.on_paging = on_paging or (lambda _r, _i, _n: None)
         self.seed = config.seed if config.seed is not None else random.randrange(2**31)
         self.results = BenchResults(config, seed=self.seed)
         self.lab: Lab | None = None
@@ -154,6 +158,14 @@ class LazyBench:
                                hint="run it with sudo")
         for m in self.config.methods:
             config_for(m)
+        if not (self.config.migrations or self.config.paging):
+            raise OrthrosError("nothing to run: both the migrations and the paging standby's "
+                               "part are skipped", stage="bench lazy")
+
+    @property
+    def n_hosts(self) -> int:
+        """Two hosts for migrations; a third, the witness, for the paging pairs."""
+        return 3 if self.config.paging else len(HOSTS)
 
     @contextlib.contextmanager
     def _lab(self) -> Iterator[Lab]:
@@ -161,8 +173,8 @@ class LazyBench:
 
         teardown()  # whatever an earlier, killed run left
         try:
-            self.progress(f"building the lab ({len(HOSTS)} hosts and the client)")
-            self.lab = Lab.up(len(HOSTS), rebuild=True)
+            self.progress(f"building the lab ({self.n_hosts} hosts and the client)")
+            self.lab = Lab.up(self.n_hosts, rebuild=True)
             svc = next((s for s in self.lab.services
                         if all(h in s.hosts for h in HOSTS)), None)
             if svc is None:
@@ -186,7 +198,9 @@ class LazyBench:
                 continue
             with contextlib.suppress(OSError):
                 dest.mkdir(parents=True, exist_ok=True)
-                (dest / f"{h.name}-agent.log").write_bytes(h.agent_log.read_bytes())
+                # Appended: a lab rebuilt within the run keeps its predecessor's logs.
+                with (dest / f"{h.name}-agent.log").open("ab") as f:
+                    f.write(h.agent_log.read_bytes())
 
     def _hosts(self) -> dict[str, Host]:
         from orthros_py.cluster import Cluster
@@ -217,12 +231,15 @@ class LazyBench:
         try:
             with self._lab():
                 res.env = self._environment()
-                items = plan(cfg, self.seed)
-                self.progress(f"seed {self.seed}: {len(items)} migrations")
-                done = 0
-                for size in cfg.sizes:
-                    mine = [p for p in items if p.size_mib == size]
-                    done = self._size(size, mine, done, len(items))
+                if cfg.migrations:
+                    items = plan(cfg, self.seed)
+                    self.progress(f"seed {self.seed}: {len(items)} migrations")
+                    done = 0
+                    for size in cfg.sizes:
+                        mine = [p for p in items if p.size_mib == size]
+                        done = self._size(size, mine, done, len(items))
+                if cfg.paging:
+                    self.paging_pair()
         except BaseException:
             res.interrupted = True
             raise
@@ -336,17 +353,18 @@ class LazyBench:
         judge(run)
         return run
 
-    # -- the paging standby (not run yet) -----------------------------------------------------
+    # -- the paging standby ----------------------------------------------------------------------
 
-    def paging_pair(self, hot_fractions: tuple[float, ...] = (0.1, 0.3, 0.6),
-                    size_mib: int = 1024, hot_window_s: float = 30.0) -> list[PagingRun]:
-        """The paging standby's part, to be filled in once ``orthros pair start --paging``
-        exists: for each hot fraction, a memhog of ``size_mib`` paired alpha -> beta with
-        ``--paging --hot-window``; after two hot windows, the standby's resident memory
-        (``standby_rss_bytes``) and image bytes; then the active dies (as the pair bench's
-        deaths do) and a MemClient on the client host times death -> first PONG
-        (``failover_ttfr_ms``); VERIFY must say OK. The same image restored eagerly on beta
-        gives ``eager_ttfr_ms``. Results go to ``self.results.paging``; the model already
-        renders them (``paging_markdown``, ``plot_paging``)."""
-        raise NotImplementedError("the paging standby (pair start --paging) is not measured "
-                                  "yet")
+    def paging_pair(self) -> tuple[list[PagingMemoryRun], list[FailoverRun]]:
+        """The paging standby's part (``standby.PagingPart``) on the lab that is up (three
+        hosts): memory against the hot fraction at each of ``paging_sizes`` and
+        ``hot_fractions``; then failovers at each of ``failover_sizes``, a paging pair and an
+        eager one per rep, interleaved, and one paging failover whose worker only reads.
+        Recorded into ``self.results`` (``paging_memory``, ``failovers``) as they come; also
+        returned."""
+        from orthros_py.bench.lazy.standby import LAB_HOSTS, PagingPart
+
+        if self.lab is None or len(self.lab.hosts) < LAB_HOSTS:
+            raise OrthrosError("the paging standby's part needs the lab up with three hosts "
+                               "(alpha, beta, gamma the witness)", stage="bench lazy")
+        return PagingPart(self, on_record=self.on_paging).run()
