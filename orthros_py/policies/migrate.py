@@ -1159,21 +1159,41 @@ class Migration(Policy):
         self._unlock()
         if self._lock_started is not None:
             self.timings["downtime"] = (self.clock() - self._lock_started) * 1000
-        # Off the clients' wait: the stopped source tree's sockets are in repair mode, so it
-        # answers nothing meanwhile, and its address is on the destination.
+        # Off the clients' wait: the address announced once more, the stopped source tree
+        # killed (its sockets are in repair mode, so it answers nothing meanwhile, and its
+        # address is on the destination), the lock programs taken off the interfaces.
+        self._announce()
         self._release_source_after()
+        self._detach_locks()
 
     def _unlock(self) -> None:
+        """Let the connections through: map entries only (the quickest); the programs come
+        off later (``_detach_locks``)."""
         backend = self._backend
         # The destination first: the restored tree talks as soon as its side is open.
-        for host, conns, ifaces in ((self.dest, self.done.dst_locked, self.done.dst_attached),
-                                    (self.source, self.done.src_locked, self.done.src_attached)):
-            if backend is None or not (conns or ifaces):
+        for host, conns in ((self.dest, self.done.dst_locked),
+                            (self.source, self.done.src_locked)):
+            if backend is None or not conns:
                 continue
             try:
-                steps.unlock(host, backend, conns, ifaces)
+                steps.unlock(host, backend, conns, (), tidy=False)
             except Exception as err:
                 self.warn("unlocking the connections", err, host)
+
+    def _detach_locks(self) -> None:
+        """Take the lock programs off the interfaces (and tidy nftables' and iptables' own),
+        once nothing of the migration is locked any more."""
+        backend = self._backend
+        for host, ifaces in ((self.dest, self.done.dst_attached),
+                             (self.source, self.done.src_attached)):
+            if backend is None:
+                continue
+            try:
+                steps.unlock(host, backend, (), ifaces)
+            except Exception as err:
+                self.warn("taking the lock off the interfaces", err, host)
+
+    def _announce(self) -> None:
         # Announce the address once more, now that nothing is in a hurry (one frame went out
         # with the move; a switch that missed it learns it now).
         p = self.plan

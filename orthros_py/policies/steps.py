@@ -39,9 +39,10 @@ def lock(host: Host, backend: str, *, conns: Iterable[str | Conn] = (),
 
 
 def unlock(host: Host, backend: str, conns: Iterable[str | Conn],
-           detach: Iterable[str]) -> None:
-    """Lift the lock of ``conns`` on ``host`` and take the lock programs off ``detach``."""
-    host.agent.netlock_unlock(backend, conns, detach=detach, tidy=True)
+           detach: Iterable[str], *, tidy: bool = True) -> None:
+    """Lift the lock of ``conns`` on ``host`` and take the lock programs off ``detach``
+    (``tidy=False`` and no ``detach``: only the connections, the quickest; tidy up later)."""
+    host.agent.netlock_unlock(backend, conns, detach=detach, tidy=tidy)
 
 
 def drop_address(host: Host, ifname: str, address: ipaddress.IPv4Interface) -> None:
