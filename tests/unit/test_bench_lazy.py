@@ -301,8 +301,10 @@ def test_memory_summary_bound_and_targets() -> None:
     assert sample_of(tier(1, 2)).keys() >= {"hot_bytes", "memory_bytes", "disk_bytes"}
     assert "tmpfs" not in sample_of(tier(1, 2))
     sums = summarize_memory(runs)
-    assert [(s.size_mib, s.hot_fraction, s.read_only_hot) for s in sums] == [
-        (1024, 0.1, False), (1024, 0.3, False), (1024, 0.6, False), (2048, 0.3, True)]
+    # The memory part's rows first, then those sampled before a failover.
+    assert [(s.size_mib, s.hot_fraction, s.read_only_hot, s.part) for s in sums] == [
+        (1024, 0.1, False, "memory"), (1024, 0.3, False, "memory"),
+        (1024, 0.6, False, "memory"), (2048, 0.3, True, "failover")]
     s30 = sums[1]
     assert (s30.samples, s30.ok, s30.runs) == (3, 1, 1)
     assert s30.memory.median == 320 * MIB and s30.memory.low == 318 * MIB
@@ -327,7 +329,8 @@ def fo(rep: int, mode: str, *, restore: float, first: float, all_in: float | Non
             "pages_total": 9000, "elapsed_ms": 5000.0,
             "finished_at": 101.2 + (all_in or 0) / 1000}
     ev = {"what": "promoted", "at": 101.2 + restore / 1000, "detected_at": 101.2,
-          "restore_ms": restore, "total_ms": restore + 3, "generation": 40,
+          "restore_ms": restore, "total_ms": restore + 3, "generation": 40, "fence_ms": 1.0,
+          "address_ms": 2.0,
           "generation_age_ms": 300.0, **({"lazy_plan_ms": 20.0} if mode == PAGING else {})}
     read_promotion(r, ev, lazy if mode == PAGING else None)
     r.first_reply_ms = 1200.0 + first
@@ -350,6 +353,7 @@ def test_read_promotion_and_judge() -> None:
     e = fo(0, EAGER_PAIR, restore=4000.0, first=4100.0)
     assert e.detected_ms == pytest.approx(1200.0)
     assert e.restore_start_ms == pytest.approx(1200.0) and e.restore_end_ms == pytest.approx(5200)
+    assert e.pre_restore_ms == pytest.approx(0.0) and (e.fence_ms, e.address_ms) == (1.0, 2.0)
     assert e.ttfr_ms == pytest.approx(4100.0)
     # An eager restore has every page when it ends.
     assert e.all_pages_ms == e.restore_end_ms and e.all_pages_from_restore_ms == pytest.approx(4000)

@@ -530,6 +530,12 @@ def notes_for(res: BenchResults) -> list[str]:
                      "by the lock is resent by TCP after its retransmission timeout (200 ms, "
                      "then doubling), so this figure steps with that timeout; *downtime* is "
                      "migrate's own (frozen to serving).")
+    if any(r.part == "memory" for r in res.paging_memory):
+        notes.append("The memory runs stop their pair with its standby's part closed first: "
+                     "``pair stop`` closes the active first, and while that close waits for a "
+                     "checkpoint in flight the active renews no lease, so the witness grants "
+                     "and the standby promotes and fences the active (seen in this "
+                     "benchmark's first run).")
     if res.failovers:
         notes.append("Failover instants: the death is the active's link going down (its agent "
                      "and the workload are SIGKILLed right after); the promotion and the "
