@@ -509,8 +509,10 @@ class Listener:
                 if not full:
                     self._pending += 1
             if full:
-                conn.close()
+                # Counted before the peer sees the door shut: whoever notices the drop and
+                # asks for status finds it counted.
                 self._refuse(peer, f"{MAX_PENDING} connections are already proving themselves")
+                conn.close()
                 continue
             # A thread each: a silent peer must not delay the genuine one behind it.
             threading.Thread(target=self._vet, args=(conn, peer), daemon=True,
@@ -522,16 +524,16 @@ class Listener:
                 client_nonce, tls = serve_handshake(conn, self.key, self.image, self.nonce,
                                                     timeout=self.handshake_timeout)
             except PageChannelError as err:
+                self._refuse(peer, err.msg)  # counted before the peer sees the drop
                 conn.close()
-                self._refuse(peer, err.msg)
                 return
             with self._lock:
                 won = self.state == "waiting"
                 if won:
                     self.state, self.peer = "connected", peer
             if not won:
-                conn.close()
                 self._refuse(peer, f"proved itself, but the channel is {self.state}")
+                conn.close()
                 return
             self.close("connected")
             log.info("page channel of image %s: %s proved itself", self.image, peer)

@@ -701,6 +701,7 @@ class Migration(Policy):
         self._rounds: list[dict[str, Any]] = []
         self._lazy: dict[str, Any] | None = None
         self._restore_answered: float | None = None
+        self._precopy_why_not: str | None = None
 
     # -- what the engine asks of a policy ----------------------------------------------------
 
@@ -868,7 +869,11 @@ class Migration(Policy):
                 with self.on(src):
                     steps.lock(src, backend, ifaces=self.plan.src_lock_ifaces,
                                timeout=cfg.prepare_timeout_s)
-        if Stage.PRECOPY not in self.stages:
+        # Decided here, with the tree's facts: without pre-copy rounds the page channel is
+        # part of the preparation, as it always was.
+        self._precopy_why_not = (self._precopy_wanted() if Stage.PRECOPY in self.stages
+                                 else "not asked for")
+        if self._precopy_why_not is not None:
             self._open_page_channel()
 
     def _open_page_channel(self) -> None:
@@ -924,10 +929,8 @@ class Migration(Policy):
         """Pre-copy rounds while the tree runs (see the module's docstring), then the page
         channel for the final dump."""
         cfg, src, dst = self.config, self.source, self.dest
-        why_not = self._precopy_wanted()
-        if why_not is not None:
-            self.note(f"no pre-copy: {why_not}")
-            self._open_page_channel()
+        if self._precopy_why_not is not None:
+            self.note(f"no pre-copy: {self._precopy_why_not}")
             return
         tracker = f"{self.image}.track"
         self.done.tracker = tracker

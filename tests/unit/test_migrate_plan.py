@@ -230,7 +230,7 @@ def assert_rolled_back(alpha: FakeAgent, beta: FakeAgent) -> None:
 
 # The agent call that fails, and the stage it belongs to.
 FAULTS = [
-    ("beta", "page_server", Stage.PRECOPY),
+    ("beta", "page_server", Stage.PREPARE),
     ("alpha", "netlock_lock", Stage.PREPARE),
     ("alpha", "dump", Stage.DUMP),
     ("alpha", "push_images", Stage.TRANSFER),
