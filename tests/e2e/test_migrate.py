@@ -37,7 +37,7 @@ from migrate_kit import (
 
 from orthros_py.lab import Lab
 from orthros_py.netlock.method import NetworkLock
-from orthros_py.policies.migrate import MigrateConfig, Migration, Stage
+from orthros_py.policies.migrate import MigrateConfig, Migration, MigrationError, Stage
 from orthros_py.workloads.echo import ClientPool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,10 +101,21 @@ def test_the_lock_is_what_keeps_clients_through_a_slow_restore(lab: Lab, method:
         wait_for(lambda: not clients.stalled(start, min_bytes=200) or clients.errors,
                  what="traffic on every connection")
         assert not clients.errors, clients.errors[:5]
-        job = Migration(svc.pid, host(lab, "alpha"), host(lab, "beta"),
-                        MigrateConfig(network_lock=NetworkLock(method)),
-                        observer=at_stage(Stage.RESTORE, lambda: time.sleep(2.0)))
-        result = job.run()
+        for attempt in range(3):
+            job = Migration(svc.pid, host(lab, "alpha"), host(lab, "beta"),
+                            MigrateConfig(network_lock=NetworkLock(method)),
+                            observer=at_stage(Stage.RESTORE, lambda: time.sleep(2.0)))
+            try:
+                result = job.run()
+                break
+            except MigrationError as err:
+                # The control has no lock at all: CRIU may find a busy socket's queue
+                # changing while it copies it ("recv failed (0, want N)") and refuse; the
+                # migration then rolls back, and the control is tried again. With a lock
+                # this never happens: it fails the test.
+                if method != "skip" or "recv failed" not in str(err) or attempt == 2:
+                    raise
+                print(f"\ncontrol, attempt {attempt + 1}: {err}")
         assert result.connections == conns
         # The baseline is taken after the migration (the dump froze the service long before):
         # only what beta echoes counts.
