@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orthros_py.bench.labkit import keep_agent_logs
+from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.lazy.model import (
     EAGER,
     BenchConfig,
@@ -59,12 +61,6 @@ def _now() -> str:
 
 def default_out() -> Path:
     return Path("results") / f"lazy-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OrthrosError):
-        return err.msg
-    return f"{type(err).__name__}: {err}"
 
 
 def _read(path: str) -> str | None:
@@ -189,18 +185,7 @@ class LazyBench:
             teardown()
 
     def _keep_logs(self) -> None:
-        """The agents' logs into ``out/logs`` (the lab's teardown removes its directory)."""
-        if self.lab is None:
-            return
-        dest = self.config.out / "logs"
-        for h in self.lab.hosts:
-            if h.agent_log is None or not h.agent_log.exists():
-                continue
-            with contextlib.suppress(OSError):
-                dest.mkdir(parents=True, exist_ok=True)
-                # Appended: a lab rebuilt within the run keeps its predecessor's logs.
-                with (dest / f"{h.name}-agent.log").open("ab") as f:
-                    f.write(h.agent_log.read_bytes())
+        keep_agent_logs(self.lab, self.config.out / "logs")
 
     def _hosts(self) -> dict[str, Host]:
         from orthros_py.cluster import Cluster

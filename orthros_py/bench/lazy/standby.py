@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from orthros_py.bench import labkit
+from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.lazy.paging import (
     PAGING,
     FailoverRun,
@@ -59,20 +61,9 @@ LAZY_DONE_S = 600.0
 FULL_AGAIN_S = 15.0
 
 
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OrthrosError):
-        return err.msg
-    return f"{type(err).__name__}: {err}"
-
-
 def wait_until(cond: Callable[[], object], timeout: float, what: str,
                every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise OrthrosError(f"timed out after {timeout:g} s waiting for {what}",
-                               stage="bench lazy")
-        time.sleep(every)
+    labkit.wait_until(cond, timeout, what, every=every, stage="bench lazy")
 
 
 class Prober:

@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orthros_py.bench.labkit import keep_agent_logs, wait_until
+from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.pair.model import (
     Arm,
     BenchConfig,
@@ -81,21 +83,6 @@ def _now() -> str:
 
 def default_out() -> Path:
     return Path("results") / f"pair-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OrthrosError):
-        return err.msg
-    return f"{type(err).__name__}: {err}"
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str,
-               every: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise OrthrosError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 # --- redis on the lab ----------------------------------------------------------------------------
@@ -410,17 +397,7 @@ class PairBench:
             teardown()
 
     def _keep_logs(self) -> None:
-        """The agents' logs into ``out/logs`` (the lab's teardown removes its directory)."""
-        if self.lab is None:
-            return
-        dest = self.config.out / "logs"
-        for h in self.lab.hosts:
-            if h.agent_log is None or not h.agent_log.exists():
-                continue
-            with contextlib.suppress(OSError):
-                dest.mkdir(parents=True, exist_ok=True)
-                with (dest / f"{h.name}-agent.log").open("ab") as f:
-                    f.write(h.agent_log.read_bytes())
+        keep_agent_logs(self.lab, self.config.out / "logs")
 
     def _diagnose(self, tag: str) -> None:
         """What the hosts look like now (addresses, iptables, the client's neighbours), into
