@@ -29,7 +29,8 @@ for arg in "$@"; do
 done
 
 # --- Debian packages ------------------------------------------------------------------------
-# Build dependencies of CRIU (PLATFORM.md), BCC, the lab's tools and the benchmark workloads.
+# Build dependencies of CRIU (PLATFORM.md), BCC, the lab's tools, the benchmark workloads,
+# and btrfs-progs for orthros sync's data directory snapshots (btrfs subvolumes).
 PKGS=(
   build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
   protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev
@@ -38,6 +39,7 @@ PKGS=(
   python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
   iproute2 iptables nftables iputils-arping util-linux procps
   nginx apache2-utils wrk redis-server python3-matplotlib
+  etcd-server etcd-client btrfs-progs
 )
 # vagrant alone finds "No usable default provider"; vagrant-libvirt is the provider the
 # Vagrantfile names (a libvirt/QEMU host needs no hypervisor package to validate it).

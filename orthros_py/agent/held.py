@@ -23,10 +23,8 @@ which an established socket never makes).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import platform
 import signal
 import socket
 import time
@@ -36,14 +34,11 @@ from typing import Any
 import psutil
 
 from orthros_py.errors import NoSuchProcessError, OrthrosError
+from orthros_py.proc.pidfd import pidfd_getfd
 from orthros_py.proc.tree import ProcessRef
 
 TCP_REPAIR = 19  # include/uapi/linux/tcp.h
 TCP_REPAIR_OFF = 0
-# pidfd_getfd(2) has one number on every architecture that has it (the generic table).
-_SYS_PIDFD_GETFD = {"x86_64": 438, "aarch64": 438, "riscv64": 438, "ppc64le": 438,
-                    "s390x": 438}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -98,17 +93,6 @@ def _stopped(proc: psutil.Process) -> bool:
         return False
 
 
-def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    nr = _SYS_PIDFD_GETFD.get(platform.machine())
-    if nr is None:
-        raise OrthrosError(f"pidfd_getfd is not known on {platform.machine()}")
-    got = int(_libc.syscall(nr, pidfd, fd, 0))
-    if got < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return got
-
-
 def repair_off(pid: int, seen: set[int]) -> int:
     """Turn TCP repair mode off on every socket of process ``pid`` that has it on (sockets whose
     inode is in ``seen`` were done already: processes and threads share them); how many."""
@@ -134,7 +118,7 @@ def repair_off(pid: int, seen: set[int]) -> int:
                 continue
             seen.add(inode)
             try:
-                copy = _pidfd_getfd(pidfd, int(name))
+                copy = pidfd_getfd(pidfd, int(name))
             except OSError as err:
                 if err.errno in (errno.EBADF, errno.ESRCH):
                     continue  # closed, or the process went, meanwhile

@@ -152,6 +152,8 @@ class Agent:
         self._page_tls: TlsFiles | None = None
         # The pairs this agent takes part in (``orthros_py.agent.ops.pair.pairs_of``).
         self.pairs: Any = None
+        # Members of synchronized saves and restores under way (``orthros_py.agent.sync``).
+        self.syncs: Any = None
         # Lazy (post-copy) migrations under way: image -> its source or destination side
         # (``orthros_py.agent.ops.lazy``).
         self.lazy: dict[str, Any] = {}

@@ -30,7 +30,7 @@ def cli(ctx: click.Context, show_traceback: bool) -> None:
 # Command modules, each exporting COMMANDS. Imported here so that each stays import-light
 # (bcc and pycriu are loaded lazily, so `orthros --help` works on a host without them).
 _MODULES = ("check", "checkpoint", "inspect", "netlock", "bench", "agent", "lab", "hosts",
-            "migrate", "recover", "pair")
+            "migrate", "recover", "pair", "sync")
 
 
 def _register() -> None:

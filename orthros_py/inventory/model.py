@@ -94,6 +94,19 @@ class ClientHost:
 
 
 @dataclass(frozen=True)
+class Group:
+    """Processes saved and restored together (``orthros sync save --group NAME``): members as
+    ``HOST:PID`` or ``HOST:NAME`` (a process name), data directories as ``HOST:PATH``."""
+
+    name: str
+    members: tuple[str, ...]
+    data: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "members": list(self.members), "data": list(self.data)}
+
+
+@dataclass(frozen=True)
 class Service:
     """A service address and the hosts that may hold it; the first present one holds it at
     start."""
@@ -149,6 +162,14 @@ class Inventory:
     lab: LabSettings = field(default_factory=LabSettings)
     source: Path | None = None
     witness: str | None = None  # the host whose agent casts protected pairs' third vote
+    groups: tuple[Group, ...] = ()
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        known = ", ".join(g.name for g in self.groups) or "none"
+        raise InventoryError(f"no group named {name!r} in the inventory (groups: {known})")
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -185,7 +206,7 @@ class Inventory:
         return Inventory(subnet=self.subnet, hosts=hosts, client=self.client,
                          services=tuple(services), key_file=self.key_file,
                          images_root=self.images_root, lab=self.lab, source=self.source,
-                         witness=witness)
+                         witness=witness, groups=self.groups)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +219,7 @@ class Inventory:
             "services": [s.to_dict() for s in self.services],
             "lab": self.lab.to_dict(),
             "witness": self.witness,
+            "groups": [g.to_dict() for g in self.groups],
         }
 
 
@@ -314,7 +336,8 @@ def _iface(value: str, what: str, subnet: ipaddress.IPv4Network,
 
 
 def _build(data: dict[str, Any], source: Path | None) -> Inventory:
-    _unknown(data, {"cluster", "lab", "vagrant", "host", "client", "service"}, "the inventory")
+    _unknown(data, {"cluster", "lab", "vagrant", "host", "client", "service", "group"},
+             "the inventory")
     cluster = _table(data, "cluster")
     _unknown(cluster, {"subnet", "agent_port", "key_file", "images_root", "witness"},
              "[cluster]")
@@ -390,12 +413,30 @@ def _build(data: dict[str, Any], source: Path | None) -> Inventory:
             raise InventoryError(f"{what}: a host is listed twice in hosts")
         services.append(Service(sname, siface, tuple(holders)))
 
+    groups: list[Group] = []
+    raw_groups = data.get("group", [])
+    if not isinstance(raw_groups, list):
+        raise InventoryError("group must be an array of tables ([[group]])")
+    for gname, what, raw in _named_tables(raw_groups, "group", {"name", "members", "data"}):
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in ("members", "data"):
+            items = raw.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise InventoryError(f"{what}: {key} must be a list of \"HOST:...\" strings")
+            for item in items:
+                if item.partition(":")[0] not in names:
+                    raise InventoryError(f"{what}: {item!r} names no host of the inventory")
+            lists[key] = tuple(items)
+        if not lists["members"]:
+            raise InventoryError(f"{what}: members must not be empty")
+        groups.append(Group(gname, lists["members"], lists["data"]))
+
     vagrant = _table(data, "vagrant", required=False)
     _unknown(vagrant, {"box", "memory", "cpus", "provider"}, "[vagrant]")
 
     return Inventory(subnet=subnet, hosts=tuple(hosts), client=client, services=tuple(services),
                      key_file=key_file, images_root=images_root, lab=lab, source=source,
-                     witness=witness)
+                     witness=witness, groups=tuple(groups))
 
 
 def _named_tables(raws: list[Any], kind: str, allowed: set[str], *, prefix: str | None = None

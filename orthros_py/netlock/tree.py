@@ -105,6 +105,20 @@ class TreeLock:
         self.report.conns = len(self.conns)
         self.report.interfaces = interfaces
 
+    def prepare_conns(self, conns: Sequence[Conn], interfaces: Sequence[str],
+                      netns: str | None = None) -> None:
+        """Have the programs on ``interfaces`` for ``conns`` known beforehand (a checkpoint's,
+        whose tree is not running here to discover them from)."""
+        if not self.active or not conns:
+            return
+        lock = self._xdp()
+        lock.prepare()
+        lock.attach(list(interfaces), netns=netns)
+        self._netns = netns
+        self.conns = list(conns)
+        self.report.conns = len(self.conns)
+        self.report.interfaces = list(interfaces)
+
     def engage(self) -> None:
         """Lock the prepared connections: map writes only."""
         if not self.active or not self.conns:

@@ -1,5 +1,5 @@
 """The layers of orthros_py point one way (STYLE.md): cli -> bench -> policies -> cluster ->
-agent -> lab, checkpoint -> netlock -> host -> criu, cgroup, workloads -> net, proc, inventory,
+agent -> lab, checkpoint, workloads -> netlock -> host -> criu, cgroup -> net, proc, inventory,
 run -> errors. Every import of an orthros_py module, function-local ones included, is read from
 the source, so an arrow back up or a circle fails here before it hides in a lazy import."""
 
@@ -16,10 +16,11 @@ PKG = Path(orthros_py.__file__).parent
 RANK = {
     "errors": 0,
     "run": 1, "proc": 1, "net": 1, "inventory": 1,
-    "criu": 2, "cgroup": 2, "workloads": 2,
+    "criu": 2, "cgroup": 2,
     "host": 3,
     "netlock": 4,
-    "checkpoint": 5, "lab": 5,
+    # Workloads may drive the lab (a cluster of them, one per lab host: workloads.etcd).
+    "checkpoint": 5, "lab": 5, "workloads": 5,
     "agent": 6,
     "cluster": 7,
     "policies": 8,

@@ -8,8 +8,9 @@ in ``orthros_py.agent.table.OPS``.
 - ``images``: list_images, remove_image, recv_file, recv_files, send_file, push_images.
 - ``net``: netlock_prepare/lock/unlock/status, addr_list/add/del, garp.
 - ``pair``: service protection (pair_*, witness_*).
+- ``sync``: synchronized save and restore of several hosts' trees (sync_*).
 """
 
-from orthros_py.agent.ops import criu, host, images, lazy, net, pair
+from orthros_py.agent.ops import criu, host, images, lazy, net, pair, sync
 
-__all__ = ["criu", "host", "images", "lazy", "net", "pair"]
+__all__ = ["criu", "host", "images", "lazy", "net", "pair", "sync"]
