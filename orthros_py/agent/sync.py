@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from orthros_py.agent.state import Agent
 
 MANIFEST = "sync.json"
+PENDING_DIR = ".sync-pending"  # below the images root: what members hold while under way
 IMAGE_PREFIX = "sync-"
 SNAP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 MEMBER_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -206,6 +207,55 @@ class Syncs:
     def _drop(self, m: Member) -> None:
         with self.mutex:
             self.members.pop(m.key, None)
+        with contextlib.suppress(OSError):
+            self._pending(m.key).unlink()
+
+    # What a member holds on this host (its group, its locked connections) is also written to
+    # disk before it is taken, so that an agent restarted in the middle (or ``orthros
+    # recover``) can still give it back: an agent's memory dies with it, a frozen tree does not.
+    def _pending(self, key: str) -> Path:
+        return self.agent.images_root / PENDING_DIR / f"{key}.json"
+
+    def _write_pending(self, m: Member, phase: str) -> None:
+        path = self._pending(m.key)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "phase": phase, "pid": m.pid,
+            "group": m.group.to_dict() if m.group is not None else None,
+            "conns": [str(c) for c in m.lock.conns] if m.lock is not None else [],
+            "interfaces": list(m.lock.report.interfaces) if m.lock is not None else []}))
+        tmp.replace(path)
+
+    def _abort_from_disk(self, key: str, done: dict[str, Any]) -> None:
+        """Give back what a member held, from its pending record (no state in memory)."""
+        path = self._pending(key)
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        from orthros_py.net.conn import Conn
+
+        group = None
+        if rec.get("group"):
+            with contextlib.suppress(OrthrosError, OSError):
+                group = FreezeGroup.at(rec["group"]["path"], owned=bool(rec["group"]["owned"]))
+        if rec.get("phase") == "restore" and group is not None:
+            with contextlib.suppress(OrthrosError, OSError):
+                with repaired_pids(group.pids()):
+                    group.kill()
+                done["killed"] = True
+        if rec.get("conns"):
+            lock = TreeLock(NetworkLock.XDP)
+            lock.adopt([Conn.parse(c) for c in rec["conns"]])
+            with contextlib.suppress(OrthrosError, OSError):
+                lock.release()
+        if group is not None:
+            with contextlib.suppress(OrthrosError, OSError):
+                group.release()
+                done["resumed"] = rec.get("phase") != "restore"
+        with contextlib.suppress(OSError):
+            path.unlink()
 
     # -- save ---------------------------------------------------------------------------------
 
@@ -239,6 +289,7 @@ class Syncs:
             m.group = FreezeGroup.for_tree(pids, f"{snap}-{member}")
             m.lock = TreeLock(NetworkLock.XDP)
             m.lock.prepare_tree(root.pid)
+            self._write_pending(m, "save")
         except BaseException:
             self.abort(snap, member, remove=True)
             raise
@@ -325,6 +376,7 @@ class Syncs:
             m.lock = TreeLock(NetworkLock.XDP)
             m.lock.prepare_conns([Conn.parse(c) for c in manifest["conns"]],
                                  list(manifest["interfaces"]))
+            self._write_pending(m, "replace")
             m.lock.engage()
             stopped = _stop_quietly(current) if current is not None else 0
             data_ms = sum(restore_dir(s) for s in snaps)
@@ -350,6 +402,7 @@ class Syncs:
         m.restored = True
         m.pid, m.pids = result.pid, list(result.pids)
         m.group = FreezeGroup.of_process(result.pid)
+        self._write_pending(m, "restore")
         m.group.freeze()
         for pid in m.pids:
             with contextlib.suppress(ProcessLookupError):
@@ -383,8 +436,7 @@ class Syncs:
         if m.lock is not None:
             with contextlib.suppress(OrthrosError, OSError):
                 m.lock.release()
-        with self.mutex:
-            self.members.pop(m.key, None)
+        self._drop(m)
         return {"member": member, "pid": m.pid,
                 "group": m.group.to_dict() if m.group else None}
 
@@ -433,6 +485,8 @@ class Syncs:
                     m.group.thaw()
                 done["resumed"] = True
             self._finish(m)
+        else:
+            self._abort_from_disk(image, done)
         if remove:
             done["removed"] = remove_member(a, image)
         return done
@@ -510,6 +564,14 @@ def _current_run(pid: int, identity: dict[str, Any]) -> psutil.Process | None:
                         f"program ({now['name']})", pid=pid,
                         hint="stop that process, then restore again")
     return proc
+
+
+@contextlib.contextmanager
+def repaired_pids(pids: list[int]) -> Any:
+    from orthros_py.net.quietclose import repaired_sockets
+
+    with repaired_sockets(pids) as n:
+        yield n
 
 
 def _stop_quietly(root: psutil.Process) -> int:

@@ -53,6 +53,9 @@ CLOCK_SAMPLES = 8
 # How far ahead of now an instant is set: every agent must have it in hand before it comes
 # (the slowest round trip, twice, and room for a busy coordinator).
 LEAD_MIN_S = 0.15
+# A host that does not answer an undo is asked again this long (its agent may be restarting).
+UNDO_RETRY_S = 60.0
+UNDO_INTERVAL_S = 0.5
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _MEMBER_CHARS = re.compile(r"[^a-z0-9-]+")
 
@@ -245,6 +248,31 @@ class _SyncRun(Policy):
     def clock_error_us(self) -> float:
         return _us(max((e.error_ns for e in self.clocks.values()), default=0))
 
+    def undo_each(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list[str]:
+        """Run the undo ``jobs`` at once; a host that does not answer is asked again until
+        ``UNDO_RETRY_S`` runs out (an agent restarted meanwhile gives its member back from what
+        it wrote to disk). What still failed, one line each."""
+        problems: list[str] = []
+
+        def one(what: str, fn: Callable[[], Any]) -> None:
+            deadline = time.monotonic() + UNDO_RETRY_S
+            while True:
+                try:
+                    fn()
+                    return
+                except BaseException as e:
+                    if is_transport(e) and time.monotonic() < deadline:
+                        self.emit(str(self.stage), "note",
+                                  f"no answer; will try again to undo {what}: {reason(e)}")
+                        time.sleep(UNDO_INTERVAL_S)
+                        continue
+                    problems.append(f"{what}: {reason(e)}")
+                    return
+
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            list(pool.map(lambda job: one(*job), jobs))
+        return problems
+
     def mark(self, key: str, step: str) -> None:
         """``key`` (HOST/member) has had ``step`` done: rollback and recover undo it."""
         self.done.setdefault(key, set()).add(step)
@@ -356,16 +384,9 @@ class SyncSave(_SyncRun):
         touched = [m for m in self.members if self.key(m) in self.done]
         if not touched:
             return err
-        problems: list[str] = []
-
-        def one(m: MemberSpec) -> None:
-            try:
-                self.call(m, "sync_abort", remove=True, timeout=60.0)
-            except BaseException as e:  # reported, not raised: the others still resume
-                problems.append(f"{m.host}:{m.target}: {reason(e)}")
-
-        with ThreadPoolExecutor(max_workers=len(touched)) as pool:
-            list(pool.map(one, touched))
+        problems = self.undo_each(
+            [(f"{m.host}:{m.target}", partial(self.call, m, "sync_abort", remove=True,
+                                              timeout=60.0)) for m in touched])
         where = f" on {err.host}" if isinstance(err, OrthrosError) and err.host else ""
         msg = (f"sync save of {self.name!r} failed{where} in its {self.stage} stage: "
                f"{reason(err)}; ")
@@ -500,16 +521,9 @@ class SyncRestore(_SyncRun):
         touched = [m for m in self.members if self.key(m) in self.done]
         if not touched:
             return err
-        problems: list[str] = []
-
-        def one(m: dict[str, Any]) -> None:
-            try:
-                self.call(m, "sync_abort", remove=False, timeout=60.0)
-            except BaseException as e:
-                problems.append(f"{m['host']}:{m['member']}: {reason(e)}")
-
-        with ThreadPoolExecutor(max_workers=len(touched)) as pool:
-            list(pool.map(one, touched))
+        problems = self.undo_each(
+            [(f"{m['host']}:{m['member']}", partial(self.call, m, "sync_abort", remove=False,
+                                                    timeout=60.0)) for m in touched])
         where = f" on {err.host}" if isinstance(err, OrthrosError) and err.host else ""
         msg = (f"sync restore of {self.name!r} failed{where} in its {self.stage} stage: "
                f"{reason(err)}; ")

@@ -217,3 +217,62 @@ def test_an_unreachable_host_fails_the_save_and_the_restore_as_a_whole(
     assert [s["name"] for s in snaps] == ["kept"]
     delete_snapshot(list(hs.values()), "kept")
     assert_clean(lab)
+
+
+def _agent_dies_at(lab: Lab, name: str, stage: str, down_s: float = 2.0) -> Any:
+    """An observer that kills ``name``'s agent when ``stage`` starts and brings it back after
+    ``down_s`` (its members' state survives only on its disk)."""
+    import threading
+
+    from orthros_py.policies.engine import Event
+
+    def back() -> None:
+        time.sleep(down_s)
+        lab.restart_agent(name)
+
+    def observe(ev: Event) -> None:
+        if ev.stage == stage and ev.kind == "start":
+            lab.stop_agent(name)
+            observe.fired.append(ev.stage)  # type: ignore[attr-defined]
+            threading.Thread(target=back, daemon=True).start()
+
+    observe.fired = []  # type: ignore[attr-defined]
+    return observe
+
+
+def test_an_agent_lost_in_the_middle_leaves_nothing_half_done(lab: Lab, data_dir: Path) -> None:
+    server, peer = start_pair(lab, data_dir)
+    hs = hosts(lab)
+
+    # beta's agent dies while the members are frozen, before the dumps: the save fails as a
+    # whole; alpha's member resumes at once, beta's when its agent is back; nothing is kept.
+    since = status(data_dir)["per_conn"]
+    dies = _agent_dies_at(lab, "beta", "dump")
+    with pytest.raises(PolicyError) as err:
+        SyncSave(hs, "mid", members(server, peer, data_dir), leave_running=True,
+                 observer=dies).run()
+    assert dies.fired == ["dump"]
+    assert err.value.host == "beta" and "every member was resumed" in str(err.value), err.value
+    wait_for(lambda: progressing(data_dir, since), timeout=30,
+             what="every connection to carry on after the failed save")
+    assert status(data_dir)["errors"] == []
+    assert list_snapshots(list(hs.values()))[0] == []
+    assert_clean(lab)
+
+    # beta's agent dies as the restores start: no member is left half restored (all are
+    # stopped, nothing is locked or frozen); the snapshot stays and restores on a second try.
+    SyncSave(hs, "good", members(server, peer, data_dir), leave_running=True).run()
+    dies = _agent_dies_at(lab, "beta", "restore")
+    with pytest.raises(PolicyError) as err:
+        SyncRestore(hs, "good", observer=dies).run()
+    assert dies.fired == ["restore"]
+    assert "no member was left half restored" in str(err.value), err.value
+    assert not server.alive() and not peer.alive()
+    assert_clean(lab)
+    SyncRestore(hs, "good").run()
+    back = status(data_dir)
+    wait_for(lambda: progressing(data_dir, back["per_conn"]), timeout=20,
+             what="every connection to carry on after the second restore")
+    assert status(data_dir)["errors"] == []
+    delete_snapshot(list(hs.values()), "good")
+    assert_clean(lab)
