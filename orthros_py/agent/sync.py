@@ -47,6 +47,7 @@ from orthros_py.host.datasnap import (
     snapshot_dir,
     store_for,
 )
+from orthros_py.net import udpqueue
 from orthros_py.netlock.method import NetworkLock
 from orthros_py.netlock.tree import TreeLock
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "sync.json"
 PENDING_DIR = ".sync-pending"  # below the images root: what members hold while under way
+UDP_QUEUE = "udp-queue.json"  # the datagrams waiting in the tree's UDP sockets at the save
 IMAGE_PREFIX = "sync-"
 SNAP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 MEMBER_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -315,7 +317,7 @@ class Syncs:
         return {"member": member, "stamp": m.freeze.to_dict(), "late_ns": late,
                 "lock_ms": round(lock_ms, 3), "tasks": len(m.group.pids())}
 
-    def dump(self, snap: str, member: str) -> dict[str, Any]:
+    def dump(self, snap: str, member: str, *, datagrams: bool = True) -> dict[str, Any]:
         """Checkpoint the frozen member (it stays frozen), snapshot its data, write the manifest."""
         from orthros_py.checkpoint import dump_tree
         from orthros_py.criu.request import CriuNetworkLock, DumpOptions
@@ -330,7 +332,11 @@ class Syncs:
                            network_lock=CriuNetworkLock.SKIP)
         t0 = time.perf_counter()
         with a.busy(m.key, "sync dump"):
+            # CRIU keeps no datagram: those waiting in the frozen tree's UDP sockets are read
+            # (and left) here, and given back to the restored sockets.
+            queued = udpqueue.capture(m.group.pids() or m.pids) if datagrams else []
             result = dump_tree(m.pid, path, opts, network_lock=NetworkLock.SKIP)
+            (path / UDP_QUEUE).write_text(json.dumps([d.to_dict() for d in queued]))
         dump_ms = (time.perf_counter() - t0) * 1000
         snaps: list[DataSnapshot] = []
         for d in m.data:
@@ -345,10 +351,10 @@ class Syncs:
             "interfaces": list(m.lock.report.interfaces), "group": m.group.to_dict(),
             "timens": own_timens(m.pid), "data": [s.to_dict() for s in snaps],
             "dump_ms": round(dump_ms, 3), "criu": result.to_dict().get("stats"),
-            "warnings": m.warnings, "members_total": m.total,
+            "warnings": m.warnings, "members_total": m.total, "datagrams": len(queued),
         }
         (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        return {"member": member, "dump_ms": round(dump_ms, 3),
+        return {"member": member, "dump_ms": round(dump_ms, 3), "datagrams": len(queued),
                 "image_bytes": _du(path), "data": [s.to_dict() for s in snaps],
                 "warnings": m.warnings}
 
@@ -407,7 +413,11 @@ class Syncs:
         for pid in m.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)  # frozen: it runs only when the group thaws
-        return {"member": member, "pid": result.pid, "pids": m.pids,
+        queued = a.images_root / m.key / UDP_QUEUE
+        datagrams = [udpqueue.Datagram.from_dict(d) for d in json.loads(queued.read_text())] \
+            if queued.exists() else []
+        given = udpqueue.give_back(datagrams)
+        return {"member": member, "pid": result.pid, "pids": m.pids, "datagrams": given,
                 "restore_ms": round(result.elapsed_ms, 3), "group": m.group.to_dict()}
 
     # -- the end ------------------------------------------------------------------------------

@@ -292,13 +292,15 @@ class SyncSave(_SyncRun):
     point_of_no_return: ClassVar[PolicyStage] = SaveStage.DUMP
 
     def __init__(self, hosts: Mapping[str, Host], name: str, members: Sequence[MemberSpec], *,
-                 leave_running: bool = False, observer: Observer | None = None,
-                 **kw: Any) -> None:
+                 leave_running: bool = False, keep_datagrams: bool = True,
+                 observer: Observer | None = None, **kw: Any) -> None:
         self.stages = (SaveStage.CLOCK, SaveStage.PREPARE, SaveStage.FREEZE, SaveStage.DUMP,
                        SaveStage.RESUME if leave_running else SaveStage.HOLD)
         super().__init__(hosts, name, observer=observer, **kw)
         self.members = list(members)
         self.leave_running = leave_running
+        # The datagrams waiting in the members' UDP sockets (off only for control runs).
+        self.keep_datagrams = keep_datagrams
         missing = sorted({m.host for m in self.members} - set(self.hosts))
         if missing:
             raise SyncUsageError(f"no host named {missing[0]!r} with an agent")
@@ -358,7 +360,8 @@ class SyncSave(_SyncRun):
     def _dump(self) -> None:
         def one(m: MemberSpec) -> None:
             self.mark(self.key(m), "dumping")
-            self.dumped[self.key(m)] = self.call(m, "sync_dump", timeout=600.0)
+            self.dumped[self.key(m)] = self.call(m, "sync_dump", timeout=600.0,
+                                                 datagrams=self.keep_datagrams)
             for w in self.dumped[self.key(m)].get("warnings", []):
                 if w not in self.warnings:
                     self.warnings.append(w)
@@ -406,7 +409,7 @@ class SyncSave(_SyncRun):
                 "host": m.host, "member": m.label, "pid": prep.get("pid"),
                 "tasks": len(prep.get("pids", [])), "conns": prep.get("conns"),
                 "timens": prep.get("timens"), "dump_ms": dump.get("dump_ms"),
-                "image_bytes": dump.get("image_bytes"),
+                "image_bytes": dump.get("image_bytes"), "datagrams": dump.get("datagrams"),
                 "data": dump.get("data", []), "freeze": self.frozen.get(k),
                 "resume": self.resumed.get(k)})
         self.report.timings = dict(self.timings)

@@ -66,9 +66,10 @@ def op_sync_freeze(call: Call, snap: str, member: str, at_ns: int) -> dict[str, 
 
 
 @op("sync_dump")
-def op_sync_dump(call: Call, snap: str, member: str) -> dict[str, Any]:
-    """Checkpoint the frozen member and snapshot its data directories."""
-    return syncs_of(call.agent).dump(snap, member)
+def op_sync_dump(call: Call, snap: str, member: str, datagrams: bool = True) -> dict[str, Any]:
+    """Checkpoint the frozen member and snapshot its data directories; with ``datagrams``,
+    keep what waits in its UDP sockets too."""
+    return syncs_of(call.agent).dump(snap, member, datagrams=datagrams)
 
 
 @op("sync_hold")
