@@ -281,6 +281,15 @@ class _SyncRun(Policy):
         return {"name": self.name, "done": {k: sorted(v) for k, v in self.done.items()}}
 
 
+def _failed(msg: str, cause: BaseException, **kw: Any) -> PolicyError:
+    """The error of a rolled-back save or restore: it exits as its cause does (a pid that is
+    not there: 5; CRIU refusing: 7; a host that does not answer: 1)."""
+    err = PolicyError(msg, cause=cause, **kw)
+    if isinstance(cause, OrthrosError):
+        vars(err)["exit_status"] = cause.exit_status
+    return err
+
+
 def host_of(key: str) -> str:
     """The host part of a ``HOST/label`` key."""
     return key.split("/", 1)[0]
@@ -396,7 +405,7 @@ class SyncSave(_SyncRun):
         msg += ("every member was resumed and nothing of the snapshot was kept" if not problems
                 else f"{len(problems)} member(s) could not be resumed or cleaned: "
                      + "; ".join(problems))
-        return PolicyError(msg, cause=err, rolled_back=not problems, problems=problems,
+        return _failed(msg, err, rolled_back=not problems, problems=problems,
                            host=err.host if isinstance(err, OrthrosError) else None,
                            stage=str(self.stage))
 
@@ -533,7 +542,7 @@ class SyncRestore(_SyncRun):
         msg += ("no member was left half restored: the members it had replaced are stopped, "
                 "and the snapshot is kept for another try" if not problems
                 else "some members could not be cleaned up: " + "; ".join(problems))
-        return PolicyError(msg, cause=err, rolled_back=not problems, problems=problems,
+        return _failed(msg, err, rolled_back=not problems, problems=problems,
                            service_down=True,
                            host=err.host if isinstance(err, OrthrosError) else None,
                            stage=str(self.stage))

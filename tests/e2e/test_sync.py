@@ -184,6 +184,12 @@ def test_bad_input_touches_nothing(lab: Lab, data_dir: Path) -> None:
     with pytest.raises(PolicyError) as err:
         SyncSave(hs, "bad", parse_members([f"alpha:{server.pid}", "beta:4000000"])).run()
     assert "4000000" in str(err.value) and "every member was resumed" in str(err.value)
+    assert err.value.exit_status == 5
+    res = run_orthros("sync", "save", "--member", f"alpha:{server.pid}", "--member",
+                      "beta:4000000", "--name", "bad")
+    assert res.returncode == 5 and "no process 4000000" in res.stderr, res.stderr
+    res = run_orthros("sync", "save", "--member", "beta:no-such-program", "--name", "bad")
+    assert res.returncode == 5 and "no process named" in res.stderr, res.stderr
     wait_for(lambda: progressing(data_dir, since), timeout=20, what="the members to go on")
     assert status(data_dir)["errors"] == []
     snaps, _ = list_snapshots(list(hs.values()))
