@@ -642,6 +642,40 @@ def probe_cgroups(mounts_text: str | None = None) -> ProbeResult:
                        f"{layout.mode.value}: " + "; ".join(parts), data=data)
 
 
+def probe_sync(mounts_text: str | None = None) -> ProbeResult:
+    """What ``orthros sync`` needs beyond a dump: a cgroup freezer to stop a tree at an instant,
+    time namespaces (a member's clock goes on from its save), and ``SO_PEEK_OFF`` on UDP
+    (datagrams waiting in a member's sockets read in place; Linux 6.9+)."""
+    import socket
+
+    layout = cgroup_layout(_mounts_text() if mounts_text is None else mounts_text)
+    title = "sync (freezer, time namespaces, UDP queues)"
+    freezer = None
+    if layout.v2 is not None and parse_kernel_release(os.uname().release) >= (5, 2):
+        freezer = "cgroup v2 cgroup.freeze"
+    elif "freezer" in layout.v1:
+        freezer = "cgroup v1 freezer"
+    timens = Path("/proc/self/ns/time").exists()
+    peek = True
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
+        try:
+            sk.setsockopt(socket.SOL_SOCKET, 42, 0)  # SO_PEEK_OFF
+        except OSError:
+            peek = False
+    data = {"freezer": freezer, "time_namespaces": timens, "udp_peek_off": peek}
+    if freezer is None:
+        return ProbeResult("sync", title, False, False, "no cgroup freezer is mounted",
+                           fix="mount cgroup2 (or the v1 freezer hierarchy)", data=data)
+    missing = [what for what, ok in (("time namespaces", timens),
+                                     ("SO_PEEK_OFF on UDP: datagrams waiting in members' "
+                                      "sockets are not kept", peek)) if not ok]
+    detail = f"{freezer}; time namespaces {'yes' if timens else 'no'}; UDP queues " + \
+        ("read in place" if peek else "not kept")
+    return ProbeResult("sync", title, True, False, detail, warning=bool(missing),
+                       fix=("a kernel with TIME_NS and Linux 6.9+" if missing else None),
+                       data=data)
+
+
 def _which(tool: str) -> tuple[str | None, bool]:
     """(path, found on PATH). CRIU runs iptables through ``sh -c``, so PATH matters."""
     path = shutil.which(tool)
@@ -746,6 +780,7 @@ def run_probes(*, quick: bool = False, progress: ProgressHook | None = None) -> 
     results.append(probe_netns())
     step("cgroups")
     results.append(probe_cgroups())
+    results.append(probe_sync())
     step("firewall tools")
     results.append(probe_iptables())
     results.append(probe_nft())

@@ -204,3 +204,15 @@ def test_old_criu_first_on_path_exits_4(tmp_path: Path) -> None:
     assert proc.returncode == 4, proc.stderr
     message = " ".join(proc.stderr.split())
     assert "CRIU 3.17.1" in message and "too old" in message
+
+
+def test_sync_probe_finds_the_freezer_time_namespaces_and_udp_peek() -> None:
+    from orthros_py.host.probe import probe_sync
+
+    got = probe_sync()
+    assert got.ok and not got.warning, got
+    assert got.data["freezer"] == "cgroup v2 cgroup.freeze"
+    assert got.data["time_namespaces"] and got.data["udp_peek_off"]
+    # Without any freezer mounted, the probe says so with the fix.
+    bare = probe_sync(mounts_text="proc /proc proc rw 0 0\n")
+    assert not bare.ok and bare.fix is not None
