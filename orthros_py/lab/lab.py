@@ -953,6 +953,7 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
     _stop(agents, report)
     _stop([p for p in _processes_in(names) if p.pid not in report.killed], report)
     _remove_cgroups(report)
+    _remove_sync_groups(report)
 
     # 2. Network locks some test or migration may have left in those namespaces.
     subnets = [x.subnet for x in (lab, inv) if x is not None]
@@ -1014,6 +1015,22 @@ def _remove_cgroups(report: DownReport) -> None:
     wait_empty([Path(p) for d in dirs for p, _, _ in os.walk(d)])
     for why in remove_dirs(dirs):
         report.warnings.append(f"cgroup left: {why}")
+
+
+def _remove_sync_groups(report: DownReport) -> None:
+    """The freezer groups ``orthros sync`` gave the lab's trees (``orthros-sync-*``, next to
+    the trees' own groups), now that those trees are gone: the empty ones are removed; one that
+    still holds a process belongs to something outside the lab and is left."""
+    from orthros_py.cgroup.fs import mounts
+
+    for m in mounts().values():
+        for d in sorted(m.glob("**/orthros-sync-*"), key=lambda p: -len(p.parts)):
+            if not d.is_dir() or (d / "cgroup.procs").read_text().strip():
+                continue
+            try:
+                d.rmdir()
+            except OSError as err:
+                report.warnings.append(f"cgroup left: {d}: {err.strerror}")
 
 
 def _bridge_peers(bridge_netns: str) -> list[str]:
