@@ -82,8 +82,8 @@ def test_etcd_cluster_wakes_up_as_it_was_saved(etcd_lab: tuple[Lab, Path]) -> No
     cluster = etcd.start_cluster(lab, HOSTS, data_root=vol.parent / f"{vol.name}-logs",
                                  data_dirs=dirs, heartbeat_ms=100, election_ms=500)
     hs = {h.name: host(lab, h.name) for h in lab.hosts}
-    members = parse_members([f"{m.host}:{m.process.host_pid}" for m in cluster.members
-                             if m.process is not None],
+    # Named as the inventory's [[group]] "etcd" names them: by process name on each host.
+    members = parse_members([f"{m.host}:etcd" for m in cluster.members],
                             [f"{m.host}:{dirs[m.host]}" for m in cluster.members])
     writer = etcd.Writer(lab, cluster).start()
     try:
@@ -96,6 +96,8 @@ def test_etcd_cluster_wakes_up_as_it_was_saved(etcd_lab: tuple[Lab, Path]) -> No
         rep_a = SyncSave(hs, "a", members, leave_running=True).run()
         end_a = time.time()
         assert all(m["timens"] for m in rep_a.members)
+        assert sorted(m["pid"] for m in rep_a.members) == sorted(
+            m.process.host_pid for m in cluster.members if m.process is not None)
         assert all(d["method"] in ("reflink", "btrfs-subvolume")
                    for m in rep_a.members for d in m["data"]), rep_a.members
         n = writer.acked_so_far()

@@ -304,3 +304,20 @@ def test_vagrantfile_reads_fence_keys_and_the_witness(tmp_path: Path) -> None:
     machines = data["machines"]
     assert isinstance(machines, list)
     assert [m["name"] for m in machines] == ["alpha", "beta", "client"]
+
+
+def test_groups_name_members_and_data_on_known_hosts() -> None:
+    inv = parse(BASE + '\n[[group]]\nname = "db"\nmembers = ["alpha:etcd", "beta:1234"]\n'
+                'data = ["alpha:/var/lib/etcd"]\n')
+    g = inv.group("db")
+    assert g.members == ("alpha:etcd", "beta:1234") and g.data == ("alpha:/var/lib/etcd",)
+    assert inv.first(1).groups == inv.groups
+    assert "groups: db" in str(pytest.raises(InventoryError, inv.group, "web").value)
+    assert "names no host" in error_of(BASE + '\n[[group]]\nname = "x"\nmembers = ["omega:1"]\n')
+    assert "must not be empty" in error_of(BASE + '\n[[group]]\nname = "x"\nmembers = []\n')
+    assert "list of" in error_of(BASE + '\n[[group]]\nname = "x"\nmembers = "alpha:1"\n')
+
+
+def test_the_default_inventory_has_the_etcd_group() -> None:
+    g = load_inventory(DEFAULT_INVENTORY).group("etcd")
+    assert [m.partition(":")[0] for m in g.members] == ["alpha", "beta", "gamma"]
