@@ -73,6 +73,17 @@ def _render(env: Env, rep: SyncReport) -> None:
         con.print(f"[yellow]warning:[/] {escape(w)}")
 
 
+def _run(env: Env, job: Any, as_json: bool) -> None:
+    """Run a sync policy with its progress shown; its report as data or as a table."""
+    with ProgressView(env, quiet=as_json) as view:
+        job.observer = view
+        rep = job.run()
+    if as_json:
+        env.emit_json(rep.to_dict())
+    else:
+        _render(env, rep)
+
+
 @click.group()
 def sync() -> None:
     """Save and restore process trees on several hosts at one instant, with their data."""
@@ -112,15 +123,8 @@ def sync_save(env: Env, members: tuple[str, ...], group: str | None, name: str,
     if not specs:
         raise SyncUsageError("name the members: --member HOST:PID (several), or --group NAME")
     parsed = parse_members(specs, dirs, known_hosts=list(cluster.hosts))
-    job = SyncSave(_hosts(cluster), name, parsed, leave_running=leave_running,
-                   journal=_journal(journal_dir))
-    with ProgressView(env, quiet=as_json) as view:
-        job.observer = view
-        rep = job.run()
-    if as_json:
-        env.emit_json(rep.to_dict())
-    else:
-        _render(env, rep)
+    _run(env, SyncSave(_hosts(cluster), name, parsed, leave_running=leave_running,
+                       journal=_journal(journal_dir)), as_json)
 
 
 @sync.command("restore")
@@ -138,15 +142,8 @@ def sync_restore(env: Env, name: str, inventory: Path | None, key_path: Path | N
     from orthros_py.policies.sync import SyncRestore, check_name
 
     check_name(name)
-    job = SyncRestore(_hosts(Cluster.load(inventory, key_path)), name,
-                      journal=_journal(journal_dir))
-    with ProgressView(env, quiet=as_json) as view:
-        job.observer = view
-        rep = job.run()
-    if as_json:
-        env.emit_json(rep.to_dict())
-    else:
-        _render(env, rep)
+    _run(env, SyncRestore(_hosts(Cluster.load(inventory, key_path)), name,
+                          journal=_journal(journal_dir)), as_json)
 
 
 @sync.command("resume")
@@ -162,12 +159,7 @@ def sync_resume(env: Env, name: str, inventory: Path | None, key_path: Path | No
     from orthros_py.policies.sync import SyncThaw, check_name
 
     check_name(name)
-    rep = SyncThaw(_hosts(Cluster.load(inventory, key_path)), name).run()
-    if as_json:
-        env.emit_json(rep.to_dict())
-    else:
-        env.console.print(f"{len(rep.members)} members of {name} resumed within "
-                          f"{rep.resume_skew_us:g} µs")
+    _run(env, SyncThaw(_hosts(Cluster.load(inventory, key_path)), name), as_json)
 
 
 @sync.command("list")

@@ -175,10 +175,24 @@ def _us(ns: float) -> float:
     return round(ns / 1000, 1)
 
 
+@dataclass(frozen=True)
+class Ref:
+    """One member as the agents know it: its host and its name in the snapshot."""
+
+    host: str
+    member: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}/{self.member}"
+
+
 class _SyncRun(Policy):
-    """What save and restore share: parallel calls, clocks, instants, skews."""
+    """What save, restore and resume share: calls to every member at once, clocks, instants,
+    measured skews, the undo."""
 
     kind = "sync"
+    action: ClassVar[str]
 
     def __init__(self, hosts: Mapping[str, Host], name: str, *,
                  observer: Observer | None = None, stagger_ms: float = 0.0,
@@ -189,18 +203,25 @@ class _SyncRun(Policy):
         # apart, in member order, to show what skew a cluster survives; 0 for one instant.
         self.stagger_ns = int(stagger_ms * 1e6)
         self.clocks: dict[str, ClockEstimate] = {}
-        self.done: dict[str, set[str]] = {}  # member label -> the steps done for it
+        self.done: dict[str, set[str]] = {}  # HOST/member -> the steps done for it
+        self.refs: list[Ref] = []
+        self.report = SyncReport(name, self.action, [])
+        self.resumed: dict[str, dict[str, int]] = {}
 
     @property
     def id(self) -> str:
         return f"sync-{self.name}"
 
     def title(self) -> str:
-        return f"sync {self.name}"
+        return f"sync {self.action} {self.name}"
 
-    def each(self, jobs: Sequence[tuple[Host, Callable[[], T]]]) -> list[T]:
-        """Run ``jobs`` at once, one thread each; the first failure (tagged with its host and
-        stage) is raised once all have ended."""
+    def call(self, ref: Ref, op: str, timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+        return self.hosts[ref.host].agent.request(
+            op, {"snap": self.name, "member": ref.member, **args}, timeout=timeout)
+
+    def each(self, jobs: Sequence[tuple[str, Callable[[], T]]]) -> list[T]:
+        """Run ``jobs`` (host name, call) at once, one thread each; the first failure (tagged
+        with its host and stage) is raised once all have ended."""
         self.record()
         results: list[T] = []
         errors: list[BaseException] = []
@@ -211,24 +232,35 @@ class _SyncRun(Policy):
                     results.append(fut.result())
                 except BaseException as err:
                     if isinstance(err, OrthrosError):
-                        err.host = err.host or h.name
+                        err.host = err.host or h
                         err.stage = err.stage or str(self.stage)
                     errors.append(err)
         if errors:
             raise errors[0]
         return results
 
-    def sample_clocks(self, hosts: Sequence[Host]) -> None:
-        def one(h: Host) -> tuple[str, ClockEstimate]:
+    def each_member(self, fn: Callable[[int, Ref], T]) -> list[T]:
+        return self.each([(r.host, partial(fn, i, r)) for i, r in enumerate(self.refs)])
+
+    # -- clocks and instants ------------------------------------------------------------
+
+    def sample_clocks(self) -> None:
+        """Each member host's offset from this clock, from the quickest of several exchanges."""
+        def one(name: str) -> tuple[str, ClockEstimate]:
+            agent = self.hosts[name].agent
             samples = []
             for _ in range(CLOCK_SAMPLES):
                 t0 = clock.now_ns()
-                got = h.agent.request("sync_clock", {}, timeout=10.0)
+                got = agent.request("sync_clock", {}, timeout=10.0)
                 t3 = clock.now_ns()
                 samples.append(ClockSample(t0, int(got["t1"]), int(got["t2"]), t3))
-            return h.name, clock.estimate(samples)
+            return name, clock.estimate(samples)
 
-        self.clocks = dict(self.each([(h, partial(one, h)) for h in hosts]))
+        names = list(dict.fromkeys(r.host for r in self.refs))
+        self.clocks = dict(self.each([(n, partial(one, n)) for n in names]))
+        self.report.clocks = {h: e.to_dict() for h, e in self.clocks.items()}
+        self.report.clock_error_us = _us(max((e.error_ns for e in self.clocks.values()),
+                                             default=0))
 
     def instant(self) -> int:
         """An instant (caller's clock) every agent will have in hand before it comes."""
@@ -245,59 +277,86 @@ class _SyncRun(Policy):
         return _us(clock.spread_ns(self.clocks[host_of(m)].to_caller(int(s[key]))
                                    for m, s in stamps.items()))
 
-    def clock_error_us(self) -> float:
-        return _us(max((e.error_ns for e in self.clocks.values()), default=0))
+    def resume_all(self, op: str = "sync_resume") -> None:
+        """Every member resumes at one instant (``op``: sync_resume, or sync_thaw for members
+        a save left frozen); the skew as measured."""
+        at = self.instant()
 
-    def undo_each(self, jobs: Sequence[tuple[str, Callable[[], Any]]]) -> list[str]:
-        """Run the undo ``jobs`` at once; a host that does not answer is asked again until
-        ``UNDO_RETRY_S`` runs out (an agent restarted meanwhile gives its member back from what
-        it wrote to disk). What still failed, one line each."""
+        def one(i: int, r: Ref) -> None:
+            got = self.call(r, op, timeout=60.0 + i * self.stagger_ns / 1e9,
+                            at_ns=self.at(at, r.host, i))
+            self.resumed[r.key] = got["stamp"]
+
+        self.each_member(one)
+        self.report.resume_skew_us = self.skew(self.resumed, "written_ns")
+        self.report.resume_settled_skew_us = self.skew(self.resumed, "settled_ns")
+
+    # -- undo -----------------------------------------------------------------------------
+
+    def mark(self, ref: Ref, step: str) -> None:
+        """``ref`` has had ``step`` done: rollback and recover undo it."""
+        self.done.setdefault(ref.key, set()).add(step)
+
+    def undo_members(self, err: BaseException, *, remove: bool, done_text: str,
+             **kw: Any) -> BaseException:
+        """Ask every member host that was touched to undo its part (``sync_abort``); a host
+        that does not answer is asked again until ``UNDO_RETRY_S`` runs out (an agent
+        restarted meanwhile gives its member back from what it wrote to disk). The error to
+        raise: ``err`` itself if nothing was touched."""
+        touched = [r for r in self.refs if r.key in self.done]
+        if not touched:
+            return err
         problems: list[str] = []
 
-        def one(what: str, fn: Callable[[], Any]) -> None:
+        def one(r: Ref) -> None:
             deadline = time.monotonic() + UNDO_RETRY_S
             while True:
                 try:
-                    fn()
+                    self.call(r, "sync_abort", timeout=60.0, remove=remove)
                     return
                 except BaseException as e:
                     if is_transport(e) and time.monotonic() < deadline:
                         self.emit(str(self.stage), "note",
-                                  f"no answer; will try again to undo {what}: {reason(e)}")
+                                  f"no answer; will try again to undo {r.key}: {reason(e)}")
                         time.sleep(UNDO_INTERVAL_S)
                         continue
-                    problems.append(f"{what}: {reason(e)}")
+                    problems.append(f"{r.host}:{r.member}: {reason(e)}")
                     return
 
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-            list(pool.map(lambda job: one(*job), jobs))
-        return problems
-
-    def mark(self, key: str, step: str) -> None:
-        """``key`` (HOST/member) has had ``step`` done: rollback and recover undo it."""
-        self.done.setdefault(key, set()).add(step)
+        with ThreadPoolExecutor(max_workers=len(touched)) as pool:
+            list(pool.map(one, touched))
+        where = f" on {err.host}" if isinstance(err, OrthrosError) and err.host else ""
+        msg = (f"sync {self.action} of {self.name!r} failed{where} in its {self.stage} stage: "
+               f"{reason(err)}; ")
+        msg += (done_text if not problems else
+                f"{len(problems)} member(s) could not be cleaned up: " + "; ".join(problems))
+        failure = PolicyError(msg, cause=err, rolled_back=not problems, problems=problems,
+                              host=err.host if isinstance(err, OrthrosError) else None,
+                              stage=str(self.stage), **kw)
+        if isinstance(err, OrthrosError):
+            # It exits as its cause does (a pid that is not there: 5; CRIU refusing: 7).
+            vars(failure)["exit_status"] = err.exit_status
+        return failure
 
     def journal_state(self) -> dict[str, Any]:
-        return {"name": self.name, "done": {k: sorted(v) for k, v in self.done.items()}}
+        return {"name": self.name, "action": self.action,
+                "done": {k: sorted(v) for k, v in self.done.items()}}
 
-
-def _failed(msg: str, cause: BaseException, **kw: Any) -> PolicyError:
-    """The error of a rolled-back save or restore: it exits as its cause does (a pid that is
-    not there: 5; CRIU refusing: 7; a host that does not answer: 1)."""
-    err = PolicyError(msg, cause=cause, **kw)
-    if isinstance(cause, OrthrosError):
-        vars(err)["exit_status"] = cause.exit_status
-    return err
+    def finish_report(self) -> SyncReport:
+        self.report.timings = dict(self.timings)
+        self.report.warnings = list(self.warnings)
+        return self.report
 
 
 def host_of(key: str) -> str:
-    """The host part of a ``HOST/label`` key."""
+    """The host part of a ``HOST/member`` key."""
     return key.split("/", 1)[0]
 
 
 class SyncSave(_SyncRun):
     """``orthros sync save``."""
 
+    action = "save"
     point_of_no_return: ClassVar[PolicyStage] = SaveStage.DUMP
 
     def __init__(self, hosts: Mapping[str, Host], name: str, members: Sequence[MemberSpec], *,
@@ -307,128 +366,85 @@ class SyncSave(_SyncRun):
                        SaveStage.RESUME if leave_running else SaveStage.HOLD)
         super().__init__(hosts, name, observer=observer, **kw)
         self.members = list(members)
+        self.refs = [Ref(m.host, m.label) for m in self.members]
         self.leave_running = leave_running
         # The datagrams waiting in the members' UDP sockets (off only for control runs).
         self.keep_datagrams = keep_datagrams
         missing = sorted({m.host for m in self.members} - set(self.hosts))
         if missing:
             raise SyncUsageError(f"no host named {missing[0]!r} with an agent")
-        self.report = SyncReport(name, "save", [], left_running=leave_running)
+        self.report.left_running = leave_running
         self.prepared: dict[str, dict[str, Any]] = {}
         self.frozen: dict[str, dict[str, int]] = {}
         self.dumped: dict[str, dict[str, Any]] = {}
-        self.resumed: dict[str, dict[str, int]] = {}
-
-    def key(self, m: MemberSpec) -> str:
-        return f"{m.host}/{m.label}"
-
-    def host(self, m: MemberSpec) -> Host:
-        return self.hosts[m.host]
-
-    def call(self, m: MemberSpec, op: str, timeout: float = 120.0,
-             **args: Any) -> dict[str, Any]:
-        return self.host(m).agent.request(op, {"snap": self.name, "member": m.label, **args},
-                                          timeout=timeout)
 
     def step(self, stage: PolicyStage) -> Callable[[], None]:
-        return {SaveStage.CLOCK: self._clock, SaveStage.PREPARE: self._prepare,
+        return {SaveStage.CLOCK: self.sample_clocks, SaveStage.PREPARE: self._prepare,
                 SaveStage.FREEZE: self._freeze, SaveStage.DUMP: self._dump,
-                SaveStage.RESUME: self._resume, SaveStage.HOLD: self._hold}[SaveStage(stage)]
-
-    def _clock(self) -> None:
-        self.sample_clocks([self.hosts[h] for h in dict.fromkeys(m.host for m in self.members)])
-        self.report.clocks = {h: e.to_dict() for h, e in self.clocks.items()}
-        self.report.clock_error_us = self.clock_error_us()
+                SaveStage.RESUME: self.resume_all, SaveStage.HOLD: self._hold}[SaveStage(stage)]
 
     def _prepare(self) -> None:
-        def one(m: MemberSpec) -> None:
-            got = self.call(m, "sync_prepare", target=m.target, data=list(m.data),
+        def one(i: int, r: Ref) -> None:
+            m = self.members[i]
+            got = self.call(r, "sync_prepare", target=m.target, data=list(m.data),
                             total=len(self.members))
-            self.mark(self.key(m), "prepared")
-            self.prepared[self.key(m)] = got
+            self.mark(r, "prepared")
+            self.prepared[r.key] = got
             for w in got.get("warnings", []):
                 self.warnings.append(w)
-                self.note(w, host=m.host)
+                self.note(w, host=r.host)
 
-        self.each([(self.host(m), partial(one, m)) for m in self.members])
+        self.each_member(one)
 
     def _freeze(self) -> None:
         at = self.instant()
 
-        def one(i: int, m: MemberSpec) -> None:
-            self.mark(self.key(m), "freezing")
-            got = self.call(m, "sync_freeze", at_ns=self.at(at, m.host, i))
-            self.frozen[self.key(m)] = got["stamp"]
+        def one(i: int, r: Ref) -> None:
+            self.mark(r, "freezing")
+            got = self.call(r, "sync_freeze", timeout=60.0 + i * self.stagger_ns / 1e9,
+                            at_ns=self.at(at, r.host, i))
+            self.frozen[r.key] = got["stamp"]
 
-        self.each([(self.host(m), partial(one, i, m)) for i, m in enumerate(self.members)])
+        self.each_member(one)
         self.report.freeze_skew_us = self.skew(self.frozen, "written_ns")
         self.report.freeze_settled_skew_us = self.skew(self.frozen, "settled_ns")
-        self.note(f"froze {len(self.members)} members within {self.report.freeze_skew_us:g} µs "
+        self.note(f"froze {len(self.refs)} members within {self.report.freeze_skew_us:g} µs "
                   f"(clocks known within {self.report.clock_error_us:g} µs)")
 
     def _dump(self) -> None:
-        def one(m: MemberSpec) -> None:
-            self.mark(self.key(m), "dumping")
-            self.dumped[self.key(m)] = self.call(m, "sync_dump", timeout=600.0,
-                                                 datagrams=self.keep_datagrams)
-            for w in self.dumped[self.key(m)].get("warnings", []):
-                if w not in self.warnings:
-                    self.warnings.append(w)
+        def one(i: int, r: Ref) -> None:
+            self.mark(r, "dumping")
+            got = self.call(r, "sync_dump", timeout=600.0, datagrams=self.keep_datagrams)
+            self.dumped[r.key] = got
+            self.warnings += [w for w in got.get("warnings", []) if w not in self.warnings]
 
-        self.each([(self.host(m), partial(one, m)) for m in self.members])
-
-    def _resume(self) -> None:
-        at = self.instant()
-
-        def one(i: int, m: MemberSpec) -> None:
-            got = self.call(m, "sync_resume", at_ns=self.at(at, m.host, i))
-            self.resumed[self.key(m)] = got["stamp"]
-
-        self.each([(self.host(m), partial(one, i, m)) for i, m in enumerate(self.members)])
-        self.report.resume_skew_us = self.skew(self.resumed, "written_ns")
-        self.report.resume_settled_skew_us = self.skew(self.resumed, "settled_ns")
+        self.each_member(one)
 
     def _hold(self) -> None:
-        self.each([(self.host(m), partial(self.call, m, "sync_hold"))
-                   for m in self.members])
+        self.each_member(lambda i, r: self.call(r, "sync_hold"))
 
     def rollback(self, err: BaseException) -> BaseException:
-        touched = [m for m in self.members if self.key(m) in self.done]
-        if not touched:
-            return err
-        problems = self.undo_each(
-            [(f"{m.host}:{m.target}", partial(self.call, m, "sync_abort", remove=True,
-                                              timeout=60.0)) for m in touched])
-        where = f" on {err.host}" if isinstance(err, OrthrosError) and err.host else ""
-        msg = (f"sync save of {self.name!r} failed{where} in its {self.stage} stage: "
-               f"{reason(err)}; ")
-        msg += ("every member was resumed and nothing of the snapshot was kept" if not problems
-                else f"{len(problems)} member(s) could not be resumed or cleaned: "
-                     + "; ".join(problems))
-        return _failed(msg, err, rolled_back=not problems, problems=problems,
-                           host=err.host if isinstance(err, OrthrosError) else None,
-                           stage=str(self.stage))
+        return self.undo_members(err, remove=True,
+                         done_text="every member was resumed and nothing of the snapshot "
+                                   "was kept")
 
     def run(self) -> SyncReport:
         self.run_stages()
-        for m in self.members:
-            k = self.key(m)
-            prep, dump = self.prepared.get(k, {}), self.dumped.get(k, {})
+        for m, r in zip(self.members, self.refs, strict=True):
+            prep, dump = self.prepared.get(r.key, {}), self.dumped.get(r.key, {})
             self.report.members.append({
-                "host": m.host, "member": m.label, "pid": prep.get("pid"),
-                "tasks": len(prep.get("pids", [])), "conns": prep.get("conns"),
-                "timens": prep.get("timens"), "dump_ms": dump.get("dump_ms"),
-                "image_bytes": dump.get("image_bytes"), "datagrams": dump.get("datagrams"),
-                "data": dump.get("data", []), "freeze": self.frozen.get(k),
-                "resume": self.resumed.get(k)})
-        self.report.timings = dict(self.timings)
-        self.report.warnings = list(self.warnings)
-        return self.report
+                "host": r.host, "member": r.member, "pid": prep.get("pid"),
+                "target": m.target, "tasks": len(prep.get("pids", [])),
+                "conns": prep.get("conns"), "timens": prep.get("timens"),
+                "dump_ms": dump.get("dump_ms"), "image_bytes": dump.get("image_bytes"),
+                "datagrams": dump.get("datagrams"), "data": dump.get("data", []),
+                "freeze": self.frozen.get(r.key), "resume": self.resumed.get(r.key)})
+        return self.finish_report()
 
 
-def snapshot_members(hosts: Sequence[Host], name: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every member of snapshot ``name`` on ``hosts`` (as their agents list them), and the hosts
-    that did not answer."""
+def _listing(hosts: Sequence[Host]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every snapshot member the ``hosts`` keep (``sync_list``, all at once, each with its
+    host), and the hosts that did not answer."""
     found: list[dict[str, Any]] = []
     silent: list[str] = []
 
@@ -440,7 +456,7 @@ def snapshot_members(hosts: Sequence[Host], name: str) -> tuple[list[dict[str, A
         futures = [(h, pool.submit(one, h)) for h in hosts]
         for h, fut in futures:
             try:
-                found += [m for m in fut.result() if m["snap"] == name]
+                found += fut.result()
             except BaseException as err:
                 if not is_transport(err):
                     raise
@@ -448,37 +464,19 @@ def snapshot_members(hosts: Sequence[Host], name: str) -> tuple[list[dict[str, A
     return found, silent
 
 
-class SyncRestore(_SyncRun):
-    """``orthros sync restore``."""
+def snapshot_members(hosts: Sequence[Host], name: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every member of snapshot ``name`` on ``hosts``, and the hosts that did not answer."""
+    found, silent = _listing(hosts)
+    return sorted((m for m in found if m["snap"] == name),
+                  key=lambda m: (m["host"], m["member"])), silent
 
-    point_of_no_return: ClassVar[PolicyStage] = RestoreStage.RESTORE
-    stages = (RestoreStage.CHECK, RestoreStage.CLOCK, RestoreStage.REPLACE,
-              RestoreStage.RESTORE, RestoreStage.RESUME)
 
-    def __init__(self, hosts: Mapping[str, Host], name: str, *,
-                 observer: Observer | None = None, **kw: Any) -> None:
-        super().__init__(hosts, name, observer=observer, **kw)
-        self.members: list[dict[str, Any]] = []
-        self.report = SyncReport(name, "restore", [])
-        self.restored: dict[str, dict[str, Any]] = {}
-        self.resumed: dict[str, dict[str, int]] = {}
+class _FromSnapshot(_SyncRun):
+    """Restore and resume: the members are those the hosts keep for the snapshot."""
 
-    def call(self, m: Mapping[str, Any], op: str, timeout: float = 120.0,
-             **args: Any) -> dict[str, Any]:
-        return self.hosts[m["host"]].agent.request(
-            op, {"snap": self.name, "member": m["member"], **args}, timeout=timeout)
-
-    def key(self, m: Mapping[str, Any]) -> str:
-        return f"{m['host']}/{m['member']}"
-
-    def step(self, stage: PolicyStage) -> Callable[[], None]:
-        return {RestoreStage.CHECK: self._check, RestoreStage.CLOCK: self._clock,
-                RestoreStage.REPLACE: self._replace, RestoreStage.RESTORE: self._restore,
-                RestoreStage.RESUME: self._resume}[RestoreStage(stage)]
-
-    def _check(self) -> None:
+    def find_members(self) -> None:
         found, silent = snapshot_members(list(self.hosts.values()), self.name)
-        self.members = sorted(found, key=lambda m: (m["host"], m["member"]))
+        self.refs = [Ref(m["host"], m["member"]) for m in found]
         total = max((int(m.get("members_total") or 0) for m in found), default=0)
         if found and len(found) == total:
             return  # every member found: hosts that did not answer keep none of it
@@ -488,7 +486,7 @@ class SyncRestore(_SyncRun):
                 + (f" that answered ({', '.join(silent)} did not)" if silent else ""),
                 hint="orthros sync list shows the snapshots")
         if silent:
-            raise OrthrosError(f"cannot restore {self.name!r}: the agent of "
+            raise OrthrosError(f"cannot {self.action} {self.name!r}: the agent of "
                                f"{', '.join(silent)} does not answer, and "
                                f"{total - len(found) if total else 'some'} member(s) of the "
                                "snapshot may be kept there; nothing was touched",
@@ -498,150 +496,92 @@ class SyncRestore(_SyncRun):
                                hint="a host that kept a member lost it; delete the "
                                     "snapshot and save again")
 
-    def _clock(self) -> None:
-        self.sample_clocks([self.hosts[h] for h in dict.fromkeys(m["host"]
-                                                                 for m in self.members)])
-        self.report.clocks = {h: e.to_dict() for h, e in self.clocks.items()}
-        self.report.clock_error_us = self.clock_error_us()
+
+class SyncRestore(_FromSnapshot):
+    """``orthros sync restore``."""
+
+    action = "restore"
+    point_of_no_return: ClassVar[PolicyStage] = RestoreStage.RESTORE
+    stages = (RestoreStage.CHECK, RestoreStage.CLOCK, RestoreStage.REPLACE,
+              RestoreStage.RESTORE, RestoreStage.RESUME)
+
+    def __init__(self, hosts: Mapping[str, Host], name: str, *,
+                 observer: Observer | None = None, **kw: Any) -> None:
+        super().__init__(hosts, name, observer=observer, **kw)
+        self.replaced: dict[str, dict[str, Any]] = {}
+        self.restored: dict[str, dict[str, Any]] = {}
+
+    def step(self, stage: PolicyStage) -> Callable[[], None]:
+        return {RestoreStage.CHECK: self.find_members, RestoreStage.CLOCK: self.sample_clocks,
+                RestoreStage.REPLACE: self._replace, RestoreStage.RESTORE: self._restore,
+                RestoreStage.RESUME: self.resume_all}[RestoreStage(stage)]
 
     def _replace(self) -> None:
-        def one(m: dict[str, Any]) -> None:
-            self.mark(self.key(m), "replacing")
-            m["replace"] = self.call(m, "sync_replace", timeout=120.0)
+        def one(i: int, r: Ref) -> None:
+            self.mark(r, "replacing")
+            self.replaced[r.key] = self.call(r, "sync_replace")
 
-        self.each([(self.hosts[m["host"]], partial(one, m)) for m in self.members])
+        self.each_member(one)
 
     def _restore(self) -> None:
-        def one(m: dict[str, Any]) -> None:
-            self.restored[self.key(m)] = self.call(m, "sync_restore", timeout=600.0)
+        def one(i: int, r: Ref) -> None:
+            self.restored[r.key] = self.call(r, "sync_restore", timeout=600.0)
 
-        self.each([(self.hosts[m["host"]], partial(one, m)) for m in self.members])
-
-    def _resume(self) -> None:
-        at = self.instant()
-
-        def one(i: int, m: dict[str, Any]) -> None:
-            got = self.call(m, "sync_resume", at_ns=self.at(at, m["host"], i))
-            self.resumed[self.key(m)] = got["stamp"]
-
-        self.each([(self.hosts[m["host"]], partial(one, i, m))
-                   for i, m in enumerate(self.members)])
-        self.report.resume_skew_us = self.skew(self.resumed, "written_ns")
-        self.report.resume_settled_skew_us = self.skew(self.resumed, "settled_ns")
+        self.each_member(one)
 
     def rollback(self, err: BaseException) -> BaseException:
-        touched = [m for m in self.members if self.key(m) in self.done]
-        if not touched:
-            return err
-        problems = self.undo_each(
-            [(f"{m['host']}:{m['member']}", partial(self.call, m, "sync_abort", remove=False,
-                                                    timeout=60.0)) for m in touched])
-        where = f" on {err.host}" if isinstance(err, OrthrosError) and err.host else ""
-        msg = (f"sync restore of {self.name!r} failed{where} in its {self.stage} stage: "
-               f"{reason(err)}; ")
-        msg += ("no member was left half restored: the members it had replaced are stopped, "
-                "and the snapshot is kept for another try" if not problems
-                else "some members could not be cleaned up: " + "; ".join(problems))
-        return _failed(msg, err, rolled_back=not problems, problems=problems,
-                           service_down=True,
-                           host=err.host if isinstance(err, OrthrosError) else None,
-                           stage=str(self.stage))
+        return self.undo_members(err, remove=False, service_down=True,
+                         done_text="no member was left half restored: the members it had "
+                                   "replaced are stopped, and the snapshot is kept for "
+                                   "another try")
 
     def run(self) -> SyncReport:
         self.run_stages()
-        for m in self.members:
-            k = self.key(m)
-            got = self.restored.get(k, {})
+        for r in self.refs:
+            got, rep = self.restored.get(r.key, {}), self.replaced.get(r.key, {})
             self.report.members.append({
-                "host": m["host"], "member": m["member"], "pid": got.get("pid"),
-                "restore_ms": got.get("restore_ms"),
-                "replaced": (m.get("replace") or {}).get("stopped"),
-                "data_ms": (m.get("replace") or {}).get("data_ms"),
-                "resume": self.resumed.get(k)})
-        self.report.timings = dict(self.timings)
-        self.report.warnings = list(self.warnings)
-        return self.report
+                "host": r.host, "member": r.member, "pid": got.get("pid"),
+                "restore_ms": got.get("restore_ms"), "datagrams": got.get("datagrams"),
+                "replaced": rep.get("stopped"), "data_ms": rep.get("data_ms"),
+                "resume": self.resumed.get(r.key)})
+        return self.finish_report()
 
 
-class SyncThaw(_SyncRun):
+class SyncThaw(_FromSnapshot):
     """``orthros sync resume``: members a save left frozen resume at one instant."""
 
+    action = "resume"
     point_of_no_return: ClassVar[PolicyStage] = RestoreStage.CLOCK
     stages = (RestoreStage.CHECK, RestoreStage.CLOCK, RestoreStage.RESUME)
 
-    def __init__(self, hosts: Mapping[str, Host], name: str, **kw: Any) -> None:
-        super().__init__(hosts, name, **kw)
-        self.members: list[dict[str, Any]] = []
-        self.report = SyncReport(name, "resume", [])
-        self.resumed: dict[str, dict[str, int]] = {}
-
     def step(self, stage: PolicyStage) -> Callable[[], None]:
-        return {RestoreStage.CHECK: self._check, RestoreStage.CLOCK: self._clock,
-                RestoreStage.RESUME: self._resume}[RestoreStage(stage)]
-
-    def _check(self) -> None:
-        found, silent = snapshot_members(list(self.hosts.values()), self.name)
-        if not found:
-            raise SnapshotNotFound(f"no snapshot named {self.name!r} is kept on any host")
-        self.members = found
-        if silent:
-            self.warnings.append(f"{', '.join(silent)} did not answer")
-
-    def _clock(self) -> None:
-        self.sample_clocks([self.hosts[h] for h in dict.fromkeys(m["host"]
-                                                                 for m in self.members)])
-
-    def _resume(self) -> None:
-        at = self.instant()
-
-        def one(m: dict[str, Any]) -> None:
-            got = self.hosts[m["host"]].agent.request(
-                "sync_thaw", {"snap": self.name, "member": m["member"],
-                              "at_ns": self.clocks[m["host"]].to_agent(at)}, timeout=60.0)
-            self.resumed[f"{m['host']}/{m['member']}"] = got["stamp"]
-
-        self.each([(self.hosts[m["host"]], partial(one, m)) for m in self.members])
-        self.report.resume_skew_us = self.skew(self.resumed, "written_ns")
+        steps: dict[RestoreStage, Callable[[], None]] = {
+            RestoreStage.CHECK: self.find_members, RestoreStage.CLOCK: self.sample_clocks,
+            RestoreStage.RESUME: partial(self.resume_all, "sync_thaw")}
+        return steps[RestoreStage(stage)]
 
     def rollback(self, err: BaseException) -> BaseException:
-        return err
+        return err  # nothing was touched before the resume
 
     def run(self) -> SyncReport:
         self.run_stages()
-        self.report.members = [{"host": m["host"], "member": m["member"]}
-                               for m in self.members]
-        self.report.timings = dict(self.timings)
-        return self.report
+        self.report.members = [{"host": r.host, "member": r.member,
+                                "resume": self.resumed.get(r.key)} for r in self.refs]
+        return self.finish_report()
 
 
 def list_snapshots(hosts: Sequence[Host]) -> tuple[list[dict[str, Any]], list[str]]:
     """Every snapshot kept on ``hosts``: name, members, sizes, age; and the silent hosts."""
     found: dict[str, dict[str, Any]] = {}
-    silent: list[str] = []
-
-    def one(h: Host) -> list[dict[str, Any]]:
-        got = h.agent.request("sync_list", {}, timeout=15.0)
-        return [{**m, "host": h.name} for m in got["members"]]
-
-    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
-        futures = [(h, pool.submit(one, h)) for h in hosts]
-        for h, fut in futures:
-            try:
-                members = fut.result()
-            except BaseException as err:
-                if not is_transport(err):
-                    raise
-                silent.append(h.name)
-                continue
-            for m in members:
-                snap = found.setdefault(m["snap"], {"name": m["snap"], "members": [],
-                                                    "image_bytes": 0, "data_bytes": 0,
-                                                    "created": m["created"]})
-                snap["members"].append({k: m[k] for k in ("host", "member", "pid", "name",
-                                                          "timens", "data")})
-                snap["image_bytes"] += int(m["image_bytes"])
-                snap["data_bytes"] += int(m["data_bytes"])
-                snap["created"] = min(snap["created"], m["created"])
+    members, silent = _listing(hosts)
+    for m in members:
+        snap = found.setdefault(m["snap"], {"name": m["snap"], "members": [], "image_bytes": 0,
+                                            "data_bytes": 0, "created": m["created"]})
+        snap["members"].append({k: m[k] for k in ("host", "member", "pid", "name", "timens",
+                                                  "data")})
+        snap["image_bytes"] += int(m["image_bytes"])
+        snap["data_bytes"] += int(m["data_bytes"])
+        snap["created"] = min(snap["created"], m["created"])
     now = time.time()
     out = sorted(found.values(), key=lambda s: s["created"])
     for s in out:

@@ -165,6 +165,19 @@ def test_members_talking_to_each_other_are_saved_and_restored_without_an_error(
     assert res.returncode == 6, res.stderr
     assert "no snapshot named 'first'" in res.stderr
     delete_snapshot(list(hs.values()), "second")
+
+    # A save that left the members frozen, then resumed without a restore.
+    SyncSave(hs, "third", members(server, peer, data_dir)).run()
+    assert frozen(peer, lab, "beta")
+    held = status(data_dir)
+    out = orthros_json("sync", "resume", "--name", "third")
+    assert out["resume_skew_us"] is not None and len(out["members"]) == 2
+    wait_for(lambda: progressing(data_dir, held["per_conn"]), timeout=20,
+             what="every connection to carry on after sync resume")
+    assert status(data_dir)["errors"] == []
+    assert not frozen(peer, lab, "beta")
+    delete_snapshot(list(hs.values()), "third")
+    assert_clean(lab)
     assert not any(p.name.startswith(".orthros-sync") and any(p.iterdir())
                    for p in data_dir.parent.iterdir()), "data snapshots left"
 
