@@ -107,6 +107,7 @@ def assert_clean(lab: Lab) -> None:
     for h in lab.hosts:
         st = host(lab, h.name).agent.request("netlock_status", {"backend": "xdp"})
         assert not st.get("conns"), f"connections left locked on {h.name}: {st.get('conns')}"
+        assert not st.get("attachments"), f"XDP left on {h.name}: {st.get('attachments')}"
 
 
 def test_members_talking_to_each_other_are_saved_and_restored_without_an_error(
