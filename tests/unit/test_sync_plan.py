@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from orthros_py.host.clock import ClockSample, estimate, now_ns, spread_ns, wait_until
@@ -63,3 +66,53 @@ def test_spread_and_wait() -> None:
     target = now_ns() + 3_000_000
     late = wait_until(target)
     assert late >= 0 and now_ns() >= target
+
+
+class RecordingAgent:
+    """Answers every request with {} and remembers it; ``silent`` makes it unreachable."""
+
+    def __init__(self, name: str, silent: bool = False) -> None:
+        self.name = name
+        self.silent = silent
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def request(self, op: str, args: Any = None, *, timeout: float | None = None) -> Any:
+        if self.silent:
+            from orthros_py.agent.errors import AgentUnreachable
+
+            raise AgentUnreachable(f"{self.name} does not answer", host=self.name)
+        self.calls.append((op, dict(args or {})))
+        return {}
+
+
+def _record(stage: str, done: dict[str, list[str]]) -> Any:
+    from orthros_py.policies.journal import HostRef, Record
+
+    return Record(kind="sync", id="sync-s", hosts={"alpha": HostRef("alpha", "10.0.0.1", 1)},
+                  stage=stage, state={"name": "s", "done": done}, coordinator=1, updated=0.0)
+
+
+def test_recover_undoes_what_a_dead_coordinator_touched(tmp_path: Path) -> None:
+    from orthros_py.policies.engine import recover_function
+    from orthros_py.policies.hosts import Host
+    from orthros_py.policies.journal import Journal
+
+    journal = Journal(tmp_path)
+    agent = RecordingAgent("alpha")
+    hosts = {"alpha": Host("alpha", agent, "10.0.0.1", 1)}  # type: ignore[arg-type]
+    # Died while freezing a save: the member resumes and its partial snapshot goes.
+    out = recover_function("sync")(_record("freeze", {"alpha/m1": ["prepared", "freezing"]}),
+                                   hosts, journal=journal)
+    assert out.outcome == "rolled back" and not out.problems
+    assert agent.calls == [("sync_abort", {"snap": "s", "member": "m1", "remove": True})]
+    # Died while restoring: the member is stopped, the snapshot is kept.
+    agent.calls.clear()
+    recover_function("sync")(_record("restore", {"alpha/m1": ["replacing"]}), hosts,
+                             journal=journal)
+    assert agent.calls == [("sync_abort", {"snap": "s", "member": "m1", "remove": False})]
+    # A host that does not answer is reported, and the record kept for another try.
+    silent = {"alpha": Host("alpha", RecordingAgent("alpha", silent=True),  # type: ignore[arg-type]
+                            "10.0.0.1", 1)}
+    out = recover_function("sync")(_record("dump", {"alpha/m1": ["dumping"]}), silent,
+                                   journal=journal)
+    assert out.outcome == "failed" and "does not answer" in out.problems[0]
