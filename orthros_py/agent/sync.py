@@ -30,6 +30,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,6 +176,7 @@ class Member:
     freeze: Stamp | None = None
     dumped: bool = False
     restored: bool = False
+    resumed: bool = False
     warnings: list[str] = field(default_factory=list)
     total: int = 1  # members of the whole snapshot, on every host
 
@@ -242,6 +244,7 @@ class Syncs:
         if rec.get("group"):
             with contextlib.suppress(OrthrosError, OSError):
                 group = FreezeGroup.at(rec["group"]["path"], owned=bool(rec["group"]["owned"]))
+        # "resumed": it runs, and keeps running; "restore": a half-restored tree, killed.
         if rec.get("phase") == "restore" and group is not None:
             with contextlib.suppress(OrthrosError, OSError):
                 with repaired_pids(group.pids()):
@@ -309,8 +312,7 @@ class Syncs:
             raise SyncError(f"the freeze instant had passed by "
                             f"{(clock.now_ns() - at_ns) / 1e6:.1f} ms when it reached "
                             f"{self.agent.name}", stage="freeze")
-        late = clock.wait_until(at_ns)
-        m.freeze = m.group.freeze()
+        late, m.freeze = _at_instant(at_ns, m.group.freeze)
         t0 = time.perf_counter()
         m.lock.engage()
         lock_ms = (time.perf_counter() - t0) * 1000
@@ -404,7 +406,9 @@ class Syncs:
         wait_pids_free(m.pids, timeout=PID_GONE_TIMEOUT)
         opts = RestoreOptions(tcp_established=True, file_locks=True, leave_stopped=True,
                               network_lock=CriuNetworkLock.SKIP)
-        result = restore_image(a, m.key, opts)
+        # No first-reply watch: its polling thread would hold the interpreter when the resume
+        # instant comes (and a synchronized restore reports its skew, not a first reply).
+        result = restore_image(a, m.key, opts, watch_reply=False)
         m.restored = True
         m.pid, m.pids = result.pid, list(result.pids)
         m.group = FreezeGroup.of_process(result.pid)
@@ -433,11 +437,23 @@ class Syncs:
             warn = (f"the resume instant had passed by {(clock.now_ns() - at_ns) / 1e6:.1f} ms "
                     f"when it reached {self.agent.name}")
             m.warnings.append(warn)
-        late = clock.wait_until(at_ns)
-        stamp = m.group.thaw()
-        self._finish(m)
+        late, stamp = _at_instant(at_ns, m.group.thaw)
+        # The group is given back by ``finish``, once every member has resumed: moving tasks
+        # between groups holds the kernel's cgroup lock for milliseconds (an RCU grace
+        # period), which the other members' thaws, on a host shared with them, would wait for.
+        m.resumed = True
+        self._write_pending(m, "resumed")
         return {"member": member, "stamp": stamp.to_dict(), "late_ns": late, "pid": m.pid,
                 "warnings": m.warnings}
+
+    def finish(self, snap: str, member: str) -> dict[str, Any]:
+        """After the resume: the member's group given back, its lock taken off, its state
+        here dropped."""
+        m = self.get(snap, member)
+        if not m.resumed:
+            raise bad(f"member {member} of {snap} has not resumed here")
+        self._finish(m)
+        return {"member": member, "pid": m.pid}
 
     def hold(self, snap: str, member: str) -> dict[str, Any]:
         """Leave a saved member frozen (a restore is to follow), its connections unlocked: the
@@ -482,7 +498,9 @@ class Syncs:
         done: dict[str, Any] = {"member": member, "resumed": False, "killed": False,
                                 "removed": False}
         if m is not None:
-            if m.restored:
+            if m.resumed:
+                pass  # it runs: only its group and lock go (``_finish``)
+            elif m.restored:
                 with contextlib.suppress(psutil.Error):
                     _stop_quietly(psutil.Process(m.pid))
                     done["killed"] = True
@@ -500,6 +518,18 @@ class Syncs:
         if remove:
             done["removed"] = remove_member(a, image)
         return done
+
+
+def _at_instant(at_ns: int, act: Callable[..., Stamp]) -> tuple[int, Stamp]:
+    """``act`` (a freeze or a thaw) at ``at_ns``: its files opened first, the wait and the
+    write at real-time priority, so that neither waits for a core behind other work (the
+    members another agent of this machine has just resumed). How late it woke, and its
+    stamp."""
+    late: list[int] = []
+    with clock.urgent() as rt:
+        spin = clock.URGENT_SPIN_NS if rt else clock.SPIN_NS
+        stamp = act(before=lambda: late.append(clock.wait_until(at_ns, spin_ns=spin)))
+    return late[0], stamp
 
 
 def remove_member(a: Agent, image: str) -> bool:

@@ -402,27 +402,32 @@ class FreezeGroup:
 
     # -- freezing ------------------------------------------------------------------------------
 
-    def freeze(self, timeout: float = 5.0) -> Stamp:
+    def freeze(self, timeout: float = 5.0, *, before: Callable[[], object] | None = None
+               ) -> Stamp:
         """Freeze every process in the group (and in groups below it); returns when all are.
         CgroupError if they are not within ``timeout`` s, and the group is then left thawed.
 
         On v1, a freeze that stalls is thawed and written again each second (as CRIU does):
         the stamp's requested/written times are then those of the last write from thawed."""
         if self.version == 2:
-            return self._set_v2(True, timeout)
-        return self._freeze_v1(timeout)
+            return self._set_v2(True, timeout, before)
+        return self._freeze_v1(timeout, before)
 
-    def thaw(self, timeout: float = 5.0) -> Stamp:
+    def thaw(self, timeout: float = 5.0, *, before: Callable[[], object] | None = None
+             ) -> Stamp:
         """Let every process in the group run again; returns once the group is seen thawed.
         CgroupError if it is not within ``timeout`` s (a frozen parent group keeps it frozen)."""
         if self.version == 2:
-            return self._set_v2(False, timeout)
-        return self._thaw_v1(timeout)
+            return self._set_v2(False, timeout, before)
+        return self._thaw_v1(timeout, before)
 
-    def _set_v2(self, frozen: bool, timeout: float) -> Stamp:
+    def _set_v2(self, frozen: bool, timeout: float,
+                before: Callable[[], object] | None = None) -> Stamp:
         ctl = self.path / "cgroup.freeze"
         with _opened(ctl, os.O_WRONLY) as wfd, \
                 _opened(self.path / "cgroup.events", os.O_RDONLY) as rfd:
+            if before is not None:
+                before()  # e.g. the wait for an instant: the files are open by then
             requested = _now()
             _write_fd(wfd, ctl, b"1" if frozen else b"0")
             written = _now()
@@ -435,10 +440,12 @@ class FreezeGroup:
                 self._timed_out(frozen, timeout)
             return Stamp(requested, written, settled)
 
-    def _freeze_v1(self, timeout: float) -> Stamp:
+    def _freeze_v1(self, timeout: float, before: Callable[[], object] | None = None) -> Stamp:
         ctl = self.path / "freezer.state"
         frozen, thawed = _FROZEN.encode(), _THAWED.encode()
         with _opened(ctl, os.O_WRONLY) as wfd, _opened(ctl, os.O_RDONLY) as rfd:
+            if before is not None:
+                before()
             requested = _now()
             _write_fd(wfd, ctl, frozen)
             written = _now()
@@ -467,9 +474,11 @@ class FreezeGroup:
                     last_write = time.monotonic()
                 _pause(started)
 
-    def _thaw_v1(self, timeout: float) -> Stamp:
+    def _thaw_v1(self, timeout: float, before: Callable[[], object] | None = None) -> Stamp:
         ctl = self.path / "freezer.state"
         with _opened(ctl, os.O_WRONLY) as wfd, _opened(ctl, os.O_RDONLY) as rfd:
+            if before is not None:
+                before()
             requested = _now()
             _write_fd(wfd, ctl, _THAWED.encode())
             written = _now()

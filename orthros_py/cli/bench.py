@@ -791,4 +791,173 @@ def render_paging(env: Env, res: Any) -> None:
         wide.print(t)
 
 
+
+# --- orthros bench sync ------------------------------------------------------------------------
+
+
+def _heartbeats(text: str) -> tuple[int, ...]:
+    from orthros_py.bench.sync.model import parse_heartbeats
+
+    return parse_heartbeats(text)
+
+
+def _staggers(text: str) -> tuple[int, ...]:
+    from orthros_py.bench.sync.model import parse_staggers
+
+    return parse_staggers(text)
+
+
+@bench.command("sync")
+@click.option("--heartbeats", type=_ListOf("LIST", _heartbeats), default=None,
+              help="etcd heartbeat intervals (ms), one fresh cluster each, in this order. "
+                   "[default: 1000,300,100,50,20; --quick: 100]")
+@click.option("--reps", type=click.IntRange(1), default=None,
+              help="Rounds per heartbeat (save left running, writes, restore). "
+                   "[default: 5; --quick: 2]")
+@click.option("--staggers", type=_ListOf("LIST", _staggers), default=None,
+              help="The control: restores whose members resume this far apart (ms). "
+                   "[default: 0,50,200,400,1000; --quick: 0,1000]")
+@click.option("--stagger-reps", type=click.IntRange(0), default=None,
+              help="Rounds of the stagger sweep, every stagger once per round in a shuffled "
+                   "order; 0: no stagger sweep. [default: 3; --quick: 1]")
+@click.option("--stagger-heartbeat", "stagger_heartbeat_ms", type=click.IntRange(1, 10_000),
+              default=100, show_default=True, help="Heartbeat (ms) of the stagger sweep.")
+@click.option("--election-factor", type=click.FloatRange(5.0), default=5.0,
+              show_default=True, help="Election timeout = this x heartbeat (etcd needs >= 5).")
+@click.option("--write-seconds", "write_s", type=click.FloatRange(0), default=0.5,
+              show_default=True, help="How long the writer writes between a save and its "
+                                      "restore (at least two election timeouts).")
+@click.option("--settle", "settle_s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="When the cluster is looked at again after a restore, seconds (at least "
+                   "two election timeouts).")
+@click.option("--volume-mib", type=click.IntRange(256), default=2048, show_default=True,
+              help="Size of the sparse btrfs volume the data directories live on.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the staggers' order [default: a random one, recorded].")
+@click.option("--quick", is_flag=True,
+              help="A short run: heartbeat 100 ms, 2 rounds, staggers 0 and 1000 once "
+                   "(options given explicitly win).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/sync-<timestamp>].")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again "
+                                 "(markdown, plots, tables) into its directory.")
+@click.option("--json", "as_json", is_flag=True, help="Also print results.json on stdout.")
+@click.pass_obj
+def sync(env: Env, heartbeats: tuple[int, ...] | None, reps: int | None,
+         staggers: tuple[int, ...] | None, stagger_reps: int | None, stagger_heartbeat_ms: int,
+         election_factor: float, write_s: float, settle_s: float, volume_mib: int,
+         seed: int | None, quick: bool, out: Path | None, from_json: Path | None,
+         as_json: bool) -> None:
+    """Save and restore a 3-member etcd cluster (``orthros sync``) under a writer, on the lab:
+    per heartbeat interval a fresh cluster and rounds of a save left running and a restore,
+    each checked for an election (the raft term grew, or another leader); the times, the
+    freeze and resume skews, the snapshot sizes, the writer's longest gap. Reports the
+    shortest heartbeat at which every round went without an election. Then the control:
+    restores whose members resume a stagger apart, and the elections that follow.
+
+    Needs root. Mounts a btrfs volume under /var/lib/orthros, builds a lab of three hosts,
+    and leaves none of it behind (etcd, snapshots, lab, volume), also on Ctrl-C.
+    """
+    from orthros_py.bench import sync as sb
+
+    if from_json is not None:
+        res = sb.load_results(from_json)
+        made = sb.write_outputs(res, from_json.parent)
+        render_sync(env, res)
+        _say_files(env, made)
+        if as_json:
+            env.emit_json(res.to_dict())
+        return
+    try:
+        cfg = sb.config_for(quick=quick, heartbeats=heartbeats, reps=reps, staggers=staggers,
+                            stagger_reps=stagger_reps, stagger_heartbeat_ms=stagger_heartbeat_ms,
+                            election_factor=election_factor, write_s=write_s,
+                            settle_s=settle_s, volume_mib=volume_mib, seed=seed,
+                            out=out or sb.default_out())
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    n_rounds = len(sb.plan(cfg, 0))
+    env.console.print(
+        f"[bold]sync benchmark[/]: {n_rounds} rounds (heartbeats "
+        f"{', '.join(map(str, cfg.heartbeats))} ms x {cfg.reps}"
+        + (f"; staggers {', '.join(map(str, cfg.staggers))} ms x {cfg.stagger_reps} at "
+           f"{cfg.stagger_heartbeat_ms} ms" if cfg.stagger_reps else "")
+        + f") -> {escape(str(cfg.out))}")
+
+    def progress(msg: str) -> None:
+        env.console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)
+
+    def on_round(rec: Any, i: int, n: int) -> None:
+        env.console.print(f"[{i}/{n}] {escape(sb.round_line(rec))}", soft_wrap=True,
+                          style=None if rec.ok else "red")
+
+    bench_ = sb.SyncBench(cfg, progress=progress, on_round=on_round)
+    with _term_as_interrupt():
+        res = bench_.run()
+    render_sync(env, res)
+    _say_files(env, sorted(cfg.out.glob("*.*")))
+    if res.wall_s is not None:
+        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
+    if as_json:
+        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
+    if not res.ok:
+        raise SystemExit(1)
+
+
+def render_sync(env: Env, res: Any) -> None:
+    from orthros_py.bench.pair.report import fmt_bytes, fmt_fig
+    from orthros_py.bench.sync.report import fig, fmt_by_leader, fmt_s, fmt_us
+
+    wide = _wide(env)
+    hbs = res.heartbeats
+    if hbs:
+        t = Table(title="heartbeat sweep: save --leave-running, writes, restore (medians "
+                        "\\[min-max] over rounds)", title_justify="left")
+        for col in ("heartbeat", "election", "ok", "no election", "el. save", "el. restore",
+                    "save ms", "restore ms", "frozen ms", "freeze skew µs",
+                    "resume skew µs", "clock err µs", "gap restore s", "snapshot"):
+            t.add_column(col, justify="right")
+        for s in hbs:
+            style = None if s.all_survived else "red"
+            t.add_row(f"{s.heartbeat_ms:,} ms", f"{s.election_ms:,} ms", f"{s.ok}/{s.rounds}",
+                      f"{s.survived}/{s.rounds}", str(s.save_elections),
+                      str(s.restore_elections), fig(s, "save_ms"), fig(s, "restore_ms"),
+                      fig(s, "frozen_ms"), fig(s, "freeze_skew_us", fmt_us),
+                      fig(s, "resume_skew_us", fmt_us),
+                      fig(s, "restore_clock_error_us", fmt_us), fig(s, "gap_restore_s", fmt_s),
+                      fig(s, "image_bytes", fmt_bytes), style=style)
+        wide.print(t)
+    sts = res.staggers
+    if sts:
+        t = Table(title=f"stagger sweep at heartbeat {res.config.stagger_heartbeat_ms} ms: "
+                        "members resumed a stagger apart", title_justify="left")
+        for col in ("stagger", "ok", "elections", "by leader's turn", "campaigns",
+                    "term growth", "healthy at once", "healthy again after s",
+                    "resume spread µs", "gap restore s"):
+            t.add_column(col, justify="right")
+        for s in sts:
+            t.add_row(f"{s.stagger_ms:,} ms", f"{s.ok}/{s.rounds}",
+                      f"{s.restore_elections}/{s.ok}", fmt_by_leader(s),
+                      fmt_fig(s.campaigns, _int), fmt_fig(s.term_growth, _int),
+                      f"{s.healthy_at_once}/{s.ok}", fmt_fig(s.recovered_s, fmt_s),
+                      fig(s, "resume_skew_us", fmt_us), fig(s, "gap_restore_s", fmt_s))
+        wide.print(t)
+    env.console.print(f"[bold]{escape(res.headline)}[/]", soft_wrap=True)
+    tg = Table(title="targets", title_justify="left")
+    for col in ("target", "goal", "measured", "", "detail"):
+        tg.add_column(col)
+    for x in res.targets:
+        mark = {True: "[green]met[/]", False: "[red]not met[/]", None: "[dim]—[/]"}[x.met]
+        tg.add_row(escape(x.name), escape(x.goal), escape(x.value), mark, escape(x.detail))
+    wide.print(tg)
+    for n in res.notes:
+        env.console.print(f"[dim]note: {escape(n)}[/]", soft_wrap=True)
+    for x in res.leftovers:
+        env.console.print(f"[yellow]cleanup:[/] {escape(x)}", soft_wrap=True)
+    for s in [*hbs, *sts]:
+        for e in s.errors:
+            env.console.print(f"[red]{escape(e)}[/]", soft_wrap=True)
+
+
 COMMANDS = [bench]

@@ -291,6 +291,17 @@ class _SyncRun(Policy):
         self.report.resume_skew_us = self.skew(self.resumed, "written_ns")
         self.report.resume_settled_skew_us = self.skew(self.resumed, "settled_ns")
 
+        # Then, with every member running, their groups are given back and their locks taken
+        # off (slow kernel work, kept out of the resume); a failure leaves a warning.
+        def finish(i: int, r: Ref) -> None:
+            try:
+                self.call(r, "sync_finish", timeout=60.0)
+            except OrthrosError as err:
+                self.warnings.append(f"{r.host}:{r.member}: cleanup after the resume: "
+                                     f"{reason(err)}")
+
+        self.each_member(finish)
+
     # -- undo -----------------------------------------------------------------------------
 
     def mark(self, ref: Ref, step: str) -> None:

@@ -79,8 +79,9 @@ def assert_snapshot_state(got: list[str], before: list[str], sent_by: float,
 def test_etcd_cluster_wakes_up_as_it_was_saved(etcd_lab: tuple[Lab, Path]) -> None:
     lab, vol = etcd_lab
     dirs = {h: vol / h for h in HOSTS}
-    cluster = etcd.start_cluster(lab, HOSTS, data_root=vol.parent / f"{vol.name}-logs",
-                                 data_dirs=dirs, heartbeat_ms=100, election_ms=500)
+    # Logs in VOL/logs: outside the data directories (which a restore rolls back).
+    cluster = etcd.start_cluster(lab, HOSTS, data_root=vol, data_dirs=dirs,
+                                 heartbeat_ms=100, election_ms=500)
     hs = {h.name: host(lab, h.name) for h in lab.hosts}
     # Named as the inventory's [[group]] "etcd" names them: by process name on each host.
     members = parse_members([f"{m.host}:etcd" for m in cluster.members],

@@ -116,3 +116,17 @@ def test_recover_undoes_what_a_dead_coordinator_touched(tmp_path: Path) -> None:
     out = recover_function("sync")(_record("dump", {"alpha/m1": ["dumping"]}), silent,
                                    journal=journal)
     assert out.outcome == "failed" and "does not answer" in out.problems[0]
+
+
+def test_urgent_raises_the_thread_and_puts_it_back() -> None:
+    import os
+
+    from orthros_py.host.clock import urgent
+
+    before = os.sched_getscheduler(0)
+    with urgent() as rt:
+        if rt:  # root with CAP_SYS_NICE; elsewhere it declines and nothing changes
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO
+        else:
+            assert os.sched_getscheduler(0) == before
+    assert os.sched_getscheduler(0) == before

@@ -125,8 +125,10 @@ def op_restore(call: Call, image: str, options: dict[str, Any] | None = None) ->
     return data
 
 
-def restore_image(a: Agent, image: str, opts: RestoreOptions) -> RestoreResult:
-    """Restore image ``image`` of this agent as its own child (vetted options only)."""
+def restore_image(a: Agent, image: str, opts: RestoreOptions, *,
+                  watch_reply: bool = True) -> RestoreResult:
+    """Restore image ``image`` of this agent as its own child (vetted options only); with
+    ``watch_reply``, watch for its first acknowledged reply (``first_reply``)."""
     opts = dataclasses.replace(opts, sibling=True)
     path = a.image_path(image, must_exist=True)
     with a.busy(image, "restore"):
@@ -137,6 +139,8 @@ def restore_image(a: Agent, image: str, opts: RestoreOptions) -> RestoreResult:
             raise
         # Adopted under the busy mark, before any other request can ask to kill it.
         a.adopt(result.pid, image, result.pids)
+    if not watch_reply:
+        return result
     watch = FirstReply(result.pid, list(result.pids), time.time()).start()
     with a.mutex:
         a.replies[image] = watch

@@ -1,6 +1,6 @@
 """Synchronized save and restore (``orthros sync``): ``sync_clock``, ``sync_prepare``,
 ``sync_freeze``, ``sync_dump``, ``sync_hold``, ``sync_replace``, ``sync_restore``,
-``sync_resume``, ``sync_thaw``, ``sync_abort``, ``sync_list``, ``sync_delete``.
+``sync_resume``, ``sync_finish``, ``sync_thaw``, ``sync_abort``, ``sync_list``, ``sync_delete``.
 
 The work is ``orthros_py.agent.sync``'s; this module checks the arguments. Instants arrive in
 ns on this host's CLOCK_REALTIME (the coordinator converts with the offset ``sync_clock``
@@ -95,6 +95,12 @@ def op_sync_restore(call: Call, snap: str, member: str) -> dict[str, Any]:
 def op_sync_resume(call: Call, snap: str, member: str, at_ns: int) -> dict[str, Any]:
     """Unlock the member's connections and thaw it at ``at_ns``."""
     return syncs_of(call.agent).resume_at(snap, member, _instant(at_ns))
+
+
+@op("sync_finish")
+def op_sync_finish(call: Call, snap: str, member: str) -> dict[str, Any]:
+    """After every member has resumed: give the member's group back, take its lock off."""
+    return syncs_of(call.agent).finish(snap, member)
 
 
 @op("sync_thaw")
