@@ -49,11 +49,13 @@ from orthros_py.host.datasnap import (
     store_for,
 )
 from orthros_py.net import udpqueue
+from orthros_py.net.conns import destroy_lingering
 from orthros_py.netlock.method import NetworkLock
 from orthros_py.netlock.tree import TreeLock
 
 if TYPE_CHECKING:
     from orthros_py.agent.state import Agent
+    from orthros_py.net.conn import Conn
 
 MANIFEST = "sync.json"
 PENDING_DIR = ".sync-pending"  # below the images root: what members hold while under way
@@ -316,8 +318,13 @@ class Syncs:
         t0 = time.perf_counter()
         m.lock.engage()
         lock_ms = (time.perf_counter() - t0) * 1000
+        # Connections made since the prepare: the tree is frozen, so the list is final now.
+        added = m.lock.refresh(m.pid)
+        if added:
+            self._write_pending(m, "save")
         return {"member": member, "stamp": m.freeze.to_dict(), "late_ns": late,
-                "lock_ms": round(lock_ms, 3), "tasks": len(m.group.pids())}
+                "lock_ms": round(lock_ms, 3), "tasks": len(m.group.pids()),
+                "conns_added": len(added)}
 
     def dump(self, snap: str, member: str, *, datagrams: bool = True) -> dict[str, Any]:
         """Checkpoint the frozen member (it stays frozen), snapshot its data, write the manifest."""
@@ -386,13 +393,21 @@ class Syncs:
                                  list(manifest["interfaces"]))
             self._write_pending(m, "replace")
             m.lock.engage()
-            stopped = _stop_quietly(current) if current is not None else 0
+            # Quietly only for the snapshot's connections (their peers are restored too, or
+            # take the restored socket's state); a client of the current run that the snapshot
+            # does not know hears the connection close, and comes back at once.
+            stopped = _stop_quietly(current, only=set(m.lock.conns)) \
+                if current is not None else 0
+            # A snapshot connection that closed since the save (the member's own doing) left
+            # its 4-tuple taken (TIME_WAIT) for a minute: CRIU could not connect it back.
+            lingering = destroy_lingering(m.lock.conns)
             data_ms = sum(restore_dir(s) for s in snaps)
         except BaseException:
             self.abort(snap, member, remove=False)
             raise
         return {"member": member, "stopped": current.pid if current else None,
-                "sockets_closed": stopped, "data_ms": round(data_ms, 3),
+                "sockets_closed": stopped, "lingering_removed": len(lingering),
+                "data_ms": round(data_ms, 3),
                 "replace_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     def restore(self, snap: str, member: str) -> dict[str, Any]:
@@ -614,7 +629,7 @@ def repaired_pids(pids: list[int]) -> Any:
         yield n
 
 
-def _stop_quietly(root: psutil.Process) -> int:
+def _stop_quietly(root: psutil.Process, only: set[Conn] | None = None) -> int:
     """Kill a tree whose TCP sockets its peers must not hear closing (they are being restored
     too, or the restored tree takes their 4-tuples over); wait until it is gone."""
     from orthros_py.net.quietclose import repaired_sockets
@@ -626,7 +641,7 @@ def _stop_quietly(root: psutil.Process) -> int:
     group = None
     with contextlib.suppress(OrthrosError, OSError):
         group = FreezeGroup.of_process(root.pid)
-    with repaired_sockets(p.pid for p in procs) as n:
+    with repaired_sockets((p.pid for p in procs), only) as n:
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()

@@ -136,6 +136,63 @@ def route_interfaces(netns: str | None, conns: Iterable[Conn]) -> tuple[dict[Con
     return routes, unrouted
 
 
+TCP_TIME_WAIT = 6
+# What a closed connection leaves behind, owned by no process: its 4-tuple is taken until it
+# goes (TIME_WAIT: a minute), and a TCP repair-mode connect() of the same 4-tuple (a restore)
+# fails with EADDRNOTAVAIL meanwhile.
+LINGERING_STATES = (TCP_TIME_WAIT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSING, TCP_LAST_ACK)
+
+
+def _diag_addr(family: int, text: str) -> tuple[int, int, int, int]:
+    """An address as inet_diag_sockid carries it: four big-endian 32-bit words."""
+    packed = socket.inet_pton(family, text)
+    w = [int.from_bytes(packed[i:i + 4], "big") for i in range(0, len(packed), 4)] + [0, 0, 0]
+    return w[0], w[1], w[2], w[3]
+
+
+def destroy_lingering(conns: Iterable[Conn], netns: str | None = None) -> list[Conn]:
+    """Destroy (SOCK_DESTROY) the sockets left by closed connections whose 4-tuple is one of
+    ``conns`` in ``netns``, so that a restore can take those 4-tuples over; which were. An
+    orphan still closing (FIN_WAIT, LAST_ACK) sends its peer a reset as it goes."""
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DESTROY, inet_diag_req
+
+    from orthros_py.net.addr import in_netns
+
+    wanted = set(conns)
+    if not wanted:
+        return []
+    mask = 0
+    for st in LINGERING_STATES:
+        mask |= 1 << st
+    done: list[Conn] = []
+    with in_netns(netns), DiagSocket() as diag:
+        diag.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in diag.get_sock_stats(family=family, states=mask):
+                conn = Conn.of((msg["idiag_src"], msg["idiag_sport"]),
+                               (msg["idiag_dst"], msg["idiag_dport"]))
+                if conn not in wanted:
+                    continue
+                req = inet_diag_req()
+                req["sdiag_family"] = family
+                req["sdiag_protocol"] = socket.IPPROTO_TCP
+                req["idiag_states"] = 1 << int(msg["idiag_state"])
+                for k in ("idiag_sport", "idiag_dport", "idiag_if", "idiag_cookie"):
+                    req[k] = msg[k]
+                req["idiag_src"] = _diag_addr(family, msg["idiag_src"])
+                req["idiag_dst"] = _diag_addr(family, msg["idiag_dst"])
+                try:
+                    list(diag.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))
+                except OSError as err:
+                    raise OrthrosError(f"cannot remove what the closed connection {conn} left "
+                                       f"behind: {err}",
+                                       hint="a kernel with INET_DIAG_DESTROY") from err
+                done.append(conn)
+    return done
+
+
 def discover(pids: Sequence[int], states: Sequence[int] = LOCKABLE_STATES) -> TreeConns:
     """The TCP connections held by ``pids`` (a whole tree), and the interfaces they use.
 

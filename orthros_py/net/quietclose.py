@@ -15,19 +15,23 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import psutil
 
+from orthros_py.net.conn import Conn
 from orthros_py.proc.pidfd import pidfd_getfd
 
 TCP_REPAIR = 19  # include/uapi/linux/tcp.h
 
 
 @contextlib.contextmanager
-def repaired_sockets(pids: Iterable[int]) -> Iterator[int]:
-    """Hold every TCP socket of ``pids`` in repair mode while the body kills them; closing our
-    copies afterwards is what destroys the sockets, silently. Yields how many were taken."""
+def repaired_sockets(pids: Iterable[int], only: Collection[Conn] | None = None
+                     ) -> Iterator[int]:
+    """Hold every TCP socket of ``pids`` (``only`` those of these connections) in repair mode
+    while the body kills them; closing our copies afterwards is what destroys the sockets,
+    silently. The others close as a killed process's do (their peers hear of it). Yields how
+    many were taken."""
     held: list[socket.socket] = []
     try:
         for pid in pids:
@@ -38,8 +42,11 @@ def repaired_sockets(pids: Iterable[int]) -> Iterator[int]:
                 continue  # gone already: its sockets went with it
             try:
                 for c in conns:
-                    if c.fd < 0 or c.status == psutil.CONN_LISTEN:
+                    if c.fd < 0 or c.status == psutil.CONN_LISTEN or not c.raddr:
                         continue  # a listener has no peer to tell (and refuses repair mode)
+                    if only is not None and Conn.of((str(c.laddr[0]), int(c.laddr[1])),
+                                                    (str(c.raddr[0]), int(c.raddr[1]))) not in only:
+                        continue
                     try:
                         fd = pidfd_getfd(pidfd, c.fd)
                     except OSError as err:

@@ -128,6 +128,30 @@ class TreeLock:
         self.report.lock_ms = (time.perf_counter() - start) * 1000
         self.report.held = True
 
+    def refresh(self, pid: int) -> list[Conn]:
+        """Lock the connections the tree has now that were not prepared (made since): once
+        it is frozen, the list is final. Those added."""
+        if not self.active:
+            return []
+        from orthros_py.net.conns import discover_tree
+
+        found = discover_tree(pid)
+        known = set(self.conns)
+        new = [c for c in found.conns if c not in known]
+        if not new:
+            return []
+        lock = self._xdp()
+        lock.prepare()
+        missing = [i for i in found.interfaces if i not in self.report.interfaces]
+        if missing:
+            lock.attach(missing, netns=found.netns)
+            self.report.interfaces = sorted({*self.report.interfaces, *missing})
+            self._netns = self._netns or found.netns
+        lock.lock(new)
+        self.conns += new
+        self.report.conns = len(self.conns)
+        return new
+
     def adopt(self, conns: Sequence[Conn]) -> None:
         """Take over connections a previous dump left locked (restore on the same host)."""
         if self.active:
