@@ -262,7 +262,11 @@ class ActiveSide(Role):
             dumped = time.perf_counter()
             files = [p for p in sorted(path.iterdir())
                      if p.is_file() and not p.is_symlink() and not p.name.endswith(".log")]
-            sent = standby.upload_files(generation_image(self.name, gen), files)
+            # A stall is bounded as every other call to the standby is (not by the default
+            # transfer timeout of 10 min): a standby cut off mid-upload must fail the
+            # checkpoint, and the pair show degraded, within that.
+            sent = standby.upload_files(generation_image(self.name, gen), files,
+                                        timeout=standby.timeout)
             stats = result.stats.to_dict() if result.stats else {}
             chan = result.extra.get("page_channel") or {}
             info = {"generation": gen, "frozen_ms": stats.get("frozen_ms"),
