@@ -8,16 +8,20 @@ lock and attach it, check its data directories), ``freeze`` (at the instant: the
 stops every task of the tree at once, rather than CRIU seizing one task after another; then the
 connections are locked), ``dump`` (CRIU dumps the frozen tree and leaves it frozen; the data
 directories are snapshotted while nothing can write them; the manifest is written), then
-``resume`` (connections unlocked, the group thawed at the instant, the group given back) or
+``resume`` (connections unlocked, the group thawed at the instant) and ``finish`` (the group
+given back and the lock taken off, once every member runs), or
 ``abort`` (the same at once, and nothing of the snapshot kept). For a restore: ``replace`` (lock
 the checkpoint's connections, stop the member's current run without a word to its peers, put
 the data directories back), ``restore`` (CRIU restores the tree stopped; it is frozen in its
-group and continued, so that it runs only when thawed), then ``resume`` or ``abort`` (killed
-without a word).
+group and continued, so that it runs only when thawed), then ``resume`` and ``finish``, or
+``abort`` (killed without a word).
 
 Interfaces: the cgroup freezer (``orthros_py.cgroup.freezer``), the XDP lock
 (``orthros_py.netlock.tree``), CRIU (``orthros_py.checkpoint``), data directory snapshots
-(``orthros_py.host.datasnap``), kill(2) and TCP repair (``orthros_py.net.quietclose``). Root.
+(``orthros_py.host.datasnap``), kill(2) and TCP repair (``orthros_py.net.quietclose``), the
+datagrams waiting in UDP sockets (``orthros_py.net.udpqueue``), sock_diag's SOCK_DESTROY for what
+closed connections left (``orthros_py.net.conns``), real-time scheduling for the instants
+(``orthros_py.host.clock``). Root.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Packets in flight between members: TCP keeps them. What one member had sent and 
 read is in one of the two sockets' queues, which CRIU saves (send queue: not yet acknowledged;
 receive queue: not yet read); both ends are locked from the freeze until the resume, so no
 acknowledgment crosses that the other end's checkpoint does not know about, and after a restore
-the sender retransmits what the receiver's checkpoint lacks. Datagrams (UDP) are not kept: CRIU
-saves no datagram queue.
+the sender retransmits what the receiver's checkpoint lacks. CRIU saves no datagram queue: the
+agents read what waits in the members' UDP sockets at the save and give it back at the restore
+(``orthros_py.net.udpqueue``).
 
 No privileges here; never prints.
 """
