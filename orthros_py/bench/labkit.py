@@ -1,13 +1,16 @@
-"""Small pieces every lab benchmark uses: an error in one phrase, a bounded wait, and the agents'
-logs kept before the lab's teardown removes them. No privileges of their own."""
+"""Small pieces every lab benchmark uses: an error in one phrase, a bounded wait, the agents'
+logs kept before the lab's teardown removes them, and the record of a run (when it started and
+ended, whether it was interrupted, its notes, its outputs written however it ends). No
+privileges of their own."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orthros_py.errors import OrthrosError
 
@@ -44,3 +47,30 @@ def keep_agent_logs(lab: Lab | None, dest: Path) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             with (dest / f"{h.name}-agent.log").open("ab") as f:
                 f.write(h.agent_log.read_bytes())
+
+
+def now() -> str:
+    """This moment, as benchmark records keep it (local time, seconds)."""
+    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def recorded(res: Any, out: Path, notes_for: Callable[[Any], list[str]],
+             write: Callable[[Any, Path], object]) -> Iterator[None]:
+    """A benchmark run's record ``res`` (``started``, ``finished``, ``wall_s``,
+    ``interrupted``, ``notes``) kept around the body, and its outputs written to ``out``
+    however the run ends: an interrupted run keeps what it measured."""
+    res.started = now()
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        res.interrupted = True
+        raise
+    finally:
+        res.finished = now()
+        res.wall_s = round(time.monotonic() - t0, 1)
+        res.notes = notes_for(res)
+        with contextlib.suppress(Exception):
+            write(res, out)

@@ -23,11 +23,11 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orthros_py.bench.labkit import keep_agent_logs
+from orthros_py.bench.labkit import keep_agent_logs, recorded
 from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.lazy.model import (
     EAGER,
@@ -53,10 +53,6 @@ if TYPE_CHECKING:
 
 HOSTS = ("alpha", "beta")
 Progress = Callable[[str], None]
-
-
-def _now() -> str:
-    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def default_out() -> Path:
@@ -210,30 +206,17 @@ class LazyBench:
     def run(self) -> BenchResults:
         self.preflight()
         cfg, res = self.config, self.results
-        res.started = _now()
-        t0 = time.monotonic()
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        try:
-            with self._lab():
-                res.env = self._environment()
-                if cfg.migrations:
-                    items = plan(cfg, self.seed)
-                    self.progress(f"seed {self.seed}: {len(items)} migrations")
-                    done = 0
-                    for size in cfg.sizes:
-                        mine = [p for p in items if p.size_mib == size]
-                        done = self._size(size, mine, done, len(items))
-                if cfg.paging:
-                    self.paging_pair()
-        except BaseException:
-            res.interrupted = True
-            raise
-        finally:
-            res.finished = _now()
-            res.wall_s = round(time.monotonic() - t0, 1)
-            res.notes = notes_for(res)
-            with contextlib.suppress(Exception):
-                write_outputs(res, cfg.out)
+        with recorded(res, cfg.out, notes_for, write_outputs), self._lab():
+            res.env = self._environment()
+            if cfg.migrations:
+                items = plan(cfg, self.seed)
+                self.progress(f"seed {self.seed}: {len(items)} migrations")
+                done = 0
+                for size in cfg.sizes:
+                    mine = [p for p in items if p.size_mib == size]
+                    done = self._size(size, mine, done, len(items))
+            if cfg.paging:
+                self.paging_pair()
         return res
 
     def _save(self) -> None:

@@ -31,11 +31,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orthros_py.bench.labkit import keep_agent_logs, wait_until
+from orthros_py.bench.labkit import keep_agent_logs, recorded, wait_until
 from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.pair.model import (
     Arm,
@@ -75,10 +75,6 @@ def _tool(name: str) -> str:
         raise MissingFeatureError(f"{name} is not installed (the benchmark needs it)",
                                   hint="run scripts/setup.sh")
     return exe
-
-
-def _now() -> str:
-    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def default_out() -> Path:
@@ -554,27 +550,14 @@ class PairBench:
     def run(self) -> BenchResults:
         self.preflight()
         cfg, res = self.config, self.results
-        res.started = _now()
-        t0 = time.monotonic()
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        try:
-            with self._lab():
-                res.env = self._environment()
-                if not cfg.skip_throughput:
-                    self._throughput()
-                if cfg.memory_mib > 0:
-                    self._memory()
-                if not cfg.skip_death and cfg.death_reps > 0:
-                    self._deaths()
-        except BaseException:
-            res.interrupted = True
-            raise
-        finally:
-            res.finished = _now()
-            res.wall_s = round(time.monotonic() - t0, 1)
-            res.notes = notes_for(res)
-            with contextlib.suppress(Exception):
-                write_outputs(res, cfg.out)
+        with recorded(res, cfg.out, notes_for, write_outputs), self._lab():
+            res.env = self._environment()
+            if not cfg.skip_throughput:
+                self._throughput()
+            if cfg.memory_mib > 0:
+                self._memory()
+            if not cfg.skip_death and cfg.death_reps > 0:
+                self._deaths()
         return res
 
     def _save(self) -> None:

@@ -33,11 +33,11 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orthros_py.bench.labkit import keep_agent_logs, wait_until
+from orthros_py.bench.labkit import keep_agent_logs, recorded, wait_until
 from orthros_py.bench.labkit import reason as _reason
 from orthros_py.bench.sync.model import (
     HEARTBEAT,
@@ -70,10 +70,6 @@ WARMUP = "warmup"
 ETCD_LOG_LEVEL = "info"
 Progress = Callable[[str], None]
 OnRound = Callable[[SyncRound, int, int], None]
-
-
-def _now() -> str:
-    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def default_out() -> Path:
@@ -181,32 +177,22 @@ class SyncBench:
 
         self.preflight()
         cfg, res = self.config, self.results
-        res.started = _now()
-        t0 = time.monotonic()
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        try:
-            # Whatever a killed run left: its lab first (its hosts hold the volume's mount),
-            # then its volume.
-            teardown()
-            res.leftovers += sweep_stale()
-            with btrfs_volume(cfg.volume_mib) as vol:
-                self.volume = vol
-                self.progress(f"btrfs volume of {cfg.volume_mib:,} MiB at {vol.mount} "
-                              f"({vol.loop})")
-                with self._lab():
-                    res.env = self._environment()
-                    self._rounds()
-        except BaseException:
-            res.interrupted = True
-            raise
-        finally:
-            if self.volume is not None:
-                res.leftovers += [f"volume: {p}" for p in self.volume.problems]
-            res.finished = _now()
-            res.wall_s = round(time.monotonic() - t0, 1)
-            res.notes = notes_for(res)
-            with contextlib.suppress(Exception):
-                write_outputs(res, cfg.out)
+        with recorded(res, cfg.out, notes_for, write_outputs):
+            try:
+                # Whatever a killed run left: its lab first (its hosts hold the volume's
+                # mount), then its volume.
+                teardown()
+                res.leftovers += sweep_stale()
+                with btrfs_volume(cfg.volume_mib) as vol:
+                    self.volume = vol
+                    self.progress(f"btrfs volume of {cfg.volume_mib:,} MiB at {vol.mount} "
+                                  f"({vol.loop})")
+                    with self._lab():
+                        res.env = self._environment()
+                        self._rounds()
+            finally:
+                if self.volume is not None:
+                    res.leftovers += [f"volume: {p}" for p in self.volume.problems]
         return res
 
     def _save(self) -> None:
