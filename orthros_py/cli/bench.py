@@ -276,6 +276,21 @@ def container(env: Env, sockets: tuple[int, ...], reps: int, hierarchy: str, int
         raise SystemExit(1)
 
 
+def _run_bench(env: Env, bench_: Any, render: Any, out: Path, as_json: bool) -> None:
+    """Run a lab benchmark (SIGTERM as an interrupt: its results are written however it
+    ends), render its tables, list its files, and exit 1 if a run in it failed."""
+    with _term_as_interrupt():
+        res = bench_.run()
+    render(env, res)
+    _say_files(env, sorted(out.glob("*.*")))
+    if res.wall_s is not None:
+        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
+    if as_json:
+        env.emit_json(json.loads((out / "results.json").read_text()))
+    if not res.ok:
+        raise SystemExit(1)
+
+
 def render_container(env: Env, runs: list[Any]) -> None:
     from orthros_py.bench import container as cb
 
@@ -699,16 +714,7 @@ def lazy(env: Env, sizes: tuple[int, ...], reps: int, methods: tuple[str, ...],
                           style=None if rec.ok else "red")
 
     bench_ = lb.LazyBench(cfg, progress=progress, on_run=on_run, on_paging=on_paging)
-    with _term_as_interrupt():
-        res = bench_.run()
-    render_lazy(env, res)
-    _say_files(env, sorted(cfg.out.glob("*.*")))
-    if res.wall_s is not None:
-        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
-    if as_json:
-        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
-    if not res.ok:
-        raise SystemExit(1)
+    _run_bench(env, bench_, render_lazy, cfg.out, as_json)
 
 
 def render_lazy(env: Env, res: Any) -> None:
@@ -893,16 +899,7 @@ def sync(env: Env, heartbeats: tuple[int, ...] | None, reps: int | None,
                           style=None if rec.ok else "red")
 
     bench_ = sb.SyncBench(cfg, progress=progress, on_round=on_round)
-    with _term_as_interrupt():
-        res = bench_.run()
-    render_sync(env, res)
-    _say_files(env, sorted(cfg.out.glob("*.*")))
-    if res.wall_s is not None:
-        env.console.print(f"took {res.wall_s / 60:.1f} min (seed {res.seed})")
-    if as_json:
-        env.emit_json(json.loads((cfg.out / "results.json").read_text()))
-    if not res.ok:
-        raise SystemExit(1)
+    _run_bench(env, bench_, render_sync, cfg.out, as_json)
 
 
 def render_sync(env: Env, res: Any) -> None:
