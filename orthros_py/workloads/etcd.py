@@ -917,6 +917,16 @@ class Writer:
                                        f"acknowledgements in {timeout:g} s")
             time.sleep(0.01)
 
+    def wait_acked_after(self, t: float, timeout: float = 30.0) -> None:
+        """Until a key is acknowledged at or after wall-clock time ``t`` (OperationTimeout
+        otherwise): a put caught by a freeze may only time out and be retried after it."""
+        deadline = time.monotonic() + timeout
+        while not self.report().acked_between(t, float("inf")):
+            if time.monotonic() >= deadline or self.crash is not None:
+                raise OperationTimeout(f"the etcd writer got no acknowledgement in the "
+                                       f"{timeout:g} s after {t:.3f}")
+            time.sleep(0.01)
+
     def report(self) -> WriterReport:
         """What the writer saw so far (it may go on)."""
         with self._lock:

@@ -355,6 +355,9 @@ class SyncBench:
             stage = "writes"
             time.sleep(max(0.0, watch_s(cfg.write_s, ctx.election_ms)
                            - (time.time() - t_saved)))
+            # The restore must have writes to undo: a put the freeze caught may time out and be
+            # retried only after the window, so wait for one acknowledged since the save.
+            writer.wait_acked_after(t_saved, timeout=cfg.recover_timeout_s)
             pre = self._committed(ctx)
             rec.term_before_restore = pre.term()
             rec.leader_before_restore = pre.leader_name()
