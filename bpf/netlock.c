@@ -21,6 +21,17 @@
  * entry resets it) and flags; NETLOCK_F_LOCAL_FIRST marks the local->remote entry, so that
  * userspace can list each locked connection once, with its local end first.
  *
+ * Caught segments (hash map "caught", same key, struct netlock_caught): while a connection is
+ * locked, XDP keeps one segment of what its peer sent, so that the unlock can give it to the
+ * restored socket at once (orthros_py/net/replay.py) instead of the peer waiting out its
+ * retransmission timer, which doubled with every retransmission the lock dropped. Kept: the
+ * earliest segment carrying data or FIN (the one at the receiver's rcv_nxt, whose
+ * acknowledgement takes the peer out of its loss state); failing that, the latest pure ACK (it
+ * acknowledges what the restored socket sent). SYN and RST are never kept. The IP packet is
+ * kept from its IP header, up to CAUGHT_MAX bytes (a longer segment is given back shortened:
+ * its acknowledged part still ends the peer's backoff). Not preallocated: memory only for what
+ * is caught; userspace deletes the entries at the unlock.
+ *
  * Counters (per-CPU array, index below): TCP packets looked up and dropped or passed, per hook.
  * Non-TCP packets, IPv4 non-first fragments, IPv6 packets whose next header is not TCP directly
  * (extension headers) and non-Ethernet frames are passed without being counted. VLAN-tagged
@@ -48,7 +59,12 @@
 #define CNT_XDP_DROPPED 1
 #define CNT_TC_PASSED 2
 #define CNT_TC_DROPPED 3
-#define CNT_MAX 4
+#define CNT_XDP_CAUGHT 4
+#define CNT_MAX 5
+
+/* IP bytes of one caught segment: an Ethernet MTU's worth. */
+#define CAUGHT_MAX 1500
+#define CAUGHT_F_DATA 1
 
 /* Ethernet + IPv4 with options (60) + the 4 bytes of TCP ports: all a lookup needs. */
 #define NETLOCK_HEADROOM 78
@@ -68,8 +84,24 @@ struct netlock_val {
     __u32 pad;
 };
 
+struct netlock_caught {
+    __u32 len;   /* bytes of pkt used */
+    __u32 seq;   /* the segment's TCP sequence number, host order */
+    __u32 flags; /* CAUGHT_F_DATA: it carries data or FIN */
+    __u32 pad;
+    __u8 pkt[CAUGHT_MAX]; /* from the IP header on */
+};
+
 BPF_HASH(conns, struct netlock_key, struct netlock_val, NETLOCK_MAX_ENTRIES);
 BPF_PERCPU_ARRAY(counters, __u64, CNT_MAX);
+BPF_F_TABLE("hash", struct netlock_key, struct netlock_caught, caught, NETLOCK_MAX_ENTRIES / 2,
+            BPF_F_NO_PREALLOC);
+/* A caught segment is built here: too big for the 512-byte stack. */
+BPF_PERCPU_ARRAY(caught_scratch, struct netlock_caught, 1);
+
+/* BCC 0.26 declares no wrapper for it (kernel 5.18+). */
+static long (*netlock_xdp_load_bytes)(struct xdp_md *ctx, __u32 offset, void *buf, __u32 len) =
+    (void *)BPF_FUNC_xdp_load_bytes;
 
 enum parse_result { PARSE_OTHER = 0, PARSE_TCP = 1, PARSE_SHORT = 2 };
 
@@ -145,6 +177,74 @@ static __always_inline int locked(struct netlock_key *key)
     return 1;
 }
 
+/* Keep the dropped segment of a locked connection if it is a better one to give back than
+ * what is kept (see "Caught segments" above). */
+static __always_inline void catch_segment(struct xdp_md *ctx, struct netlock_key *key)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct tcphdr *tcp;
+    struct netlock_caught *old, *slot;
+    __u32 ip_len, l4_off, hdrs, seq, is_data, zero = 0;
+    __u64 len, room; /* 64-bit: the verifier then tracks the bounds on the register passed */
+
+    if ((void *)(eth + 1) > data_end)
+        return;
+    if (key->family == NETLOCK_AF_INET) {
+        struct iphdr *ip = (void *)(eth + 1);
+
+        if ((void *)(ip + 1) > data_end)
+            return;
+        ip_len = bpf_ntohs(ip->tot_len);
+        l4_off = (ip->ihl * 4) & 0x3c;
+    } else {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+        if ((void *)(ip6 + 1) > data_end)
+            return;
+        ip_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+        l4_off = sizeof(*ip6);
+    }
+    tcp = (void *)(eth + 1) + l4_off;
+    if ((void *)(tcp + 1) > data_end)
+        return;
+    if (tcp->syn || tcp->rst)
+        return;
+    hdrs = l4_off + tcp->doff * 4;
+    if (ip_len < hdrs)
+        return;
+    is_data = ip_len > hdrs || tcp->fin;
+    seq = bpf_ntohl(tcp->seq);
+    old = caught.lookup(key);
+    if (old) {
+        if (old->flags & CAUGHT_F_DATA) {
+            /* Data beats a pure ACK; of two data segments the earlier is the one missing. */
+            if (!is_data || (__s32)(seq - old->seq) >= 0)
+                return;
+        }
+    }
+    slot = caught_scratch.lookup(&zero);
+    if (!slot)
+        return;
+    len = ip_len;
+    room = data_end - (void *)(eth + 1);
+    if (len > room)
+        len = room;
+    if (len > CAUGHT_MAX)
+        len = CAUGHT_MAX;
+    if (len < sizeof(struct iphdr) + sizeof(struct tcphdr))
+        return;
+    if (netlock_xdp_load_bytes(ctx, sizeof(struct ethhdr), slot->pkt, len) < 0)
+        return;
+    slot->len = len;
+    slot->seq = seq;
+    slot->flags = is_data ? CAUGHT_F_DATA : 0;
+    slot->pad = 0;
+    if (caught.update(key, slot) == 0)
+        count(CNT_XDP_CAUGHT);
+}
+
 int xdp_netlock(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -157,6 +257,7 @@ int xdp_netlock(struct xdp_md *ctx)
         return XDP_PASS;
     if (locked(&key)) {
         count(CNT_XDP_DROPPED);
+        catch_segment(ctx, &key);
         return XDP_DROP;
     }
     count(CNT_XDP_PASSED);

@@ -29,6 +29,7 @@ from orthros_py.criu.images import (
 )
 from orthros_py.criu.images import image_pids as image_pids  # the agent's ops import it here
 from orthros_py.criu.request import (
+    TCP_TS_ADVANCE_MAX_MS,
     CgroupMode,
     CriuNetworkLock,
     DumpOptions,
@@ -47,6 +48,11 @@ from orthros_py.proc.tree import ProcessRef, TreeSnapshot, snapshot
 PID_FREE_TIMEOUT = 5.0
 # Beside CRIU's images: the connections a dump left locked, for the restore to unlock.
 LOCKED_CONNS = "orthros-locked-conns.json"
+# Beside CRIU's images: when the dump began (wall clock, seconds), for the restore to move the
+# connections' TCP timestamp clock on by the time since (CRIU patch 0009).
+DUMPED_AT = "orthros-dumped-at"
+# Added to that time: the restore's own duration until CRIU sets the clocks, and clock error.
+TS_ADVANCE_MARGIN_MS = 1000
 
 
 def require_root(what: str) -> None:
@@ -160,8 +166,12 @@ def dump_tree(
             lock.release()  # an attach may have happened: take it off again
             raise
     start = time.perf_counter()
+    (images_dir / DUMPED_AT).write_text(f"{time.time():.3f}\n")
     try:
-        lock.engage()
+        # Inbound only: CRIU freezes the tree after this, and what it answers meanwhile must
+        # reach its clients (their acknowledgements are caught and given back at the restore).
+        # Its sockets are killed in repair mode, silently, so nothing leaves after the dump.
+        lock.engage(inbound_only=True)
         session.call(dump_request(opts, -1), images_dir=images_dir, on_notify=on_notify, pid=pid)
     except BaseException as err:
         if isinstance(err, OrthrosError):
@@ -184,6 +194,9 @@ def dump_tree(
     result = DumpResult(pid, images_dir, live, elapsed, read_dump_stats(images_dir),
                         opts.leave_running)
     result.extra["lock"] = lock.report.to_dict()
+    # When the tree's connections stopped flowing (perf_counter): the start of the clients'
+    # wait, which a caller ends with the restore's "unlocked_at".
+    result.extra["engaged_at"] = start
     if cgroups is not None:
         result.extra["cgroups"] = cgroups
     return result
@@ -250,6 +263,20 @@ def wait_pids_free(pids: list[int], timeout: float = PID_FREE_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
+def ts_advance_since_dump(images_dir: Path) -> int | None:
+    """How far to move the restored connections' TCP timestamp clock on: the time since the
+    dump began, plus a margin. The dumped tree's old sockets may have sent segments after the
+    dump read their clock (retransmissions, from a tree held stopped); a peer that saw one drops
+    every segment stamped earlier (PAWS) until the restored clock catches up. None where the
+    dump left no record (CRIU then restores the clock as it was)."""
+    try:
+        began = float((images_dir / DUMPED_AT).read_text())
+    except (OSError, ValueError):
+        return None
+    ms = int((time.time() - began) * 1000) + TS_ADVANCE_MARGIN_MS
+    return max(0, min(ms, TCP_TS_ADVANCE_MAX_MS))
+
+
 def restore_tree(
     images_dir: Path,
     opts: RestoreOptions,
@@ -258,11 +285,14 @@ def restore_tree(
     on_notify: NotifyHook | None = None,
     network_lock: NetworkLock | None = None,
     host: str | None = None,
+    give_back: bool = True,
 ) -> RestoreResult:
     """Restore the checkpoint in ``images_dir``; the new root is orthros's child (rst_sibling).
 
     With the xdp lock, the checkpoint's connections (locked by the dump) are unlocked once the
-    tree runs again, and also if the restore fails: nothing of the lock is left behind.
+    tree runs again, and also if the restore fails: nothing of the lock is left behind. What
+    their peers sent meanwhile, which the lock caught, is then given to the restored tree
+    (``give_back``; off only for experiments): they need not wait out a retransmission backoff.
 
     The tree's cgroups (the dump's migration file) are checked against this host first (a
     CgroupError, before CRIU runs, if a limit cannot be honoured), created with their limits,
@@ -290,6 +320,9 @@ def restore_tree(
               "apply_ms": round((time.perf_counter() - t1) * 1000, 3),
               "created": [str(d) for d in created]}
     session = session or CriuSession()
+    if session.tcp_ts_advance_ms is None:
+        session.tcp_ts_advance_ms = (opts.tcp_ts_advance_ms if opts.tcp_ts_advance_ms is not None
+                                     else ts_advance_since_dump(images_dir))
     lock = TreeLock(network_lock or NetworkLock(opts.network_lock.value))
     if network_lock is not None:
         opts = dataclasses.replace(opts, network_lock=network_lock.criu)
@@ -321,8 +354,9 @@ def restore_tree(
         wait_empty(created)
         remove_dirs(created)
         raise
-    lock.unlock()
-    elapsed = (time.perf_counter() - start) * 1000
+    lock.unlock(give_back_to=int(resp.restore.pid) if give_back else None)
+    unlocked_at = time.perf_counter()  # connections flow again (the detach comes after)
+    elapsed = (unlocked_at - start) * 1000
     lock.tidy()
     if opts.tcp_close and opts.network_lock is CriuNetworkLock.IPTABLES:
         from orthros_py.netlock.iptables import drop_criu_locks
@@ -335,6 +369,7 @@ def restore_tree(
         pids = host_pids(root)
     result = RestoreResult(root, images_dir, elapsed, read_restore_stats(images_dir), pids)
     result.extra["lock"] = lock.report.to_dict()
+    result.extra["unlocked_at"] = unlocked_at
     if expected is not None:
         result.extra["cgroups"] = {**cg, **_verify_cgroups(
             cgfs, expected, root, images_dir,

@@ -274,8 +274,13 @@ class AgentClient:
         data = self._result("list_images", args, timeout=TRANSFER_TIMEOUT if sha256 else None)
         return [ImageInfo.from_dict(i) for i in data["images"]]
 
-    def remove_image(self, image: str) -> bool:
-        return bool(self._result("remove_image", {"image": validate_name(image)})["removed"])
+    def remove_image(self, image: str, *, background: bool = False) -> bool:
+        """Delete image ``image``; ``background``: the agent answers once it is out of the
+        way and deletes its files afterwards (a migration's user need not wait for them)."""
+        args: dict[str, Any] = {"image": validate_name(image)}
+        if background:
+            args["background"] = True
+        return bool(self._result("remove_image", args)["removed"])
 
     def upload_file(self, image: str, local: Path, *, filename: str | None = None,
                     overwrite: bool = False, timeout: float = TRANSFER_TIMEOUT) -> FileInfo:
@@ -392,13 +397,27 @@ class AgentClient:
 
     def netlock_lock(self, backend: str, *, conns: Iterable[str | Conn] = (),
                      pids: Iterable[int] = (), ifaces: Iterable[str] = (),
-                     netns: str | None = None, timeout: float = 120.0) -> list[str]:
+                     netns: str | None = None, timeout: float = 120.0,
+                     inbound_only: bool = False) -> list[str]:
         """Lock connections on the agent's host (given, and/or those of ``pids``' tree, which
-        the agent finds itself); returns the connections locked, as ``SRC:PORT,DST:PORT``."""
-        data = self._result("netlock_lock", {
-            "backend": backend, "conns": [str(c) for c in conns], "pids": list(pids),
-            "ifaces": list(ifaces), "netns": netns}, timeout=timeout)
+        the agent finds itself); returns the connections locked, as ``SRC:PORT,DST:PORT``.
+        ``inbound_only``: only what arrives (XDP), for a tree not frozen yet."""
+        data = self.netlock_engage(backend, conns=conns, pids=pids, ifaces=ifaces, netns=netns,
+                                   timeout=timeout, inbound_only=inbound_only)
         return [str(c) for c in data["locked"]]
+
+    def netlock_engage(self, backend: str, *, conns: Iterable[str | Conn] = (),
+                       pids: Iterable[int] = (), ifaces: Iterable[str] = (),
+                       netns: str | None = None, timeout: float = 120.0,
+                       inbound_only: bool = False) -> dict[str, Any]:
+        """``netlock_lock``'s whole answer: ``locked``, and ``engaged_after_ms``, how long
+        after the request arrived the lock took hold (finding the connections comes first)."""
+        args: dict[str, Any] = {
+            "backend": backend, "conns": [str(c) for c in conns], "pids": list(pids),
+            "ifaces": list(ifaces), "netns": netns}
+        if inbound_only:
+            args["inbound_only"] = True
+        return self._result("netlock_lock", args, timeout=timeout)
 
     def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
                        netns: str | None = None, detach: Iterable[str] = (),
@@ -411,6 +430,21 @@ class AgentClient:
             args["tidy"] = True  # only then: an older agent refuses arguments it lacks
         data = self._result("netlock_unlock", args)
         return [str(c) for c in data["unlocked"]]
+
+    def netlock_unlock_giving_back(self, backend: str, conns: Iterable[str | Conn], pid: int,
+                                   segments: Iterable[str] = ()) -> dict[str, Any]:
+        """Unlock ``conns`` and give the tree of ``pid`` what their peers sent meanwhile:
+        ``segments`` (caught elsewhere, base64) and what the lock caught here. The answer
+        counts them: ``caught`` (here), ``given_back``, ``refused`` (reasons)."""
+        return self._result("netlock_unlock", {
+            "backend": backend, "conns": [str(c) for c in conns], "give_back_pid": pid,
+            "segments": list(segments)})
+
+    def netlock_caught(self, backend: str, conns: Iterable[str | Conn]) -> list[str]:
+        """Take what the lock caught of ``conns`` on the agent's host (base64 IP packets)."""
+        data = self._result("netlock_caught", {"backend": backend,
+                                               "conns": [str(c) for c in conns]})
+        return [str(s) for s in data["segments"]]
 
     def netlock_status(self, backend: str, *, netns: str | None = None) -> dict[str, Any]:
         return self._result("netlock_status", {"backend": backend, "netns": netns})

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal as signals
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from orthros_py.proc.tree import ProcessRef
 
 log = logging.getLogger("orthros.agent")
 
+TRASH = ".trash"  # below the images root: images being removed in the background
 KEEP_EXITED = 256  # exited trees kept in the table (for ``status``) before the oldest go
 
 
@@ -134,6 +137,9 @@ class Agent:
             raise BadImageError(f"cannot create the images root {images_root}: "
                                 f"{err.strerror}") from err
         self.images_root = images_root.resolve()
+        # Images removed in the background wait here; a removal an agent's death interrupted
+        # is finished at the next start.
+        shutil.rmtree(self.images_root / TRASH, ignore_errors=True)
         # What paths and external resources requests from the network may name here.
         self.option_policy = optpolicy.Policy(str(self.images_root))
         # Page channels listen where the agent listens unless told otherwise: no need to face
@@ -202,6 +208,16 @@ class Agent:
         """Image -> what is using it, at this moment."""
         with self.mutex:
             return dict(self._busy)
+
+    def remove_later(self, path: Path) -> None:
+        """Take ``path`` (an image directory) out of the way at once (a rename) and delete it
+        on a thread of its own: a caller need not wait for thousands of files to go."""
+        trash = self.images_root / TRASH
+        trash.mkdir(mode=0o700, exist_ok=True)
+        gone = trash / f"{path.name}.{uuid.uuid4().hex[:8]}"
+        path.rename(gone)
+        threading.Thread(target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True},
+                         name=f"remove {path.name}", daemon=True).start()
 
     def image_names(self) -> list[str]:
         """The image directories below the root."""

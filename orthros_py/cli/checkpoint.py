@@ -185,13 +185,16 @@ def dump(env: Env, pid: int, images_dir: Path, leave_running: bool, file_locks: 
 @external_option("Where a resource the dump left external is on this host, in CRIU's form: "
                  "mnt[KEY]:PATH (bind PATH at the mount dumped as KEY), dev[KEY]:DEVPATH, "
                  "veth[IF]:OUTER, macvlan[IF]:OUTER. Repeatable.")
+# Hidden: the control of an experiment (the peers then wait out their retransmission backoff).
+@click.option("--no-give-back", "give_back", is_flag=True, flag_value=False, default=True,
+              hidden=True)
 @common_options
 @click.pass_obj
 def restore(env: Env, images_dir: Path, detach: bool, root: str | None,
             cgroup_roots: dict[str, str], file_locks: bool, tcp_close: bool, auto_dedup: bool,
-            external: tuple[str, ...], tcp_established: bool, ext_unix_sk: bool,
-            shell_job: bool, manage_cgroups: str, network_lock: str | None, log_level: int,
-            as_json: bool) -> None:
+            external: tuple[str, ...], give_back: bool, tcp_established: bool,
+            ext_unix_sk: bool, shell_job: bool, manage_cgroups: str, network_lock: str | None,
+            log_level: int, as_json: bool) -> None:
     """Restore a checkpointed process tree."""
     opts = RestoreOptions(
         tcp_established=tcp_established, ext_unix_sk=ext_unix_sk, shell_job=shell_job,
@@ -200,7 +203,8 @@ def restore(env: Env, images_dir: Path, detach: bool, root: str | None,
         tcp_close=tcp_close, auto_dedup=auto_dedup, external=external,
     )
     with env.console.status(f"restoring from {images_dir}"):
-        result = restore_tree(images_dir, opts, network_lock=_lock(network_lock))
+        result = restore_tree(images_dir, opts, network_lock=_lock(network_lock),
+                              give_back=give_back)
     if as_json:
         env.emit_json(result.to_dict())
     else:

@@ -83,6 +83,9 @@ LAZY_RISK = ("with --lazy the tree runs on the destination before its memory has
               help="Keep the images (and CRIU's logs) on both hosts afterwards, also after a "
                    "rollback.")
 @journal_option
+# Hidden: the control of an experiment (the clients then wait out their retransmission backoff).
+@click.option("--no-give-back", "give_back", is_flag=True, flag_value=False, default=True,
+              hidden=True)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result (timings, counts, the new PID) as JSON.")
 @click.pass_obj
@@ -92,7 +95,7 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
             ghost_limit: int | None, skip_in_flight: bool, evasive_devices: bool,
             external: tuple[str, ...], restore_external: tuple[str, ...], manage_cgroups: str,
             lazy: bool, precopy: bool | None, keep_images: bool, journal_dir: Path | None,
-            as_json: bool) -> None:
+            give_back: bool, as_json: bool) -> None:
     """Move the live process tree of PID, with its TCP connections and its service address,
     from one host to another; roll back if anything fails before the restore succeeded."""
     from orthros_py.cluster import Cluster
@@ -116,7 +119,7 @@ def migrate(env: Env, pid: int, source: str, dest: str, service_ip: str | None,
                            evasive_devices=evasive_devices, dump_external=external,
                            restore_external=restore_external,
                            manage_cgroups=CgroupMode(manage_cgroups), keep_images=keep_images,
-                           lazy=lazy, precopy=precopy)
+                           lazy=lazy, precopy=precopy, give_back=give_back)
     from orthros_py.policies.journal import Journal
 
     job = Migration(pid, src, dst, config, candidates=cluster.candidates(source, dest),

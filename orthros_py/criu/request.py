@@ -169,6 +169,10 @@ class DumpOptions(CommonOptions):
                              f"32 bits), not {self.ghost_limit}")
 
 
+# Half of PAWS' 2^31 ms window: a peer must still see the advanced timestamps as later.
+TCP_TS_ADVANCE_MAX_MS = 1 << 30
+
+
 @dataclass(frozen=True)
 class RestoreOptions(CommonOptions):
     # The restored root becomes orthros's own child (swrk only), so that orthros can wait for it.
@@ -184,6 +188,17 @@ class RestoreOptions(CommonOptions):
     # Where CRIU finds every cgroup hierarchy mounted (a dir per hierarchy, "unified" for v2)
     # instead of mounting its own yard for each restore.
     cgroup_yard: str | None = None
+    # How far the restored connections' TCP timestamp clock moves on from the dump, in ms: at
+    # least the time since the dump (orthros's CRIU patch 0009; not an RPC option: criu's
+    # environment). None: ``restore_tree`` takes it from the dump's own record.
+    tcp_ts_advance_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tcp_ts_advance_ms is not None and not (
+                0 <= self.tcp_ts_advance_ms <= TCP_TS_ADVANCE_MAX_MS):
+            raise ValueError(f"tcp_ts_advance_ms must be 0-{TCP_TS_ADVANCE_MAX_MS}, not "
+                             f"{self.tcp_ts_advance_ms}")
 
 
 def _common(opts: rpc_pb2.criu_opts, o: CommonOptions, images_dir_fd: int, log_file: str) -> None:

@@ -47,7 +47,7 @@ class CriuSession:
     def __init__(self, binary: CriuBinary | None = None, *, timeout: float = 600.0,
                  tls: TlsFiles | None = None, pass_fds: tuple[int, ...] = (),
                  dirty_track: socket.socket | None = None,
-                 ps_fd: int | None = None) -> None:
+                 ps_fd: int | None = None, tcp_ts_advance_ms: int | None = None) -> None:
         self.binary = binary or find_criu()
         self.timeout = timeout
         # The page channel: CRIU runs TLS on its page-server connection, which may be a
@@ -60,6 +60,8 @@ class CriuSession:
         # A lazy dump's page-server socket, connected and authenticated by orthros (``ps.fd``;
         # orthros's CRIU patch 0003 lets a lazy dump take it), inherited by swrk.
         self.ps_fd = ps_fd
+        # A restore's TCP timestamp advance (orthros's CRIU patch 0009), in criu's environment.
+        self.tcp_ts_advance_ms = tcp_ts_advance_ms
 
     def call(
         self,
@@ -90,9 +92,12 @@ class CriuSession:
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
         try:
             fds = [theirs.fileno()] + ([dir_fd] if dir_fd >= 0 else []) + pass_fds
+            env = None
+            if self.tcp_ts_advance_ms is not None and req.type == rpc.RESTORE:
+                env = {**os.environ, "CRIU_TCP_TS_ADVANCE_MS": str(self.tcp_ts_advance_ms)}
             proc = subprocess.Popen(
                 [self.binary.path, "swrk", str(theirs.fileno())],
-                pass_fds=fds,
+                pass_fds=fds, env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,

@@ -41,6 +41,11 @@ class LockReport:
     interfaces: list[str] = field(default_factory=list)
     lock_ms: float | None = None
     unlock_ms: float | None = None
+    # Segments the lock caught and gave to the restored tree at the unlock (net/replay.py).
+    caught: int = 0
+    given_back: int = 0
+    give_back_ms: float | None = None
+    refused: list[str] = field(default_factory=list)
     # Still locked when the operation returned (a dump that killed its tree waits for restore).
     held: bool = False
 
@@ -51,6 +56,10 @@ class LockReport:
             "interfaces": self.interfaces,
             "lock_ms": None if self.lock_ms is None else round(self.lock_ms, 3),
             "unlock_ms": None if self.unlock_ms is None else round(self.unlock_ms, 3),
+            "caught": self.caught,
+            "given_back": self.given_back,
+            "give_back_ms": None if self.give_back_ms is None else round(self.give_back_ms, 3),
+            "refused": self.refused[:5],
             "held": self.held,
         }
 
@@ -119,12 +128,16 @@ class TreeLock:
         self.report.conns = len(self.conns)
         self.report.interfaces = list(interfaces)
 
-    def engage(self) -> None:
-        """Lock the prepared connections: map writes only."""
+    def engage(self, *, inbound_only: bool = False) -> None:
+        """Lock the prepared connections: map writes only. ``inbound_only`` for a tree that
+        is not frozen yet (``XdpNetLock.lock_inbound``)."""
         if not self.active or not self.conns:
             return
         start = time.perf_counter()
-        self._xdp().lock(self.conns)
+        if inbound_only:
+            self._xdp().lock_inbound(self.conns)
+        else:
+            self._xdp().lock(self.conns)
         self.report.lock_ms = (time.perf_counter() - start) * 1000
         self.report.held = True
 
@@ -158,15 +171,39 @@ class TreeLock:
             self.conns = list(conns)
             self.report.conns = len(self.conns)
 
-    def unlock(self) -> None:
-        """Remove exactly this tree's entries (map deletes only)."""
+    def unlock(self, give_back_to: int | None = None) -> None:
+        """Remove exactly this tree's entries (map deletes only). ``give_back_to``: the pid of
+        the restored tree, which is then given what its peers sent while locked (their
+        retransmissions would otherwise wait out a backoff; ``net/replay.py``)."""
         if not self.active or not self.conns or self.report.unlock_ms is not None:
             return  # nothing to do, or done already
         lock = self._xdp()
         start = time.perf_counter()
-        lock.unlock(self.conns)
-        self.report.unlock_ms = (time.perf_counter() - start) * 1000
+        if give_back_to is None:
+            lock.unlock(self.conns)
+            self.report.unlock_ms = (time.perf_counter() - start) * 1000
+            self.report.held = False
+            return
+        caught = lock.unlock_taking(self.conns)
+        unlocked = time.perf_counter()
+        self.report.unlock_ms = (unlocked - start) * 1000
         self.report.held = False
+        self.report.caught = len(caught)
+        if caught:
+            self.give_back(caught, give_back_to)
+            self.report.give_back_ms = (time.perf_counter() - unlocked) * 1000
+
+    def give_back(self, caught: dict[Conn, bytes], pid: int) -> None:
+        """Send ``caught`` to the tree of ``pid`` (in its network namespace); a failure is
+        reported, never raised: the peers then only retransmit later."""
+        from orthros_py.net.replay import give_back
+
+        try:
+            sent, refused = give_back(caught.values(), list(caught), f"/proc/{pid}/ns/net")
+        except OSError as err:
+            sent, refused = 0, [f"cannot give the caught segments back: {err}"]
+        self.report.given_back += sent
+        self.report.refused += refused
 
     def tidy(self) -> None:
         """Take the programs off the interfaces once no connection is locked any more, so that

@@ -65,7 +65,9 @@ XDP_PROG = "xdp_netlock"  # function names in netlock.c, also the kernel's progr
 TC_PROG = "tc_netlock"
 CONNS_MAP = "conns"
 COUNTERS_MAP = "counters"
-PINS = {"xdp": XDP_PROG, "tc": TC_PROG, "conns": CONNS_MAP, "counters": COUNTERS_MAP}
+CAUGHT_MAP = "caught"
+PINS = {"xdp": XDP_PROG, "tc": TC_PROG, "conns": CONNS_MAP, "counters": COUNTERS_MAP,
+        "caught": CAUGHT_MAP}
 
 # The clsact egress filter: a low priority number so that it runs before other classifiers that
 # could redirect a packet past it; a handle of our own so that it is never confused with theirs.
@@ -87,7 +89,10 @@ VAL = struct.Struct("=QII")
 F_LOCAL_FIRST = 1  # this entry is the local->remote orientation of its connection
 _VAL_LOCAL_FIRST = VAL.pack(0, F_LOCAL_FIRST, 0)
 _VAL_REMOTE_FIRST = VAL.pack(0, 0, 0)
-COUNTER_NAMES = ("xdp_passed", "xdp_dropped", "tc_passed", "tc_dropped")
+COUNTER_NAMES = ("xdp_passed", "xdp_dropped", "tc_passed", "tc_dropped", "xdp_caught")
+# A caught segment (struct netlock_caught): bytes used, TCP seq, flags, padding, then the IP
+# packet (CAUGHT_MAX bytes of room).
+CAUGHT_HEAD = struct.Struct("=IIII")
 
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -130,12 +135,13 @@ def conn_entries(conn: Conn) -> list[tuple[bytes, bytes]]:
 
 @dataclass
 class _Objects:
-    """Open fds of the four pinned objects."""
+    """Open fds of the pinned objects."""
 
     xdp_fd: int
     tc_fd: int
     conns: BpfMap
     counters: BpfMap
+    caught: BpfMap
     xdp_id: int
     tc_id: int
     pin_ino: int  # inode of the map's pin: a new pin (after a flush) means reopen
@@ -146,6 +152,7 @@ class _Objects:
                 os.close(fd)
         self.conns.close()
         self.counters.close()
+        self.caught.close()
 
 
 @dataclass
@@ -268,13 +275,16 @@ class XdpNetLock(NetLock):
             raise bpf_error(err, f"read {self.pin_dir}") from err
         fds: list[int] = []
         try:
-            for what in ("xdp", "tc", "conns", "counters"):
+            for what in ("xdp", "tc", "conns", "counters", "caught"):
                 try:
                     fds.append(obj_get(self._pin(what)))
                 except FileNotFoundError:
+                    # Pinned by an orthros without "caught": the next load pins anew.
+                    for fd in fds:
+                        os.close(fd)
                     return None
-            conns, counters = BpfMap(fds[2]), BpfMap(fds[3])
-            objs = _Objects(fds[0], fds[1], conns, counters, prog_info(fds[0])[0],
+            conns, counters, caught = BpfMap(fds[2]), BpfMap(fds[3]), BpfMap(fds[4])
+            objs = _Objects(fds[0], fds[1], conns, counters, caught, prog_info(fds[0])[0],
                             prog_info(fds[1])[0], ino)
         except OSError as err:
             for fd in fds:
@@ -335,7 +345,8 @@ class XdpNetLock(NetLock):
             tc = b.load_func(TC_PROG.encode(), bcc.BPF.SCHED_CLS)
             fds = {"xdp": int(xdp.fd), "tc": int(tc.fd),
                    "conns": int(b[CONNS_MAP.encode()].map_fd),
-                   "counters": int(b[COUNTERS_MAP.encode()].map_fd)}
+                   "counters": int(b[COUNTERS_MAP.encode()].map_fd),
+                   "caught": int(b[CAUGHT_MAP.encode()].map_fd)}
         except Exception as err:  # BCC raises bare Exception for every failure
             if b is not None:
                 with contextlib.suppress(Exception):
@@ -363,7 +374,7 @@ class XdpNetLock(NetLock):
         try:
             self.pin_dir.mkdir(mode=0o700, exist_ok=True)
             # The map last: _open_pins() treats its pin as "all pinned".
-            for what in ("xdp", "tc", "counters", "conns"):
+            for what in ("xdp", "tc", "counters", "caught", "conns"):
                 path = self._pin(what)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()  # a stale pin from an interrupted load
@@ -610,11 +621,15 @@ class XdpNetLock(NetLock):
 
     # -- locking ---------------------------------------------------------------------------
 
-    def _add(self, conns: Sequence[Conn]) -> None:
+    def _add(self, conns: Sequence[Conn], *, inbound_only: bool = False) -> None:
         objs = self._objects(create=True)
         assert objs is not None
-        items = [e for c in conns for e in conn_entries(c)]
+        items = ([conn_entries(c)[1] for c in conns] if inbound_only
+                 else [e for c in conns for e in conn_entries(c)])
         try:
+            # What an earlier lock caught is not cleared here: on one kernel (the lab's hosts)
+            # the destination locks the very connections whose segments the source caught.
+            # Every unlock clears them, and a stale one would be an old duplicate TCP ignores.
             objs.conns.update(items)
         except OSError as err:
             if err.errno == errno.E2BIG:
@@ -628,8 +643,65 @@ class XdpNetLock(NetLock):
             return  # nothing pinned: nothing is locked
         try:
             objs.conns.delete([k for c in conns for k, _ in conn_entries(c)])
+            self._caught_of(objs, conns, take=False)  # nothing of a lock stays in the kernel
         except OSError as err:
             raise bpf_error(err, f"unlock {len(conns)} connections") from err
+
+    @staticmethod
+    def _caught_of(objs: _Objects, conns: Sequence[Conn], *, take: bool
+                   ) -> dict[Conn, bytes]:
+        """Remove what the lock caught for ``conns`` ({connection: IP packet}, with ``take``).
+        Walks the caught map (only what is caught: few entries), not the connections."""
+        inbound = {conn_entries(c)[1][0]: c for c in conns}
+        keys = [k for k in objs.caught.list_keys() if k in inbound]
+        out: dict[Conn, bytes] = {}
+        if take:
+            for k in keys:
+                raw = objs.caught.lookup(k)
+                if raw is not None:
+                    used = CAUGHT_HEAD.unpack_from(raw)[0]
+                    out[inbound[k]] = raw[CAUGHT_HEAD.size:CAUGHT_HEAD.size + used]
+        objs.caught.delete(keys)
+        return out
+
+    def lock_inbound(self, conns: Iterable[Conn]) -> list[Conn]:
+        """Lock only what arrives for ``conns`` (XDP), not what leaves. For a tree not yet
+        frozen: what it still sends (answers to requests that arrived before the lock) reaches
+        its peers, instead of waiting in the restored socket for a retransmission timeout of
+        a second (a restored socket has no RTT estimate). Their acknowledgements are caught
+        and given back. ``lock`` later adds the other direction."""
+        todo = list(dict.fromkeys(conns))
+        if todo:
+            self._add(todo, inbound_only=True)
+            self._held.update(todo)
+        return todo
+
+    def take_caught(self, conns: Iterable[Conn]) -> dict[Conn, bytes]:
+        """The segment the lock kept for each of ``conns`` that had one (see bpf/netlock.c,
+        "Caught segments"), removed from the kernel: {connection: IP packet}."""
+        objs = self._objects(create=False)
+        if objs is None:
+            return {}
+        try:
+            return self._caught_of(objs, list(conns), take=True)
+        except OSError as err:
+            raise bpf_error(err, "read the caught segments") from err
+
+    def unlock_taking(self, conns: Iterable[Conn]) -> dict[Conn, bytes]:
+        """Unlock ``conns`` and return what the lock caught of them (``take_caught``)."""
+        todo = list(dict.fromkeys(conns))
+        if not todo:
+            return {}
+        objs = self._objects(create=False)
+        if objs is None:
+            return {}
+        try:
+            objs.conns.delete([k for c in todo for k, _ in conn_entries(c)])
+            caught = self._caught_of(objs, todo, take=True)
+        except OSError as err:
+            raise bpf_error(err, f"unlock {len(todo)} connections") from err
+        self._held.difference_update(todo)
+        return caught
 
     def unlock_all(self) -> int:
         """Unlock every connection, whoever locked it; returns how many there were."""
@@ -639,6 +711,7 @@ class XdpNetLock(NetLock):
         try:
             keys = objs.conns.list_keys()
             objs.conns.delete(keys)
+            objs.caught.delete(objs.caught.list_keys())
         except OSError as err:
             raise bpf_error(err, "clear the lock map") from err
         self._held.clear()
@@ -676,9 +749,12 @@ class XdpNetLock(NetLock):
             raise bpf_error(err, "read the lock map") from err
         out: list[LockedConn] = []
         for key, (packets, flags) in entries.items():
-            if not flags & F_LOCAL_FIRST:
-                continue
             family, src, dst = unpack_key(key)
+            if not flags & F_LOCAL_FIRST:
+                if pack_key(dst, src, family) not in entries:  # locked inbound only
+                    out.append(LockedConn(Conn(family, dst[0], dst[1], src[0], src[1]),
+                                          packets))
+                continue
             back = entries.get(pack_key(dst, src, family), (0, 0))[0]
             out.append(LockedConn(Conn(family, src[0], src[1], dst[0], dst[1]), packets + back))
         return sorted(out, key=lambda lc: lc.conn)
@@ -754,7 +830,7 @@ class XdpNetLock(NetLock):
             result.unlocked = self.unlock_all()
             self.close()
             if not kept:
-                for what in ("conns", "xdp", "tc", "counters"):
+                for what in ("conns", "xdp", "tc", "counters", "caught"):
                     path = self._pin(what)
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()

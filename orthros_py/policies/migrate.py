@@ -83,7 +83,13 @@ from orthros_py.agent.messages import FileInfo, PageServerInfo, RemoteDump, Remo
 from orthros_py.agent.protocol import options_to_args
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.cgroup.model import CgroupFile
-from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
+from orthros_py.criu.request import (
+    TCP_TS_ADVANCE_MAX_MS,
+    CgroupMode,
+    CriuNetworkLock,
+    DumpOptions,
+    RestoreOptions,
+)
 from orthros_py.errors import (
     CriuError,
     ExitStatus,
@@ -127,6 +133,9 @@ PAGE_BYTES = 4096
 # How long the cleanup waits for the restored tree's first reply if none came yet (a service
 # nobody talks to gets no "first response" figure).
 FIRST_REPLY_WAIT_S = 0.5
+# Added to the time since the lock for the TCP timestamp advance: the restore's own duration
+# until CRIU sets the clocks.
+TS_ADVANCE_MARGIN_MS = 1000
 
 # --- stages, methods, configuration --------------------------------------------------------------
 
@@ -192,6 +201,9 @@ class MigrateConfig:
     # whether the two hosts share a PID space (None).
     release_source_first: bool | None = None
     garp_count: int = 1
+    # Give the restored tree what its peers sent while locked (caught by the XDP lock on both
+    # hosts), so that they need not wait out a retransmission backoff; off: experiments only.
+    give_back: bool = True
     prepare_timeout_s: float = 120.0  # the first XDP load compiles for ~10 s
     dump_timeout_s: float = 120.0
     transfer_timeout_s: float = 60.0
@@ -541,6 +553,9 @@ class MigrationResult:
     # (pages faulted on demand and pushed, when the last one arrived, bytes).
     precopy: dict[str, Any] | None = None
     lazy: dict[str, Any] | None = None
+    # What the locks caught and the restored tree was given at the unlock (``net/replay``):
+    # caught on the source and on the destination, given back, refused (reasons).
+    give_back: dict[str, Any] | None = None
 
     @property
     def bytes_total(self) -> int:
@@ -567,6 +582,7 @@ class MigrationResult:
             "criu_frozen_ms": None if self.frozen_ms is None else round(self.frozen_ms, 3),
             "warnings": list(self.warnings), "notes": list(self.plan.notes),
             "cgroups": self.cgroups, "precopy": self.precopy, "lazy": self.lazy,
+            "give_back": self.give_back,
         }
 
 
@@ -702,6 +718,7 @@ class Migration(Policy):
         self._lazy: dict[str, Any] | None = None
         self._restore_answered: float | None = None
         self._precopy_why_not: str | None = None
+        self._give_back: dict[str, Any] | None = None
 
     # -- what the engine asks of a policy ----------------------------------------------------
 
@@ -992,17 +1009,27 @@ class Migration(Policy):
 
     def _lock_source(self) -> None:
         assert self.plan is not None
-        self._lock_started = self.clock()
+        started = self._lock_started = self.clock()
         backend = self._backend
         if backend is None:
             return
         # Found again by the agent now: the connections of this very moment.
         self.done.src_locked = tuple(str(c) for c in self.plan.conns)  # at least these
         with self.on(self.source):
-            locked = steps.lock(self.source, backend, pids=[self.pid],
-                                ifaces=self.plan.src_lock_ifaces,
-                                timeout=self.config.prepare_timeout_s)
+            # XDP: what arrives only. The tree is not frozen yet, and what it still answers
+            # must reach its clients rather than wait in the restored socket for a one-second
+            # retransmission timeout (its acknowledgements are caught and given back). Once
+            # dumped its sockets are in repair mode: the kernel may still retransmit from them,
+            # data the clients have or take, but sends no FIN or RST.
+            got = self.source.agent.netlock_engage(
+                backend, pids=[self.pid], ifaces=self.plan.src_lock_ifaces,
+                timeout=self.config.prepare_timeout_s,
+                inbound_only=backend == NetworkLock.XDP.value)
+        locked = [str(c) for c in got["locked"]]
         self.done.src_locked = tuple(dict.fromkeys([*locked, *self.done.src_locked]))
+        # The clients' wait starts when the lock takes hold, after the agent found the
+        # connections (the tree served meanwhile); early by the request's one-way delay.
+        self._lock_started = started + float(got.get("engaged_after_ms") or 0.0) / 1000
 
     def _dump(self) -> None:
         cfg, src = self.config, self.source
@@ -1076,8 +1103,13 @@ class Migration(Policy):
         self.done.dst_attached = ifaces
         self.done.dst_locked = self.done.src_locked
         with self.timed("lock"), self.on(self.dest):
+            # XDP: what arrives only (it would meet no socket before the restore, and be
+            # answered with a reset). What the restored tree sends must go out at once: a
+            # restored socket has no RTT estimate, and one answer dropped here would wait for
+            # a retransmission timeout of a second.
             steps.lock(self.dest, backend, conns=self.done.src_locked, ifaces=ifaces,
-                       timeout=self.config.prepare_timeout_s)
+                       timeout=self.config.prepare_timeout_s,
+                       inbound_only=backend == NetworkLock.XDP.value)
 
     def _address(self) -> None:
         self._lock_dest()
@@ -1104,7 +1136,8 @@ class Migration(Policy):
             self._release_source()
         try:
             with self.on(dst):
-                opts = dataclasses.replace(cfg.restore_options(), cgroup_roots=self._cgroup_roots)
+                opts = dataclasses.replace(cfg.restore_options(), cgroup_roots=self._cgroup_roots,
+                                           tcp_ts_advance_ms=self._ts_advance_ms())
                 if cfg.lazy:
                     self.done.lazy_restore = True
                     self._restored = RemoteRestore.from_dict(dst.agent.request(
@@ -1134,6 +1167,16 @@ class Migration(Policy):
             self.timings["criu restore"] = self._restored.elapsed_ms
         self.done.restored_pid = self._restored_pid
         self.note(f"restored on {dst.name} as pid {self._restored_pid}")
+
+    def _ts_advance_ms(self) -> int | None:
+        """How far the restored connections' TCP timestamp clock moves on (CRIU patch 0009):
+        the time since the lock, on this coordinator's clock, plus a margin for the restore.
+        The source's held sockets go on retransmitting with their running clock, and a client
+        that saw one of those drops whatever is stamped earlier (PAWS)."""
+        if self._lock_started is None:
+            return None
+        ms = int((self.clock() - self._lock_started) * 1000) + TS_ADVANCE_MARGIN_MS
+        return max(0, min(ms, TCP_TS_ADVANCE_MAX_MS))
 
     def _release_source(self) -> None:
         """Kill the held source tree (its sockets are in repair mode: its peers hear nothing)."""
@@ -1171,15 +1214,39 @@ class Migration(Policy):
 
     def _unlock(self) -> None:
         """Let the connections through: map entries only (the quickest); the programs come
-        off later (``_detach_locks``)."""
+        off later (``_detach_locks``). With the XDP lock, the restored tree is then given what
+        its peers sent while locked, caught on the source (before the address moved) and on
+        the destination (after): their retransmission timers backed off, and would have kept
+        them waiting up to twice the lock window."""
         backend = self._backend
+        pid = self._restored_pid
+        give_back = (backend == NetworkLock.XDP.value and self.config.give_back
+                     and pid is not None and bool(self.done.dst_locked))
+        segments: list[str] = []
+        if give_back and self.done.src_locked:
+            try:
+                segments = self.source.agent.netlock_caught(backend or "", self.done.src_locked)
+            except Exception as err:
+                self.warn("taking what the lock caught on the source", err, self.source)
         # The destination first: the restored tree talks as soon as its side is open.
         for host, conns in ((self.dest, self.done.dst_locked),
                             (self.source, self.done.src_locked)):
             if backend is None or not conns:
                 continue
             try:
-                steps.unlock(host, backend, conns, (), tidy=False)
+                if give_back and host is self.dest:
+                    assert pid is not None
+                    back = host.agent.netlock_unlock_giving_back(backend, conns, pid, segments)
+                    self._give_back = {"caught_source": len(segments),
+                                       "caught_dest": int(back.get("caught", 0)),
+                                       "given_back": int(back.get("given_back", 0)),
+                                       "refused": list(back.get("refused", []))}
+                    if self._give_back["refused"]:
+                        self.warnings.append(
+                            f"{host.name} refused to give back some caught segments (their "
+                            f"peers retransmit instead), e.g. {self._give_back['refused'][0]}")
+                else:
+                    steps.unlock(host, backend, conns, (), tidy=False)
             except Exception as err:
                 self.warn("unlocking the connections", err, host)
 
@@ -1392,7 +1459,9 @@ class Migration(Policy):
         for host in (self.dest, self.source):
             for img in (self.image, *self.done.precopy_images):
                 try:
-                    host.agent.remove_image(img)
+                    # Renamed out of the way at once, deleted by the agent afterwards: the
+                    # service runs already, and thousands of files need not hold the command.
+                    host.agent.remove_image(img, background=True)
                 except Exception as err:
                     self.warn(f"removing image {img}", err, host)
 
@@ -1416,7 +1485,7 @@ class Migration(Policy):
             precopy={"rounds": list(self._rounds),
                      "pages": sum(int(r["pages"]) for r in self._rounds)}
             if self._rounds else None,
-            lazy=self._lazy)
+            lazy=self._lazy, give_back=self._give_back)
 
     # -- rollback ---------------------------------------------------------------------------
 

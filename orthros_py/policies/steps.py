@@ -32,8 +32,13 @@ def prepare_locks(policy: Policy, hosts: Sequence[Host], backend: str, *,
 
 
 def lock(host: Host, backend: str, *, conns: Iterable[str | Conn] = (),
-         pids: Iterable[int] = (), ifaces: Iterable[str] = (), timeout: float) -> list[str]:
-    """Silence connections on ``host`` (those given, and the current ones of ``pids``)."""
+         pids: Iterable[int] = (), ifaces: Iterable[str] = (), timeout: float,
+         inbound_only: bool = False) -> list[str]:
+    """Silence connections on ``host`` (those given, and the current ones of ``pids``);
+    ``inbound_only``: what arrives only (XDP), for a tree not frozen yet."""
+    if inbound_only:
+        return host.agent.netlock_lock(backend, conns=conns, pids=pids, ifaces=ifaces,
+                                       timeout=timeout, inbound_only=True)
     return host.agent.netlock_lock(backend, conns=conns, pids=pids, ifaces=ifaces,
                                    timeout=timeout)
 

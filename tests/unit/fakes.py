@@ -122,7 +122,8 @@ class FakeAgent:
 
     def netlock_lock(self, backend: str, *, conns: Iterable[str | Conn] = (),
                      pids: Iterable[int] = (), ifaces: Iterable[str] = (),
-                     netns: str | None = None, timeout: float = 120.0) -> list[str]:
+                     netns: str | None = None, timeout: float = 120.0,
+                     inbound_only: bool = False) -> list[str]:
         self._hit("netlock_lock", backend)
         self.attached |= set(ifaces)
         wanted = {str(c) for c in conns}
@@ -130,6 +131,14 @@ class FakeAgent:
             wanted |= {str(c) for c in self.tree_conns}
         self.locked |= wanted
         return sorted(wanted)
+
+    def netlock_engage(self, backend: str, *, conns: Iterable[str | Conn] = (),
+                       pids: Iterable[int] = (), ifaces: Iterable[str] = (),
+                       netns: str | None = None, timeout: float = 120.0,
+                       inbound_only: bool = False) -> dict[str, Any]:
+        return {"locked": self.netlock_lock(backend, conns=conns, pids=pids, ifaces=ifaces,
+                                            netns=netns, timeout=timeout),
+                "engaged_after_ms": 0.0}
 
     def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
                        netns: str | None = None, detach: Iterable[str] = (),
@@ -140,6 +149,18 @@ class FakeAgent:
         if not self.locked:
             self.attached -= set(detach)
         return sorted(gone)
+
+    def netlock_unlock_giving_back(self, backend: str, conns: Iterable[str | Conn], pid: int,
+                                   segments: Iterable[str] = ()) -> dict[str, Any]:
+        self._hit("netlock_unlock", backend)
+        self.locked -= {str(c) for c in conns}
+        given = list(segments)
+        self.given_back = [*getattr(self, "given_back", []), *given]
+        return {"caught": 0, "given_back": len(given), "refused": []}
+
+    def netlock_caught(self, backend: str, conns: Iterable[str | Conn]) -> list[str]:
+        self._hit("netlock_caught", backend)
+        return []
 
     def page_server(self, image: str, *, address: str | None = None, port: int = 0,
                     log_level: int = 2, parent: str | None = None) -> PageServerInfo:
@@ -207,7 +228,7 @@ class FakeAgent:
         self._hit("cgroup_release", image)
         return {"removed": 1, "left": []}
 
-    def remove_image(self, image: str) -> bool:
+    def remove_image(self, image: str, *, background: bool = False) -> bool:
         self._hit("remove_image", image)
         present = image in self.images
         self.images.discard(image)

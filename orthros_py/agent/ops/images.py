@@ -64,8 +64,9 @@ def op_list_images(call: Call, image: str | None = None, sha256: bool = False) -
 
 
 @op("remove_image")
-def op_remove_image(call: Call, image: str) -> dict[str, Any]:
-    """Delete image ``image`` and its files (refused while it is in use)."""
+def op_remove_image(call: Call, image: str, background: bool = False) -> dict[str, Any]:
+    """Delete image ``image`` and its files (refused while it is in use); ``background``:
+    answer once it is out of the way (renamed), the files deleted afterwards."""
     a = call.agent
     path = a.image_path(image)
     if not path.exists():
@@ -76,8 +77,11 @@ def op_remove_image(call: Call, image: str) -> dict[str, Any]:
         raise BadImageError(f"a page server (pid {server.pid}) still writes into {image!r}",
                             hint="stop it with page_server_stop first")
     with a.busy(image, "removal"):
-        shutil.rmtree(path)
-    return {"image": image, "removed": True}
+        if background:
+            a.remove_later(path)
+        else:
+            shutil.rmtree(path)
+    return {"image": image, "removed": True, "background": background}
 
 
 @op("recv_file", payload=True)

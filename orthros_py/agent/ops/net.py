@@ -1,5 +1,5 @@
 """Network locks and service addresses: ``netlock_prepare``, ``netlock_lock``, ``netlock_unlock``,
-``netlock_status``, ``addr_list``, ``addr_add``, ``addr_del``, ``garp``.
+``netlock_caught``, ``netlock_status``, ``addr_list``, ``addr_add``, ``addr_del``, ``garp``.
 
 Interfaces and privileges: ``orthros_py.netlock`` (XDP through bpf(2), nftables, iptables) and
 rtnetlink and raw ARP frames through ``orthros_py.net.addr``: root (CAP_NET_ADMIN, CAP_BPF,
@@ -9,7 +9,10 @@ one (BCC, pyroute2) still serves everything else (MissingFeatureError says so).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import socket
+import time
 from types import ModuleType
 from typing import Any
 
@@ -50,8 +53,10 @@ def op_netlock_prepare(call: Call, backend: str = "xdp") -> dict[str, Any]:
 @op("netlock_lock")
 def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
                     pids: tuple[int, ...] = (), ifaces: tuple[str, ...] = (),
-                    netns: str | None = None) -> dict[str, Any]:
-    """Silence connections (``SRC:PORT,DST:PORT``, and those of ``pids``' tree, found here)."""
+                    netns: str | None = None, inbound_only: bool = False) -> dict[str, Any]:
+    """Silence connections (``SRC:PORT,DST:PORT``, and those of ``pids``' tree, found here);
+    ``inbound_only`` (XDP): only what arrives, for a tree not frozen yet."""
+    started = time.perf_counter()
     wanted = _conns(conns)
     names = list(ifaces)
     if pids:
@@ -64,26 +69,75 @@ def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
         lock.prepare()
         if names and hasattr(lock, "attach"):
             lock.attach(names, netns=netns)
-        locked = lock.lock(wanted)
+        # Until here the tree ran and answered: finding its connections is not its clients' wait.
+        engaged_after = time.perf_counter() - started
+        if inbound_only and hasattr(lock, "lock_inbound"):
+            locked = lock.lock_inbound(wanted)
+        else:
+            locked = lock.lock(wanted)
     return {"backend": backend, "locked": [str(c) for c in locked], "ifaces": names,
-            "netns": netns}
+            "netns": netns, "engaged_after_ms": round(engaged_after * 1000, 3)}
+
+
+# A caught segment is one IP packet (bpf/netlock.c keeps at most 1,500 bytes of it).
+SEGMENT_MAX = 1500
+
+
+def _segments(items: tuple[str, ...]) -> list[bytes]:
+    out = []
+    for item in items:
+        try:
+            raw = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise bad_request(f"a segment is not base64: {err}") from err
+        if len(raw) > SEGMENT_MAX:
+            raise bad_request(f"a segment of {len(raw)} bytes (at most {SEGMENT_MAX})")
+        out.append(raw)
+    return out
+
+
+@op("netlock_caught")
+def op_netlock_caught(call: Call, backend: str, conns: tuple[str, ...]) -> dict[str, Any]:
+    """Take what the lock caught of ``conns`` here (the segments their peers sent while
+    locked; XDP only, else none), for the host the tree is restored on to give back."""
+    wanted = _conns(conns)
+    segments: list[str] = []
+    with call.agent.netlock_mutex:
+        lock = _netlock(call.agent, backend, None)
+        if hasattr(lock, "take_caught"):
+            segments = [base64.b64encode(p).decode() for p in lock.take_caught(wanted).values()]
+    return {"backend": backend, "segments": segments}
 
 
 @op("netlock_unlock")
 def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
                       netns: str | None = None, detach: tuple[str, ...] = (),
-                      tidy: bool = False) -> dict[str, Any]:
-    """Let connections through again (locked here or by any earlier process). Then, unless a
-    connection of this host is still locked: XDP takes its programs off the interfaces in
-    ``detach`` (the map is shared by every namespace of the machine, so "of this host" means
-    with an address of this namespace); with ``tidy``, nftables and iptables remove what holds
-    their rules (nftables' table)."""
+                      tidy: bool = False, give_back_pid: int | None = None,
+                      segments: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Let connections through again (locked here or by any earlier process). With
+    ``give_back_pid`` (the restored tree's, XDP only), then give that tree what the lock caught
+    of them here, after ``segments`` (caught on another host, base64 IP packets): each must be
+    a segment of one of ``conns``, towards its local end. Then, unless a connection of this
+    host is still locked: XDP takes its programs off the interfaces in ``detach`` (the map is
+    shared by every namespace of the machine, so "of this host" means with an address of this
+    namespace); with ``tidy``, nftables and iptables remove what holds their rules
+    (nftables' table)."""
     wanted = _conns(conns)
+    given = _segments(segments)
+    if give_back_pid is not None and give_back_pid <= 0:
+        raise bad_request(f"give_back_pid {give_back_pid} is not a process id")
     detached: list[str] = []
     tidied = False
+    back: dict[str, Any] = {}
     with call.agent.netlock_mutex:
         lock = _netlock(call.agent, backend, netns)
-        unlocked = lock.unlock(wanted)
+        if give_back_pid is not None and hasattr(lock, "unlock_taking"):
+            caught = lock.unlock_taking(wanted)
+            unlocked = wanted
+            back = _give_back([*given, *caught.values()], wanted, give_back_pid)
+            back["caught"] = len(caught)
+        else:
+            unlocked = lock.unlock(wanted)
         if hasattr(lock, "detach"):
             if detach:
                 here = _addresses(netns)
@@ -96,7 +150,22 @@ def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
             lock.flush()
             tidied = True
     return {"backend": backend, "unlocked": [str(c) for c in unlocked], "detached": detached,
-            "tidied": tidied}
+            "tidied": tidied, **back}
+
+
+def _give_back(packets: list[bytes], conns: list[Any], pid: int) -> dict[str, Any]:
+    """Send ``packets`` to the tree of ``pid``, in its network namespace; a failure is
+    reported in the answer, never raised: the peers then only retransmit later."""
+    replay = feature("orthros_py.net.replay", "give caught segments back")
+    if not packets:
+        return {"given_back": 0, "refused": []}
+    try:
+        sent, refused = replay.give_back(packets, conns, f"/proc/{pid}/ns/net")
+    except OSError as err:
+        sent, refused = 0, [f"cannot give the caught segments back: {err}"]
+    except Exception as err:  # e.g. the tree's namespace is gone (OrthrosError)
+        sent, refused = 0, [f"cannot give the caught segments back: {err}"]
+    return {"given_back": sent, "refused": refused[:5]}
 
 
 def _addresses(netns: str | None) -> set[str]:
