@@ -7,8 +7,9 @@ root. For example, the full comparison, in the background::
     nohup .venv/bin/python scripts/bench_netlock.py --concurrency 0,500,1000,1500 \\
         --reps 3 --reps-slow 1 > bench.log 2>&1 &
 
-Writes results.json, results.md and PNG plots into ``--out`` (default
-results/netlock-<timestamp>); leaves no namespace, XDP program, rule or process behind.
+Writes results.json, results.md and PNG plots (dump, restore, both, the lock window, the longest
+client wait) into ``--out`` (default results/netlock-<timestamp>); leaves no namespace, XDP
+program, rule or process behind.
 """
 
 from __future__ import annotations

@@ -115,7 +115,9 @@ def netlock(env: Env, concurrency: tuple[int, ...], reps: int, reps_slow: int | 
             micro_conns: int, micro_reps: int, from_json: Path | None, as_json: bool) -> None:
     """Dump and restore nginx under ApacheBench with each network lock method (seed 003's
     Table 2): per concurrency, repetition and method, a fresh nginx, ab's connections, a
-    dump and a restore, timed in total, CRIU's part and the lock's part.
+    dump and a restore, timed in total, CRIU's part and the lock's part; and the lock window
+    (how long the clients' connections did not flow) and the longest client wait. A run
+    whose clients saw any failure counts as failed.
 
     Needs root. Leaves nothing behind: the client namespace, veth, nginx, ab and any lock
     rule a failed CRIU left are removed, also on Ctrl-C.
@@ -155,25 +157,32 @@ def netlock(env: Env, concurrency: tuple[int, ...], reps: int, reps_slow: int | 
 
 def run_line(rec: RunRecord) -> str:
     head = f"{rec.concurrency} conns {rec.method:<8} rep {rec.rep + 1}:"
-    if not rec.ok:
+    if not rec.ok and (rec.dump is None or rec.restore is None):
         return f"{head} FAILED at {rec.stage}: {rec.error}"
     assert rec.dump and rec.restore
     text = (f"{head} dump {rec.dump.total_ms:,.1f} ms (criu {rec.dump.criu_ms:,.1f}, lock "
             f"{rec.dump.lock_ms:,.1f}), restore {rec.restore.total_ms:,.1f} ms (criu "
             f"{rec.restore.criu_ms:,.1f}, lock {rec.restore.lock_ms:,.1f})")
+    w = rec.window
+    text += (f"; window {w.window_ms:,.1f} ms (before {w.before_ms:,.1f}, after "
+             f"{w.after_ms:,.1f}, wall {w.wall_ms:,.1f})" if w else "; no window recorded")
     if rec.ab:
         text += f"; ab: {rec.ab.failed} failed"
-        if rec.ab.longest_ms is not None:
-            text += f", longest {rec.ab.longest_ms:,.0f} ms"
-        if rec.ab.aborted:
-            text += f", gave up ({rec.ab.aborted})"
+        text += (f", longest wait {rec.ab.longest_ms:,.0f} ms" if rec.ab.longest_ms is not None
+                 else ", no longest wait (ab printed no percentile table)")
+    if not rec.ok:
+        # The checkpoint worked but the clients saw failures: the run does not count.
+        text += f" -- FAILED at {rec.stage}: {rec.error}"
     return text
 
 
 def render(env: Env, res: BenchResults) -> None:
-    table = Table(title="dump and restore of nginx (medians, ms)", title_justify="left")
+    from orthros_py.bench.netlock.report import fmt_failed, fmt_range
+
+    table = Table(title="dump and restore of nginx (medians over ok runs, ms)",
+                  title_justify="left")
     for col in ("conns", "method", "ok", "dump", "criu", "lock", "restore", "criu", "lock",
-                "dump+restore", "ab failed", "longest"):
+                "dump+restore"):
         table.add_column(col, justify="left" if col == "method" else "right")
     cells = res.cells
     for conc in sorted({c.concurrency for c in cells}):
@@ -182,18 +191,36 @@ def render(env: Env, res: BenchResults) -> None:
             table.add_row(f"{conc:,}", c.method, f"{c.ok}/{c.runs}", fmt_ms(c.dump_total_ms),
                           fmt_ms(c.dump_criu_ms), fmt_ms(c.dump_lock_ms),
                           fmt_ms(c.restore_total_ms), fmt_ms(c.restore_criu_ms),
-                          fmt_ms(c.restore_lock_ms), fmt_ms(c.sum_ms),
-                          str(c.ab_failed) if c.ok else "—", fmt_ms(c.ab_longest_ms),
-                          style=style)
+                          fmt_ms(c.restore_lock_ms), fmt_ms(c.sum_ms), style=style)
         p = PAPER.get(conc)
         if p is not None:
             table.add_row(f"{conc:,}", "paper: iptables", "", fmt_ms(p.dump_total),
                           fmt_ms(p.dump_criu), fmt_ms(p.dump_lock), fmt_ms(p.restore_total),
                           fmt_ms(p.restore_criu), fmt_ms(p.restore_lock), fmt_ms(p.total),
-                          "", "", style="dim italic")
+                          style="dim italic")
         table.add_section()
     wide = _wide(env)
     wide.print(table)
+    # What the clients waited through (window) apart from what the operator waits (wall =
+    # before + window + after): median (min-max) over the ok runs.
+    wt = Table(title="lock window and longest client wait (median (min-max) over ok runs, ms)",
+               title_justify="left")
+    for col in ("conns", "method", "ok", "failed", "window", "before", "after", "wall",
+                "longest wait", "ab failed"):
+        wt.add_column(col, justify="left" if col == "method" else "right")
+    last = None
+    for c in cells:
+        if last is not None and c.concurrency != last:
+            wt.add_section()
+        last = c.concurrency
+        wt.add_row(f"{c.concurrency:,}", c.method, f"{c.ok}/{c.runs}", fmt_failed(c),
+                   fmt_range(c.window_ms, c.window_min_ms, c.window_max_ms),
+                   fmt_ms(c.before_ms), fmt_ms(c.after_ms),
+                   fmt_range(c.wall_ms, c.wall_min_ms, c.wall_max_ms),
+                   fmt_range(c.ab_longest_ms, c.ab_longest_min_ms, c.ab_longest_max_ms, 0),
+                   str(c.ab_failed) + (f" ({c.ab_aborted} gave up)" if c.ab_aborted else ""),
+                   style="red" if c.ok < c.runs else None)
+    wide.print(wt)
     rt = Table(title="xdp against iptables and none (dump + restore)", title_justify="left")
     for col in ("conns", "xdp", "iptables", "none", "xdp : iptables", "xdp : none"):
         rt.add_column(col, justify="right")
@@ -201,15 +228,28 @@ def render(env: Env, res: BenchResults) -> None:
         rt.add_row(f"{r.concurrency:,}", fmt_ms(r.xdp_ms), fmt_ms(r.iptables_ms),
                    fmt_ms(r.none_ms), fmt_ratio(r.xdp_iptables), fmt_ratio(r.xdp_none))
     wide.print(rt)
+    ct = Table(title="xdp against none: what the clients waited (medians over ok runs, ms)",
+               title_justify="left")
+    for col in ("conns", "window xdp", "window none", "xdp : none", "longest wait xdp",
+                "longest wait none", "xdp : none"):
+        ct.add_column(col, justify="right")
+    for r in res.ratios:
+        ct.add_row(f"{r.concurrency:,}", fmt_ms(r.xdp_window_ms), fmt_ms(r.none_window_ms),
+                   fmt_ratio(r.window_xdp_none), fmt_ms(r.xdp_longest_ms, 0),
+                   fmt_ms(r.none_longest_ms, 0), fmt_ratio(r.longest_xdp_none))
+    wide.print(ct)
     if res.micro:
         m = res.micro
         env.console.print(f"XDP map alone: lock {m.conns:,} connections {m.lock_ms:.3f} ms, "
                           f"unlock {m.unlock_ms:.3f} ms (median of {m.reps}); lock + unlock "
                           f"{m.round_best_ms:.3f} ms (best of {m.reps})")
+    # One line per failed run (left out of the medians and ratios).
     for c in cells:
-        for e in c.errors:
-            env.console.print(f"[red]{c.concurrency} conns, {c.method}:[/] {escape(e)}",
+        for e in c.failures:
+            env.console.print(f"[red]{c.concurrency} conns, {c.method}, {escape(e)}[/]",
                               soft_wrap=True)
+    for n in res.notes:
+        env.console.print(f"[dim]note: {escape(n)}[/]", soft_wrap=True)
 
 
 def _socket_counts(text: str) -> tuple[int, ...]:
@@ -958,3 +998,147 @@ def render_sync(env: Env, res: Any) -> None:
 
 
 COMMANDS = [bench]
+
+
+# --- orthros bench migrate ---------------------------------------------------------------------
+
+
+def _workloads(text: str) -> tuple[str, ...]:
+    from orthros_py.bench.migrate.model import parse_workloads
+
+    return parse_workloads(text)
+
+
+def _arms(text: str) -> tuple[str, ...]:
+    from orthros_py.bench.migrate.model import parse_arms
+
+    return parse_arms(text)
+
+
+@bench.command("migrate")
+@click.option("--reps", type=click.IntRange(1), default=7, show_default=True,
+              help="Repetitions per workload; each runs every arm once, in an order shuffled "
+                   "by --seed.")
+@click.option("--workloads", type=_ListOf("LIST", _workloads), default="echo,nginx",
+              show_default=True, help="echo (the echo service under its clients), nginx "
+                                      "(under wrk).")
+@click.option("--arms", type=_ListOf("LIST", _arms), default="orthros,criu",
+              show_default=True, help="orthros (orthros migrate to the other host), criu (CRIU "
+                                      "alone: dump and restore on the host, no lock).")
+@click.option("--clients", "echo_clients", type=click.IntRange(1, 5000), default=200,
+              show_default=True, help="Connections of the echo clients (the targets are for "
+                                      "200).")
+@click.option("--connections", "nginx_conns", type=click.IntRange(1, 20_000), default=1500,
+              show_default=True, help="wrk's connections to nginx (-c).")
+@click.option("--wrk-threads", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--ballast-mb", "echo_ballast_mb", type=click.IntRange(0), default=0,
+              show_default=True, help="Memory the echo server holds besides its own.")
+@click.option("--warm", "warm_s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds the clients run before the migration.")
+@click.option("--settle", "settle_s", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds the clients run after it.")
+@click.option("--no-warmup", is_flag=True,
+              help="Skip the unrecorded first run of each arm (which builds the XDP lock).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the arms' order [default: a random one, recorded].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: results/migrate-<timestamp>].")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Measure nothing: render an earlier results.json again "
+                                 "(markdown, plots, tables) into its directory.")
+@click.option("--json", "as_json", is_flag=True, help="Also print results.json on stdout.")
+@click.pass_obj
+def migrate(env: Env, reps: int, workloads: tuple[str, ...], arms: tuple[str, ...],
+            echo_clients: int, nginx_conns: int, wrk_threads: int, echo_ballast_mb: int,
+            warm_s: float, settle_s: float, no_warmup: bool, seed: int | None,
+            out: Path | None, from_json: Path | None, as_json: bool) -> None:
+    """orthros's own overhead: the echo service under its clients and nginx under wrk,
+    migrated between the lab's hosts by ``orthros migrate``, interleaved with CRIU alone (a
+    dump and a restore of the same kind of tree through CRIU's RPC, no lock, nothing of
+    orthros around them). Per run the downtime, CRIU's frozen time and restore, orthros's
+    share, the clients' longest wait and failures; the ratio of orthros's downtime to CRIU's
+    own dump and restore; the issue's targets, met or not.
+
+    Needs root. Builds a lab of two hosts and tears it down, also on Ctrl-C.
+    """
+    from orthros_py.bench import migrate as mb
+
+    if from_json is not None:
+        res = mb.load_results(from_json)
+        made = mb.write_outputs(res, from_json.parent)
+        render_migrate(env, res)
+        _say_files(env, made)
+        if as_json:
+            env.emit_json(res.to_dict())
+        return
+    try:
+        cfg = mb.BenchConfig(reps=reps, workloads=workloads, arms=arms,
+                             echo_clients=echo_clients, nginx_conns=nginx_conns,
+                             wrk_threads=wrk_threads, echo_ballast_mb=echo_ballast_mb,
+                             warm_s=warm_s, settle_s=settle_s, warmup=not no_warmup, seed=seed,
+                             out=out or mb.default_out())
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    env.console.print(
+        f"[bold]migrate benchmark[/]: {len(workloads) * reps * len(arms)} runs ("
+        + ", ".join(mb.workload_title(mb.BenchResults(cfg), w) for w in workloads)
+        + f"; {' and '.join(mb.ARM_LABELS[a] for a in arms)}, {reps} repetitions) -> "
+        f"{escape(str(cfg.out))}")
+
+    def progress(msg: str) -> None:
+        env.console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)
+
+    def on_run(rec: Any, i: int, n: int) -> None:
+        style = "red" if not rec.ok else "yellow" if rec.clients_failed else None
+        env.console.print(f"[{i}/{n}] {escape(mb.run_line(rec))}", soft_wrap=True,
+                          style=style)
+
+    bench_ = mb.MigrateBench(cfg, progress=progress, on_run=on_run)
+    _run_bench(env, bench_, render_migrate, cfg.out, as_json)
+
+
+def render_migrate(env: Env, res: Any) -> None:
+    from orthros_py.bench import migrate as mb
+    from orthros_py.bench.pair.report import fmt_fig
+
+    wide = _wide(env)
+    cells = res.cells
+    if cells:
+        t = Table(title="orthros migrate against CRIU alone (ms, medians \\[min-max] over the "
+                        "runs counted)", title_justify="left")
+        for col in ("workload", "arm", "counted", "clients failed", "downtime", "CRIU",
+                    "share", "longest wait", "wait / downtime"):
+            t.add_column(col, justify="left" if col in ("workload", "arm") else "right")
+        for w in res.config.workloads:
+            mine = sorted((c for c in cells if c.workload == w),
+                          key=lambda c: mb.ARMS.index(c.arm))
+            for c in mine:
+                f = c.figures
+                # Short: the five figure columns with their ranges need the width.
+                t.add_row(f"{w} x{res.config.clients_of(w):,}", c.label, f"{c.ok}/{c.runs}",
+                          f"{c.clients_failed}/{c.runs}",
+                          *(fmt_fig(f[k], _int) for k in (
+                              "downtime_ms", "criu_ms", "share_ms", "longest_wait_ms")),
+                          mb.fmt_metric(f["wait_ratio"], "wait_ratio"),
+                          style="red" if c.ok < c.runs else None)
+            if mine:
+                t.add_section()
+        wide.print(t)
+        for comp in res.comparisons:
+            env.console.print(escape(mb.fmt_comparison(comp)), soft_wrap=True)
+    tg = Table(title="targets", title_justify="left")
+    for col in ("target", "goal", "measured", "", "detail"):
+        tg.add_column(col)
+    for x in res.targets:
+        mark = {True: "[green]met[/]", False: "[red]not met[/]", None: "[dim]—[/]"}[x.met]
+        tg.add_row(escape(x.name), escape(x.goal), escape(x.value), mark, escape(x.detail))
+    wide.print(tg)
+    for n in res.notes:
+        env.console.print(f"[dim]note: {escape(n)}[/]", soft_wrap=True)
+    for x in res.leftovers:
+        env.console.print(f"[yellow]cleanup:[/] {escape(x)}", soft_wrap=True)
+    for r in res.runs:
+        if not r.ok:
+            env.console.print(f"[red]{escape(mb.run_line(r))}[/]", soft_wrap=True)
+        elif r.clients_failed:
+            env.console.print(f"[yellow]{escape(mb.run_line(r))}[/]", soft_wrap=True)

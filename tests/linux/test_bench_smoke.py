@@ -1,7 +1,8 @@
 """A tiny real run of the network lock benchmark through the ``orthros bench netlock`` command:
 nginx, ab in a client namespace, dump and restore with the xdp lock and with none, at 0 and 20
-connections, once each. It must write its three kinds of output with sane numbers and leave
-nothing behind (namespace, veth, processes, locked connections).
+connections, once each. It must write its three kinds of output with sane numbers (the lock
+window and the longest client wait among them) and leave nothing behind (namespace, veth,
+processes, locked connections).
 
 And one of the pair benchmark (``orthros bench pair``): redis on a lab of three hosts, one round
 of unprotected, paired at 200 ms and paired with output commit, a few thousand requests, no
@@ -76,6 +77,23 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
             assert 0 < p["criu_ms"] <= p["elapsed_ms"] <= p["total_ms"], r
             assert p["lock_ms"] >= 0
         assert r["conns"] == r["concurrency"]
+        # The lock window: measured for every method, its parts on one clock, inside the wall
+        # (dump call to restore return) and around the gap between the calls.
+        w = r["window"]
+        assert w is not None, r
+        assert all(w[k] >= 0 for k in ("window_ms", "before_ms", "after_ms", "between_ms",
+                                       "wall_ms")), w
+        assert w["between_ms"] <= w["window_ms"] <= w["wall_ms"], w
+        assert w["wall_ms"] == pytest.approx(w["before_ms"] + w["window_ms"] + w["after_ms"])
+        assert w["window_ms"] <= r["dump"]["total_ms"] + w["between_ms"] \
+            + r["restore"]["total_ms"], w
+        # An ok run's clients saw nothing go wrong.
+        assert r["client_failures"] == [], r
+        if r["concurrency"]:
+            ab = r["ab"]
+            assert (ab["failed"], ab["non_2xx"], ab["write_errors"]) == (0, 0, 0), ab
+            assert ab["stopped"] is True and ab["stderr_errors"] == [] and not ab["aborted"], ab
+            assert ab["longest_ms"] is not None and ab["longest_ms"] >= 0, ab
     xdp20 = next(r for r in runs if r["method"] == "xdp" and r["concurrency"] == 20)
     assert xdp20["dump"]["lock_calls"] == 20  # the map held every connection
     assert xdp20["dump"]["lock_ms"] > 0
@@ -84,7 +102,13 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
     assert none0["dump"]["lock_ms"] == 0 and none0["ab"] is None
     assert {(m["concurrency"], m["method"]) for m in data["medians"]} == {
         (0, "xdp"), (0, "none"), (20, "xdp"), (20, "none")}
+    for m in data["medians"]:
+        assert m["ok"] == m["runs"] == 1 and m["failures"] == [], m
+        assert m["window_ms"] is not None and m["wall_ms"] is not None, m
+        assert (m["ab_longest_ms"] is not None) == (m["concurrency"] > 0), m
     assert data["ratios"][1]["xdp_none"] is not None
+    assert data["ratios"][1]["window_xdp_none"] is not None
+    assert "longest_xdp_none" in data["ratios"][1]
     micro = data["micro"]
     assert micro["conns"] == 200 and len(micro["lock_samples"]) == micro["reps"] == 3
     assert micro["lock_ms"] > 0 and micro["unlock_ms"] > 0
@@ -96,7 +120,8 @@ def test_smoke_run_writes_sane_results(bench_run: tuple[Path, dict[str, Any]]) -
     md = (out / "results.md").read_text()
     assert "| 20 | xdp | 1/1 |" in md and "| 20 | *paper: iptables* |" not in md
     assert "*paper: iptables*" in md  # the 0-connection row of the paper
-    for name in ("dump.png", "restore.png", "total.png"):
+    assert "## What the clients waited through" in md
+    for name in ("dump.png", "restore.png", "total.png", "window.png", "longest.png"):
         head = (out / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n", name
     # CRIU's logs stay for inspection, its bulky images do not.

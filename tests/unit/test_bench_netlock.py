@@ -1,5 +1,6 @@
-"""The network lock benchmark's pure half: ab's report, the run plan, phase splitting, medians,
-ratios, the paper's figures and the markdown table. No root, no processes."""
+"""The network lock benchmark's pure half: ab's report and what it says the clients saw, the
+run plan, phase splitting, the lock window, medians and ratios over the ok runs, the paper's
+figures, the markdown table and results files of older versions. No root, no processes."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from orthros_py.bench.netlock import (
     AbReport,
     BenchConfig,
     BenchResults,
+    LockWindow,
     Method,
     MicroResult,
     Phase,
     RunRecord,
+    client_failures,
+    fmt_range,
     fmt_ratio,
+    lock_window,
     markdown,
     parse_ab,
     parse_concurrency,
@@ -85,7 +90,7 @@ Percentage of the requests served within a certain time (ms)
 
 
 def test_ab_report_after_sigint() -> None:
-    rep = parse_ab(AB_SIGINT, "", 1)
+    rep = parse_ab(AB_SIGINT, "", 1, stopped=True)
     assert rep.complete == 127209
     assert (rep.failed, rep.non_2xx, rep.write_errors) == (0, 0, 0)
     assert rep.rps == pytest.approx(66611.58)
@@ -93,6 +98,111 @@ def test_ab_report_after_sigint() -> None:
     assert rep.longest_ms == 807.0
     assert rep.aborted is None
     assert rep.exit_code == 1
+    # ab exits 1 when we stop it with SIGINT: that is no failure of the clients.
+    assert client_failures(rep) == []
+
+
+def test_ab_exiting_by_itself_with_a_full_report_is_a_failure() -> None:
+    rep = parse_ab(AB_SIGINT, "", 1, stopped=False)
+    assert client_failures(rep) == ["ab exited with 1 before it was stopped"]
+    # Results of older versions did not record whether we stopped it: the status says nothing.
+    assert client_failures(parse_ab(AB_SIGINT, "", 1)) == []
+
+
+def test_ab_errors_on_stderr_are_failures() -> None:
+    rep = parse_ab(AB_SIGINT, "apr_pollset_poll: The timeout specified has expired (70007)\n"
+                   "apr_socket_recv: Connection reset by peer (104)\n", 1, stopped=True)
+    assert rep.aborted is None  # the full report is there
+    assert rep.stderr_errors == ["apr_pollset_poll: The timeout specified has expired (70007)",
+                                 "apr_socket_recv: Connection reset by peer (104)"]
+    assert client_failures(rep) == [
+        "ab on stderr: apr_pollset_poll: The timeout specified has expired (70007) (+1 more)"]
+
+
+# Real ab 2.3 output (Debian's apache2-utils): ``ab -k -r -c 5 -n 1000`` against a keep-alive
+# server that resets every 50th request's connection (SO_LINGER 0); stderr has only progress.
+AB_RESETS = """\
+This is ApacheBench, Version 2.3 <$Revision$>
+Copyright 1996 Adam Twiss, Zeus Technology Ltd, http://www.zeustech.net/
+Licensed to The Apache Software Foundation, http://www.apache.org/
+
+Benchmarking 127.0.0.1 (be patient)
+
+
+Server Software:
+Server Hostname:        127.0.0.1
+Server Port:            18181
+
+Document Path:          /
+Document Length:        6 bytes
+
+Concurrency Level:      5
+Time taken for tests:   0.020 seconds
+Complete requests:      1000
+Failed requests:        60
+   (Connect: 0, Receive: 20, Length: 20, Exceptions: 20)
+Keep-Alive requests:    980
+Total transferred:      66640 bytes
+HTML transferred:       5880 bytes
+Requests per second:    49173.88 [#/sec] (mean)
+Time per request:       0.102 [ms] (mean)
+Time per request:       0.020 [ms] (mean, across all concurrent requests)
+Transfer rate:          3200.14 [Kbytes/sec] received
+
+Connection Times (ms)
+              min  mean[+/-sd] median   max
+Connect:        0    0   0.0      0       0
+Processing:     0    0   0.1      0       1
+Waiting:        0    0   0.1      0       1
+Total:          0    0   0.1      0       1
+
+Percentage of the requests served within a certain time (ms)
+  50%      0
+  66%      0
+  75%      0
+  80%      0
+  90%      0
+  95%      0
+  98%      0
+  99%      0
+ 100%      1 (longest request)
+"""
+AB_RESETS_ERR = "".join(f"Completed {n} requests\n" for n in range(100, 1001, 100)) \
+    + "Finished 1000 requests\n"
+
+
+def test_ab_real_report_with_failed_requests() -> None:
+    rep = parse_ab(AB_RESETS, AB_RESETS_ERR, 0, stopped=False)
+    assert (rep.complete, rep.failed) == (1000, 60)
+    assert rep.failed_kinds == {"connect": 0, "receive": 20, "length": 20, "exceptions": 20}
+    assert rep.longest_ms == 1.0
+    assert rep.stderr_errors == []  # progress lines are no errors
+    assert client_failures(rep) == ["60 failed requests (receive 20, length 20, exceptions 20)"]
+
+
+def test_ab_real_report_with_non_2xx_responses() -> None:
+    # The same server answering 404 (``ab -k -r -c 5 -n 300``), the lines that differ.
+    text = AB_RESETS.replace("Complete requests:      1000\nFailed requests:        60\n"
+                             "   (Connect: 0, Receive: 20, Length: 20, Exceptions: 20)\n",
+                             "Complete requests:      300\nFailed requests:        0\n"
+                             "Non-2xx responses:      300\n")
+    rep = parse_ab(text, "", 1, stopped=True)
+    assert (rep.complete, rep.failed, rep.non_2xx) == (300, 0, 300)
+    assert client_failures(rep) == ["300 non-2xx responses"]
+
+
+def test_ab_real_that_gave_up_on_a_reset() -> None:
+    # ``ab -k -c 5 -n 1000`` (no -r) against the resetting server: it stops by itself.
+    out = ("This is ApacheBench, Version 2.3 <$Revision$>\n"
+           "Copyright 1996 Adam Twiss, Zeus Technology Ltd, http://www.zeustech.net/\n"
+           "Licensed to The Apache Software Foundation, http://www.apache.org/\n\n"
+           "Benchmarking 127.0.0.1 (be patient)\nTotal of 49 requests completed\n")
+    err = "apr_socket_recv: Connection reset by peer (104)\n"
+    rep = parse_ab(out, err, 104, stopped=False)
+    assert rep.complete == 49 and rep.longest_ms is None
+    assert client_failures(rep) == [
+        "ab exited with 104 before it was stopped",
+        "ab gave up: apr_socket_recv: Connection reset by peer (104)"]
 
 
 def test_ab_failures_and_non_2xx() -> None:
@@ -106,9 +216,32 @@ def test_ab_failures_and_non_2xx() -> None:
     assert (rep.write_errors, rep.non_2xx) == (3, 4)
 
 
-def test_ab_longest_from_connection_times_without_percentiles() -> None:
-    text = AB_SIGINT.split("Percentage of the requests")[0].replace("807\n", "1234\n")
-    assert parse_ab(text).longest_ms == 1234.0
+def test_ab_without_a_percentile_table_has_no_longest_wait() -> None:
+    # Real ``ab -k -c 1 -n 1``: with one request ab prints no percentile table; the Connection
+    # Times max is not taken for the longest request in its place.
+    text = AB_RESETS.split("Concurrency Level")[0] + """\
+Concurrency Level:      1
+Time taken for tests:   0.000 seconds
+Complete requests:      1
+Failed requests:        0
+Keep-Alive requests:    1
+Total transferred:      75 bytes
+HTML transferred:       6 bytes
+Requests per second:    2347.42 [#/sec] (mean)
+Time per request:       0.426 [ms] (mean)
+Time per request:       0.426 [ms] (mean, across all concurrent requests)
+Transfer rate:          171.93 [Kbytes/sec] received
+
+Connection Times (ms)
+              min  mean[+/-sd] median   max
+Connect:        0    0   0.0      0       0
+Processing:     0    0   0.0      0       0
+Waiting:        0    0   0.0      0       0
+Total:          0    0   0.0      0       0
+"""
+    rep = parse_ab(text, "", 1, stopped=True)
+    assert rep.complete == 1 and rep.longest_ms is None
+    assert client_failures(rep) == []  # no figure is no failure; the report says it is missing
 
 
 def test_ab_that_gave_up_by_itself() -> None:
@@ -120,12 +253,15 @@ def test_ab_that_gave_up_by_itself() -> None:
     assert rep.aborted == "Test aborted after 10 failures; " \
                           "apr_socket_connect(): Connection refused (111)"
     assert rep.longest_ms is None
+    assert client_failures(rep) == ["ab gave up: Test aborted after 10 failures; "
+                                    "apr_socket_connect(): Connection refused (111)"]
 
 
 def test_ab_that_printed_nothing() -> None:
-    rep = parse_ab("", "", -9)
+    rep = parse_ab("", "", -9, stopped=True)
     assert rep.complete == 0
     assert rep.aborted == "ab printed no report"
+    assert client_failures(rep) == ["ab printed no report"]
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -199,14 +335,19 @@ def test_split_none_has_no_lock() -> None:
 
 def run(conc: int, method: str, dump: float, restore: float, *, lock: float = 0.0,
         ok: bool = True, rep: int = 0, longest: float | None = 100.0, failed: int = 0,
-        error: str | None = None) -> RunRecord:
+        error: str | None = None, window: float | None = None) -> RunRecord:
+    """A run as the runner leaves it; ``window`` (ms) with 10 ms before and 5 ms after it."""
     rec = RunRecord(conc, method, rep, 0, ok=ok, conns=conc)
     if ok:
         rec.dump = Phase(dump, dump - lock - 10, lock, dump - 10)
         rec.restore = Phase(restore, restore - lock - 5, lock, restore - 5)
-        rec.ab = AbReport(complete=1000, failed=failed, longest_ms=longest)
+        rec.ab = AbReport(complete=1000, failed=failed, longest_ms=longest, exit_code=1,
+                          stopped=True)
+        if window is not None:
+            rec.window = LockWindow(window, 10.0, 5.0, 1.0, window + 15.0)
     else:
         rec.stage, rec.error = "dump", error
+    rec.judge_clients()
     return rec
 
 
@@ -228,17 +369,89 @@ def test_summarize_takes_medians_of_successful_runs() -> None:
 def test_summarize_orders_and_counts_failures() -> None:
     runs = [run(1000, "none", 10, 10), run(0, "xdp", 10, 10), run(0, "iptables", 10, 10),
             run(1000, "nftables", 0, 0, ok=False, error="CRIU exited"),
-            run(1000, "nftables", 0, 0, ok=False, error="CRIU exited"),
-            run(1000, "none", 12, 10, failed=7, longest=None)]
+            run(1000, "nftables", 0, 0, ok=False, error="CRIU exited", rep=1),
+            run(1000, "none", 12, 10, longest=None, rep=1)]
     cells = summarize(runs)
     assert [(c.concurrency, c.method) for c in cells] == [
         (0, "iptables"), (0, "xdp"), (1000, "nftables"), (1000, "none")]
     nft = cells[2]
     assert (nft.ok, nft.runs, nft.dump_total_ms) == (0, 2, None)
     assert nft.errors == ["dump: CRIU exited"]  # distinct reasons only
+    assert nft.failures == ["rep 1: dump: CRIU exited", "rep 2: dump: CRIU exited"]
     none = cells[3]
-    assert none.ab_failed == 7
+    assert none.ok == 2
     assert none.ab_longest_ms == 100  # the run without a longest request is left out
+    assert none.ab_longest_missing == 1  # and counted, so that the report can say so
+
+
+# --- clients' failures, the lock window ---------------------------------------------------------
+
+def test_a_run_whose_clients_saw_failures_failed() -> None:
+    rec = run(500, "none", 50, 20, failed=7)
+    assert not rec.ok and rec.stage == "clients"
+    assert rec.error == "7 failed requests" and rec.client_failures == ["7 failed requests"]
+    assert rec.dump is not None  # its figures stay
+    # A run CRIU failed keeps CRIU's reason first; its clients' failures are listed beside it.
+    crashed = RunRecord(500, "nftables", 0, 0, stage="dump", error="CRIU exited",
+                        ab=AbReport(failed=3, stopped=True, exit_code=1))
+    crashed.judge_clients()
+    assert (crashed.stage, crashed.error) == ("dump", "CRIU exited")
+    assert crashed.client_failures == ["3 failed requests"]
+
+
+def test_a_run_with_clients_but_no_report_from_ab_failed() -> None:
+    rec = RunRecord(20, "xdp", 0, 0, ok=True, error="stopping ab: [Errno 5] EIO")
+    rec.judge_clients()
+    assert not rec.ok
+    assert rec.error == "ab left no report; stopping ab: [Errno 5] EIO"
+    idle = RunRecord(0, "xdp", 0, 0, ok=True)  # no clients at all: nothing to judge
+    idle.judge_clients()
+    assert idle.ok and idle.client_failures == []
+
+
+def test_lock_window_from_six_instants() -> None:
+    w = lock_window(10.000, 10.040, 10.060, 10.062, 10.080, 10.090)
+    assert w is not None
+    assert w.before_ms == pytest.approx(40)  # discovery, attach
+    assert w.window_ms == pytest.approx(40)  # engaged to unlocked, across both calls
+    assert w.after_ms == pytest.approx(10)  # detach
+    assert w.between_ms == pytest.approx(2)
+    assert w.wall_ms == pytest.approx(w.before_ms + w.window_ms + w.after_ms)
+    assert lock_window(10.0, None, 10.1, 10.2, 10.3, 10.4) is None
+    assert lock_window(10.0, 10.05, 10.1, 10.2, None, 10.4) is None
+
+
+def test_failed_runs_stay_out_of_medians_and_ratios() -> None:
+    runs = [run(500, "xdp", 100, 50, window=40, longest=300, rep=0),
+            run(500, "xdp", 110, 60, window=60, longest=500, rep=1),
+            run(500, "xdp", 120, 70, window=50, longest=400, rep=2),
+            run(500, "none", 90, 40, window=20, longest=100, rep=0),
+            run(500, "none", 95, 45, window=30, longest=200, rep=1),
+            # Faster and shorter, but its clients lost requests: it must not pull the medians.
+            run(500, "none", 10, 10, window=1, longest=1, failed=12, rep=2)]
+    xdp, none = summarize(runs)
+    assert (xdp.ok, xdp.runs, none.ok, none.runs) == (3, 3, 2, 3)
+    assert (none.client_failed, none.ab_failed) == (1, 12)  # counted, not averaged
+    assert none.failures == ["rep 3: clients: 12 failed requests"]
+    assert (xdp.window_ms, xdp.window_min_ms, xdp.window_max_ms) == (50, 40, 60)
+    assert (xdp.before_ms, xdp.after_ms) == (10, 5)
+    assert (xdp.wall_ms, xdp.wall_min_ms, xdp.wall_max_ms) == (65, 55, 75)
+    assert (xdp.ab_longest_ms, xdp.ab_longest_min_ms, xdp.ab_longest_max_ms) == (400, 300, 500)
+    assert (none.window_ms, none.ab_longest_ms, none.sum_ms) == (25, 150, 135)
+    (r,) = ratios([xdp, none])
+    assert r.window_xdp_none == pytest.approx(50 / 25)
+    assert r.longest_xdp_none == pytest.approx(400 / 150)
+    assert r.xdp_none == pytest.approx(170 / 135)
+    d = r.to_dict()
+    assert d["window_xdp_none"] == pytest.approx(2.0)
+    assert d["longest_xdp_none"] == pytest.approx(400 / 150)
+
+
+def test_fmt_range() -> None:
+    assert fmt_range(50.0, 40.0, 60.0) == "50.00 (40.00-60.00)"
+    assert fmt_range(400.0, 300.0, 500.0, 0) == "400 (300-500)"
+    assert fmt_range(50.0, 50.0, 50.0) == "50.00"  # one run: no range
+    assert fmt_range(None, None, None) == "—"
 
 
 def test_ratios() -> None:
@@ -271,9 +484,12 @@ def results() -> BenchResults:
     res = BenchResults(BenchConfig(concurrency=(0, 500), reps=1),
                        env={"kernel": "Linux 6.18", "cpus": 2, "criu": "4.2.1"},
                        started="2026-11-23T10:00:00+00:00")
-    res.runs = [run(0, "xdp", 60, 50), run(500, "xdp", 140, 190, lock=1.2),
-                run(500, "iptables", 2700, 19700, lock=2500),
-                run(500, "nftables", 0, 0, ok=False, error="CRIU exited in the middle")]
+    res.runs = [run(0, "xdp", 60, 50, window=45), run(500, "xdp", 140, 190, lock=1.2,
+                                                      window=120, longest=1064),
+                run(500, "iptables", 2700, 19700, lock=2500, window=22300, longest=22500),
+                run(500, "nftables", 0, 0, ok=False, error="CRIU exited in the middle"),
+                run(500, "none", 70, 40, window=60, longest=40),
+                run(500, "none", 60, 30, window=50, longest=30, failed=5, rep=1)]
     res.micro = MicroResult(1000, 7, 1.1, 0.9, [1.1] * 7, [0.9] * 7)
     return res
 
@@ -285,7 +501,16 @@ def test_markdown_has_our_rows_the_papers_and_the_failures() -> None:
     assert "| 0 | *paper: iptables* | | *135.14* | *121.63* | *13.51* | *34.02* | *34.02* | *—*" \
         in md
     assert "| 500 | nftables | 0/1 ✗ | — |" in md
-    assert "- 500 connections, nftables: dump: CRIU exited in the middle" in md
+    assert "- 500 connections, nftables, rep 1: dump: CRIU exited in the middle" in md
+    assert "- 500 connections, none, rep 2: clients: 5 failed requests" in md
+    # The window table: ok/runs, failed (for the clients), window, before, after, wall, longest.
+    assert "| 500 | xdp | 1/1 | 0 | 120.00 | 10.00 | 5.00 | 135.00 | 1,064 | 0 |" in md
+    assert "| 500 | none | 1/2 ✗ | 1 (1 clients) | 60.00 | 10.00 | 5.00 | 75.00 | 40 | 5 |" \
+        in md
+    assert "| 500 | nftables | 0/1 ✗ | 1 | — | — | — | — | — | 0 |" in md
+    # Ratios: dump+restore against iptables and none; window and longest wait against none.
+    assert "| 500 | 330.00 | 22,400.00 | 110.00 | 0.015 (1 : 67.9) | 3.000 |" in md
+    assert "| 500 | 120.00 | 60.00 | 2.000 | 1,064 | 40 | 26.600 |" in md
     assert "xdp : iptables" in md
     assert "1,000 synthetic connections" in md
     assert "lock + unlock, best of 7: 2.000 ms" in md  # the figure no test asserts a limit on
@@ -298,12 +523,84 @@ def test_results_round_trip_through_json() -> None:
     assert back.to_dict() == data
     assert data["medians"][0]["method"] == "xdp"
     assert data["ratios"][1]["xdp_iptables"] == pytest.approx(330 / 22400)
+    assert data["ratios"][1]["window_xdp_none"] == pytest.approx(2.0)
+    none_failed = data["runs"][-1]
+    assert not none_failed["ok"] and none_failed["client_failures"] == ["5 failed requests"]
+    assert none_failed["window"]["window_ms"] == 50  # a failed run keeps its figures
 
 
 def test_write_outputs_without_plots(tmp_path: Path) -> None:
     made = nb.write_outputs(results(), tmp_path, plots=False)
     assert {p.name for p in made} == {"results.json", "results.md"}
     assert nb.load_results(tmp_path / "results.json").runs[1].dump is not None
+
+
+# A run as results.json held it before the lock window and the clients' verdict (a real one,
+# CRIU's statistics left out): no "window", no "client_failures", ab without "stopped".
+OLD_RUN: dict[str, Any] = {
+    "concurrency": 50, "method": "xdp", "rep": 0, "seq": 4, "ok": True, "stage": None,
+    "error": None, "conns": 50,
+    "dump": {"total_ms": 68.90596199809806, "criu_ms": 20.548826999493407, "lock_ms": 0.234,
+             "elapsed_ms": 20.78282699949341, "lock_calls": 50, "frozen_ms": 14.142,
+             "stats": None},
+    "restore": {"total_ms": 38.86200200213352, "criu_ms": 16.820346005140337,
+                "lock_ms": 0.408, "elapsed_ms": 17.228346005140338, "lock_calls": 50,
+                "frozen_ms": None, "stats": None},
+    "dump_restore_ms": 107.76796400023159,
+    "ab": {"complete": 76682, "failed": 0, "failed_kinds": {}, "non_2xx": 0,
+           "write_errors": 0, "rps": 64479.24, "seconds": 1.189, "longest_ms": 1064.0,
+           "aborted": None, "exit_code": 1},
+    "leftovers": [], "wall_s": 1.273}
+
+
+def old_results() -> dict[str, Any]:
+    lossy = {**OLD_RUN, "method": "none", "seq": 3,
+             "ab": {**OLD_RUN["ab"], "failed": 4, "longest_ms": 40.0}}
+    return {"benchmark": "netlock",
+            "config": {"concurrency": [50], "reps": 1, "methods": ["xdp", "none"],
+                       "out": "/tmp/bn-old", "settle_s": 1.0},
+            "env": {}, "started": "2026-11-28T10:00:00+00:00", "finished": None,
+            "interrupted": False, "notes": [], "micro": None,
+            "runs": [OLD_RUN, lossy]}
+
+
+def test_older_results_load_with_the_new_fields_missing() -> None:
+    res = BenchResults.from_dict(old_results())
+    xdp, none = res.runs
+    assert xdp.ok and xdp.window is None and xdp.client_failures == []
+    assert xdp.ab is not None and xdp.ab.stopped is None and xdp.ab.stderr_errors == []
+    # Judged by today's rule: the old "ok" run whose clients lost requests failed.
+    assert not none.ok and none.stage == "clients"
+    cxdp, cnone = res.cells
+    assert cxdp.window_ms is None and cxdp.window_missing == 1
+    assert cxdp.ab_longest_ms == 1064 and cnone.ok == 0
+    (r,) = res.ratios
+    assert r.window_xdp_none is None and r.longest_xdp_none is None
+    md = markdown(res)
+    assert "| 50 | xdp | 1/1 | 0 | — | — | — | — | 1,064 | 0 |" in md
+    notes = nb.notes_for(res.runs)
+    assert any("no lock window" in n for n in notes), notes
+
+
+def test_the_command_renders_older_results(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from orthros_py.cli import main
+    from orthros_py.cli.context import Env
+
+    (tmp_path / "results.json").write_text(json.dumps(old_results()))
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "netlock", "--from-json", str(tmp_path / "results.json"), "--json"],
+             env=Env(stdout=out, stderr=err))
+    assert exc.value.code in (0, None), err.getvalue()
+    got = json.loads(out.getvalue())
+    assert got["runs"][0]["window"] is None and got["ratios"][0]["window_xdp_none"] is None
+    text = err.getvalue()
+    assert "lock window" in text and "rep 1: clients: 4 failed requests" in text
+    assert (tmp_path / "total.png").exists() and (tmp_path / "longest.png").exists()
+    assert not (tmp_path / "window.png").exists()  # no run measured one
 
 
 # --- small parsers and helpers ------------------------------------------------------------------

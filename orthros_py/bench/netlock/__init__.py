@@ -8,7 +8,9 @@ more of traffic, then ab is stopped with SIGINT and its report read. Methods: CR
 ``iptables`` and ``nftables``, orthros's ``xdp`` (BPF map writes), and ``none`` (nobody locks:
 the floor). Each phase is split into CRIU's own part and the lock: for iptables/nftables the
 time CRIU spent in its lock calls, read from its own log at level 4 (``criu.log``); for xdp the
-map writes orthros timed itself.
+map writes orthros timed itself. Per run also the lock window (from the lock's engaging to the
+connections' flowing again: what clients wait through) and ab's longest request; a run whose
+clients saw any failure counts as failed.
 
 The package: ``model`` (pure: methods, the paper's figures, ab's report, run records, plan,
 medians, ratios; no privileges, unit-tested), ``report`` (results.json, results.md, PNG plots),
@@ -32,10 +34,13 @@ from orthros_py.bench.netlock.model import (
     AbReport,
     BenchConfig,
     BenchResults,
+    LockWindow,
     Method,
     MicroResult,
     Phase,
     RunRecord,
+    client_failures,
+    lock_window,
     parse_ab,
     plan,
     ratios,
@@ -43,6 +48,7 @@ from orthros_py.bench.netlock.model import (
     summarize,
 )
 from orthros_py.bench.netlock.report import (
+    fmt_range,
     fmt_ratio,
     load_results,
     markdown,
@@ -65,15 +71,19 @@ __all__ = [
     "AbReport",
     "BenchConfig",
     "BenchResults",
+    "LockWindow",
     "Method",
     "MicroResult",
     "NetlockBench",
     "Phase",
     "RunRecord",
+    "client_failures",
     "criu_iptables_rules",
     "default_out",
+    "fmt_range",
     "fmt_ratio",
     "load_results",
+    "lock_window",
     "markdown",
     "notes_for",
     "parse_ab",

@@ -42,6 +42,7 @@ from orthros_py.bench.netlock.model import (
     Method,
     PlannedRun,
     RunRecord,
+    lock_window,
     parse_ab,
     plan,
     split_phase,
@@ -232,6 +233,10 @@ class NetlockBench:
                                       spans_ms=spans.total_ms, spans_calls=spans.calls,
                                       lock_report=r.extra.get("lock"),
                                       stats=r.stats.to_dict() if r.stats else None)
+            # Same process, same clock: when the lock engaged (CRIU's dump called) and when
+            # the connections flowed again, between the calls' own starts and ends.
+            rec.window = lock_window(t0, d.extra.get("engaged_at"), t1, t2,
+                                     r.extra.get("unlocked_at"), t3)
             rec.ok = True
             if ab is not None:
                 stage = "clients after restore"
@@ -241,6 +246,7 @@ class NetlockBench:
             rec.stage, rec.error = stage, _reason(err, log)
         finally:
             self._teardown(rec, nginx, ab, restored, rundir, method, tables_before)
+            rec.judge_clients()  # ab's report is in only now that it is stopped
             rec.wall_s = time.monotonic() - started
         return rec
 
@@ -271,7 +277,8 @@ class NetlockBench:
             time.sleep(0.05)
 
     def _stop_ab(self, ab: subprocess.Popen[bytes], rundir: Path) -> AbReport:
-        if ab.poll() is None:
+        stopped = ab.poll() is None  # else it ended by itself: its status then says why
+        if stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(ab.pid, signal.SIGINT)  # ab prints its report on SIGINT
             try:
@@ -282,7 +289,7 @@ class NetlockBench:
                 ab.wait(timeout=10)
         out = (rundir / "ab.out").read_text(errors="replace")
         err = (rundir / "ab.err").read_text(errors="replace")
-        return parse_ab(out, err, ab.returncode)
+        return parse_ab(out, err, ab.returncode, stopped)
 
     def _teardown(self, rec: RunRecord, nginx: Nginx, ab: subprocess.Popen[bytes] | None,
                   restored: int | None, rundir: Path, method: Method,
