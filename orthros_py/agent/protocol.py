@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import io
 import json
 import math
 import re
@@ -585,6 +586,13 @@ def file_digest(f: SourceFile) -> tuple[int, str]:
 
 def send_payload(sock: socket.socket, f: SourceFile, size: int) -> None:
     """Stream ``size`` bytes of ``f`` from its start (sendfile(2) where the kernel can)."""
+    if size and isinstance(f, io.BytesIO):
+        # In memory already: one write (socket.sendfile would send it 8 KiB at a time).
+        data = f.getbuffer()[:size]
+        if len(data) != size:
+            raise ProtocolError(f"the payload is {len(data)} bytes, not {size}")
+        sock.sendall(data)
+        return
     if size:
         sent = sock.sendfile(f, 0, size)
         if sent != size:

@@ -120,6 +120,9 @@ class AgentServer(socketserver.ThreadingTCPServer):
             return
         try:
             sock.settimeout(self.idle_timeout)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Answers and payloads are written whole: no Nagle wait for the peer's ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             first: _Deadline | None = _Deadline(sock, time.monotonic() + self.auth_timeout)
             while not self.stopping:
                 try:

@@ -40,6 +40,9 @@ from orthros_py.proc.tree import ProcessRef
 log = logging.getLogger("orthros.agent")
 
 TRASH = ".trash"  # below the images root: images being removed in the background
+# Transient images in memory where /dev/shm is a tmpfs, one directory per agent.
+SCRATCH_BASE = Path("/dev/shm/orthros-images")
+TMPFS_MAGIC = 0x01021994
 KEEP_EXITED = 256  # exited trees kept in the table (for ``status``) before the oldest go
 
 
@@ -119,12 +122,49 @@ class PageServer:
                 "channel_error": self.joint.error if self.joint is not None else None}
 
 
+def default_scratch_root(name: str) -> Path | None:
+    """The scratch root an agent called ``name`` uses unless told: on /dev/shm if that is a
+    tmpfs (memory), else none."""
+    try:
+        import ctypes  # statfs(2): its f_type says tmpfs
+
+        buf = ctypes.create_string_buffer(120)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.statfs(str(SCRATCH_BASE.parent).encode(), buf) != 0:
+            return None
+        if int.from_bytes(buf.raw[:8], "little") != TMPFS_MAGIC:
+            return None
+    except OSError:
+        return None
+    return SCRATCH_BASE / name
+
+
+def _scratch_dir(root: Path | None) -> Path | None:
+    """``root`` made ready (root's own, no access for others), emptied of removals an agent's
+    death interrupted; None if it cannot be used (then images stay on disk)."""
+    if root is None:
+        return None
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.lstat()
+        if not root.is_dir() or root.is_symlink() or st.st_uid != os.geteuid() \
+                or st.st_mode & 0o077:
+            log.warning("scratch root %s is not a private directory: images stay on disk", root)
+            return None
+    except OSError as err:
+        log.warning("no scratch root at %s (%s): images stay on disk", root, err.strerror)
+        return None
+    shutil.rmtree(root / TRASH, ignore_errors=True)
+    return root.resolve()
+
+
 class Agent:
     """What one agent holds: its name, key, images root, the trees it restored, the page
     servers it started, and the network locks it keeps loaded. Shared by all connections."""
 
     def __init__(self, name: str, images_root: Path, key: bytes, *,
-                 listen_host: str = "", cgroup_root: str = "/") -> None:
+                 listen_host: str = "", cgroup_root: str = "/",
+                 scratch_root: Path | None = None) -> None:
         validate_name(name, "agent name")
         self.name = name
         # Where this host keeps its containers' cgroups: a tree migrated here from a host with
@@ -140,6 +180,10 @@ class Agent:
         # Images removed in the background wait here; a removal an agent's death interrupted
         # is finished at the next start.
         shutil.rmtree(self.images_root / TRASH, ignore_errors=True)
+        # Where transient images (a migration's) live in memory (a tmpfs), reached through a
+        # symlink in the images root: a dump and its transfer write hundreds of small files,
+        # which a slow disk turned into the larger part of a migration's downtime. None: none.
+        self.scratch_root = _scratch_dir(scratch_root)
         # What paths and external resources requests from the network may name here.
         self.option_policy = optpolicy.Policy(str(self.images_root))
         # Page channels listen where the agent listens unless told otherwise: no need to face
@@ -170,11 +214,26 @@ class Agent:
 
     # -- images ---------------------------------------------------------------------------
 
-    def image_path(self, image: str, *, create: bool = False, must_exist: bool = False) -> Path:
-        """The directory of image ``image`` below the root; never a symlink out of it."""
+    def image_path(self, image: str, *, create: bool = False, must_exist: bool = False,
+                   scratch: bool = False) -> Path:
+        """The directory of image ``image`` below the root; never a symlink out of it, but
+        to the image's own directory in the scratch root. ``scratch`` with ``create``: a new
+        image goes to the scratch root (in memory) where the agent has one."""
         path = self.images_root / validate_name(image)
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
+        if path.is_symlink():
+            if not self._scratch_link(path):
+                raise BadImageError(f"{path} is not an image directory")
+            return path
+        if path.exists() and not path.is_dir():
             raise BadImageError(f"{path} is not an image directory")
+        if create and scratch and self.scratch_root is not None and not path.exists():
+            real = self.scratch_root / path.name
+            try:
+                real.mkdir(mode=0o700, exist_ok=True)
+                path.symlink_to(real)
+            except OSError as err:
+                raise BadImageError(f"cannot create {real}: {err.strerror}") from err
+            return path
         if create:
             try:
                 path.mkdir(mode=0o700, exist_ok=True)
@@ -209,10 +268,35 @@ class Agent:
         with self.mutex:
             return dict(self._busy)
 
-    def remove_later(self, path: Path) -> None:
-        """Take ``path`` (an image directory) out of the way at once (a rename) and delete it
-        on a thread of its own: a caller need not wait for thousands of files to go."""
-        trash = self.images_root / TRASH
+    def _scratch_link(self, path: Path) -> bool:
+        """Whether ``path`` is an image's link to its own directory in the scratch root."""
+        if self.scratch_root is None:
+            return False
+        try:
+            return Path(os.readlink(path)) == self.scratch_root / path.name
+        except OSError:
+            return False
+
+    def remove_image_dir(self, path: Path, *, later: bool = False) -> None:
+        """Delete image directory ``path`` (and its scratch directory, if it has one);
+        ``later``: out of the way at once, its files deleted on a thread of its own."""
+        if path.is_symlink():
+            root = self.scratch_root if self._scratch_link(path) else None
+            path.unlink()
+            if root is not None:
+                if later:
+                    self._remove_later(root / path.name, root / TRASH)
+                else:
+                    shutil.rmtree(root / path.name, ignore_errors=True)
+            return
+        if later:
+            self._remove_later(path, self.images_root / TRASH)
+        else:
+            shutil.rmtree(path)
+
+    def _remove_later(self, path: Path, trash: Path) -> None:
+        """Take ``path`` out of the way at once (a rename) and delete it on a thread of its
+        own: a caller need not wait for thousands of files to go."""
         trash.mkdir(mode=0o700, exist_ok=True)
         gone = trash / f"{path.name}.{uuid.uuid4().hex[:8]}"
         path.rename(gone)
@@ -220,13 +304,14 @@ class Agent:
                          name=f"remove {path.name}", daemon=True).start()
 
     def image_names(self) -> list[str]:
-        """The image directories below the root."""
+        """The image directories below the root (those in the scratch root too)."""
         try:
             entries = list(os.scandir(self.images_root))
         except OSError:
             return []
         return sorted(e.name for e in entries
-                      if valid_name(e.name) and e.is_dir(follow_symlinks=False))
+                      if valid_name(e.name) and (e.is_dir(follow_symlinks=False)
+                                                 or self._scratch_link(Path(e.path))))
 
     # -- restored trees -------------------------------------------------------------------
 

@@ -47,6 +47,11 @@ def _log_to(env: Env, verbose: bool) -> logging.Logger:
 @click.option("--images-root", envvar="ORTHROS_AGENT_IMAGES_ROOT",
               type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_IMAGES_ROOT,
               show_default=True, help="Directory holding this host's image directories.")
+@click.option("--scratch-root", envvar="ORTHROS_AGENT_SCRATCH_ROOT", default=None,
+              metavar="DIR|none",
+              help="Directory in memory (a tmpfs) for transient images, a migration's: "
+                   "'none' keeps them on disk [default: /dev/shm/orthros-images/NAME where "
+                   "/dev/shm is a tmpfs].")
 @click.option("--name", envvar="ORTHROS_AGENT_NAME", default=None,
               help="This host's name in errors and answers [default: the host name].")
 @click.option("--replay-window", type=click.FloatRange(min=1.0), default=REPLAY_WINDOW,
@@ -57,11 +62,11 @@ def _log_to(env: Env, verbose: bool) -> logging.Logger:
                    "host with another root are recreated below this one.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request, pings included.")
 @click.pass_obj
-def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | None,
-          replay_window: float, cgroup_root: str, verbose: bool) -> None:
+def agent(env: Env, listen: str, key_path: Path, images_root: Path, scratch_root: str | None,
+          name: str | None, replay_window: float, cgroup_root: str, verbose: bool) -> None:
     """Run this host's agent in the foreground, logging to stderr, until SIGTERM or Ctrl-C."""
     from orthros_py.agent.server import AgentServer
-    from orthros_py.agent.state import Agent
+    from orthros_py.agent.state import Agent, default_scratch_root
     from orthros_py.agent.table import OPS
 
     try:
@@ -72,8 +77,14 @@ def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | 
     key = load_key(key_path)
     if not cgroup_root.startswith("/") or ".." in cgroup_root.split("/"):
         raise click.BadParameter("give an absolute cgroup path", param_hint="--cgroup-root")
-    state = Agent(name or socket.gethostname().split(".")[0], images_root, key, listen_host=host,
-                  cgroup_root=cgroup_root)
+    name = name or socket.gethostname().split(".")[0]
+    if scratch_root is not None and scratch_root != "none" and not scratch_root.startswith("/"):
+        raise click.BadParameter("give an absolute directory, or 'none'",
+                                 param_hint="--scratch-root")
+    scratch = (None if scratch_root == "none" else
+               Path(scratch_root) if scratch_root else default_scratch_root(name))
+    state = Agent(name, images_root, key, listen_host=host, cgroup_root=cgroup_root,
+                  scratch_root=scratch)
     server = AgentServer(state, (host, port), replay_window=replay_window)
     from orthros_py.agent.ops.pair import pairs_of
 
@@ -91,9 +102,10 @@ def agent(env: Env, listen: str, key_path: Path, images_root: Path, name: str | 
         signal.signal(sig, on_signal)
     if os.geteuid() != 0:
         log.warning("not running as root: dump, restore and page servers will be refused")
-    log.info("agent %s listening on %s (protocol v%d, %d operations), images in %s",
+    log.info("agent %s listening on %s (protocol v%d, %d operations), images in %s%s",
              state.name, format_endpoint(*server.endpoint), PROTOCOL_VERSION, len(OPS),
-             state.images_root)
+             state.images_root,
+             f", transient ones in {state.scratch_root}" if state.scratch_root else "")
     try:
         server.serve(stop)
     finally:

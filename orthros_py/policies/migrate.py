@@ -231,6 +231,10 @@ class MigrateConfig:
     precopy_auto_bytes: int = 64 << 20
     # How long the last lazy page may take to arrive after the restore.
     lazy_timeout_s: float = 1800.0
+    # Keep the images in memory on both hosts (the agents' scratch roots, a tmpfs) for trees
+    # of at most this many resident bytes: the dump and the transfer write hundreds of small
+    # files, which a slow disk made the larger part of the downtime. 0: always on disk.
+    scratch_max_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         for name in ("prepare_timeout_s", "dump_timeout_s", "transfer_timeout_s",
@@ -911,9 +915,25 @@ class Migration(Policy):
                                                    str(info["nonce"]), "waiting")
             else:
                 self.done.page_server = True
-                self._page_server = dst.agent.page_server(
-                    self.image, address=dst.address, log_level=cfg.criu_log_level,
-                    parent=self._parent)
+                if self._scratch:
+                    self._page_server = dst.agent.page_server(
+                        self.image, address=dst.address, log_level=cfg.criu_log_level,
+                        scratch=True)
+                else:
+                    self._page_server = dst.agent.page_server(
+                        self.image, address=dst.address, log_level=cfg.criu_log_level,
+                        parent=self._parent)
+
+    @property
+    def _scratch(self) -> bool:
+        """Whether this migration's images stay in memory on both hosts (where the agents
+        have a scratch root): not for post-copy, not incremental to pre-copy rounds (their
+        images are on disk), not for a tree too large for memory twice over, not for a tree
+        with a mount namespace of its own (a container): CRIU archives its tmpfs mounts, and
+        the one holding a scratch root would be among them, being written meanwhile."""
+        tree = self._tree
+        return (not self.config.lazy and self._parent is None and tree is not None
+                and tree.in_agent_mntns and 0 < tree.rss <= self.config.scratch_max_bytes)
 
     def _precopy_wanted(self) -> str | None:
         """Why pre-copy is off for this migration (None: it runs)."""
@@ -1048,7 +1068,8 @@ class Migration(Policy):
                 self._dumped = src.agent.dump(self.pid, self.image, opts,
                                               timeout=cfg.dump_timeout_s,
                                               page_nonce=str(ps.nonce),
-                                              dirty_track=self.done.tracker)
+                                              dirty_track=self.done.tracker,
+                                              scratch=self._scratch)
         except BaseException as err:
             # A dump that failed leaves the tree running (CRIU resumes it). One whose answer
             # was lost may have succeeded: ask whether the tree is held stopped.
@@ -1090,7 +1111,8 @@ class Migration(Policy):
         src, dst = self.source, self.dest
         with self.on(src):
             sent: list[FileInfo] = steps.push_images(src, dst, self.image,
-                                                     timeout=self.config.transfer_timeout_s)
+                                                     timeout=self.config.transfer_timeout_s,
+                                                     scratch=self._scratch)
         self._bytes = sum(f.size for f in sent)
         self.note(f"{len(sent)} image files ({self._bytes} bytes) sent to {dst.name}")
 

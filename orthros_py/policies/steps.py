@@ -90,8 +90,13 @@ def release_held(host: Host, pid: int, *, wait: float, stage: str) -> None:
 
 
 def push_images(src: Host, dst: Host, image: str, *, timeout: float, overwrite: bool = False,
-                prefixes: Iterable[str] | None = None) -> list[FileInfo]:
-    """Have ``src``'s agent send image files straight to ``dst``'s agent."""
+                prefixes: Iterable[str] | None = None, scratch: bool = False) -> list[FileInfo]:
+    """Have ``src``'s agent send image files straight to ``dst``'s agent (``scratch``: into
+    memory there, where it can)."""
+    if scratch:
+        return src.agent.push_images(image, dst.address, dst.agent_port, dest_name=dst.name,
+                                     overwrite=overwrite, timeout=timeout, prefixes=prefixes,
+                                     scratch=True)
     return src.agent.push_images(image, dst.address, dst.agent_port, dest_name=dst.name,
                                  overwrite=overwrite, timeout=timeout, prefixes=prefixes)
 

@@ -163,7 +163,8 @@ class FakeAgent:
         return []
 
     def page_server(self, image: str, *, address: str | None = None, port: int = 0,
-                    log_level: int = 2, parent: str | None = None) -> PageServerInfo:
+                    log_level: int = 2, parent: str | None = None,
+                    scratch: bool = False) -> PageServerInfo:
         self._hit("page_server", image)
         self.images.add(image)
         self.page_servers.add(image)
@@ -178,7 +179,7 @@ class FakeAgent:
 
     def dump(self, pid: int, image: str, opts: DumpOptions | None = None, *,
              timeout: float = 600.0, page_nonce: str | None = None,
-             dirty_track: str | None = None) -> RemoteDump:
+             dirty_track: str | None = None, scratch: bool = False) -> RemoteDump:
         self.images.add(image)  # created (with CRIU's log) before CRIU may fail
         self._hit("dump", pid)
         assert opts is not None and opts.leave_stopped and opts.page_server is not None
@@ -198,7 +199,8 @@ class FakeAgent:
     def push_images(self, image: str, host: str, port: int, *, dest_image: str | None = None,
                     dest_name: str | None = None, overwrite: bool = False,
                     timeout: float = 600.0, files: Iterable[str] | None = None,
-                    prefixes: Iterable[str] | None = None) -> list[FileInfo]:
+                    prefixes: Iterable[str] | None = None,
+                    scratch: bool = False) -> list[FileInfo]:
         self._hit("push_images", image)
         peer = PEERS[dest_name or host]
         if peer.down:

@@ -419,9 +419,10 @@ def test_bad_dump_options_are_refused(args: dict[str, Any], match: str) -> None:
 def test_op_table_binds_arguments_by_the_handlers_signatures() -> None:
     dump = OPS["dump"]
     assert [p.name for p in dump.params] == ["pid", "image", "options", "page_nonce",
-                                             "dirty_track"]
+                                             "dirty_track", "scratch"]
     assert dump.bind({"pid": 5, "image": "w"}) == {"pid": 5, "image": "w", "options": None,
-                                                   "page_nonce": None, "dirty_track": None}
+                                                   "page_nonce": None, "dirty_track": None,
+                                                   "scratch": False}
     with pytest.raises(ProtocolError, match="needs the argument pid"):
         dump.bind({"image": "w"})
     with pytest.raises(ProtocolError, match=r"takes no argument.*shell"):
@@ -709,3 +710,36 @@ def test_too_many_connections_are_refused_as_busy(tmp_path: Path) -> None:
             s.close()
         stop.set()
         thread.join(10)
+
+
+def test_transient_images_live_in_the_scratch_root(tmp_path: Path) -> None:
+    images, scratch = tmp_path / "images", tmp_path / "scratch"
+    a = Agent("alpha", images, b"k" * 32, scratch_root=scratch)
+    path = a.image_path("mig-1", create=True, scratch=True)
+    assert path.is_symlink() and path.resolve() == (scratch / "mig-1").resolve()
+    (path / "core-1.img").write_bytes(b"x")
+    assert (scratch / "mig-1" / "core-1.img").read_bytes() == b"x"
+    assert a.image_path("mig-1", must_exist=True) == path  # found again through its link
+    a.image_path("disk-1", create=True)  # without scratch: a plain directory
+    assert a.image_names() == ["disk-1", "mig-1"]
+    a.remove_image_dir(path)
+    assert not path.exists() and not path.is_symlink() and not (scratch / "mig-1").exists()
+
+
+def test_a_link_out_of_the_images_root_is_no_image(tmp_path: Path) -> None:
+    a = Agent("alpha", tmp_path / "images", b"k" * 32, scratch_root=tmp_path / "scratch")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "images" / "evil").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BadImageError, match="not an image directory"):
+        a.image_path("evil")
+    assert a.image_names() == []
+
+
+def test_background_removal_takes_the_image_out_of_the_way_at_once(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    a = Agent("alpha", tmp_path / "images", b"k" * 32, scratch_root=scratch)
+    path = a.image_path("mig-2", create=True, scratch=True)
+    (path / "pages-1.img").write_bytes(b"y" * 4096)
+    a.remove_image_dir(path, later=True)
+    assert not path.is_symlink() and not (scratch / "mig-2").exists()
+    assert a.image_names() == []

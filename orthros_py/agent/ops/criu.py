@@ -77,8 +77,10 @@ def parse_nonce(page_nonce: str | None) -> bytes:
 @op("dump")
 def op_dump(call: Call, pid: int, image: str,
             options: dict[str, Any] | None = None,
-            page_nonce: str | None = None, dirty_track: str | None = None) -> dict[str, Any]:
-    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``).
+            page_nonce: str | None = None, dirty_track: str | None = None,
+            scratch: bool = False) -> dict[str, Any]:
+    """Checkpoint the tree of ``pid`` into image ``image`` (DumpOptions fields in ``options``;
+    ``scratch``: a transient image, kept in memory where the agent has a scratch root).
     With ``page_server``, memory goes over the page channel of the destination's image of the
     same name, opened with ``page_nonce`` (from its ``page_server``). ``dirty_track`` names a
     tracker this agent keeps between dumps (``track_mem`` rounds; ``dirty_track_close``)."""
@@ -93,7 +95,7 @@ def op_dump(call: Call, pid: int, image: str,
             hint="run 'make setup' (orthros's CRIU patch 0002 tracks memory with userfaultfd "
                  "where the kernel has no soft-dirty bits)")
     vet_dump(a, opts)
-    path = a.image_path(image)
+    path = a.image_path(image, create=scratch, scratch=scratch)
     dump_kw: dict[str, Any] = {}
     if dirty_track is not None:
         # Pre-copy rounds and the final dump after them: the tracker keeps the tree's memory
@@ -297,7 +299,7 @@ def link_parent(a: Agent, path: Path, parent: str) -> None:
 @op("page_server")
 def op_page_server(call: Call, image: str, address: str | None = None, port: int = 0,
                    log_level: int = 2, wait: float = 600.0,
-                   parent: str | None = None) -> dict[str, Any]:
+                   parent: str | None = None, scratch: bool = False) -> dict[str, Any]:
     """Open the page channel for a dump's memory into image ``image``: its port, and the
     ``nonce`` the sending agent must prove itself with.
 
@@ -316,7 +318,9 @@ def op_page_server(call: Call, image: str, address: str | None = None, port: int
     if not 0 < wait <= 24 * 3600:
         raise bad_request("wait must be more than 0 and at most a day")
     a = call.agent
-    path = a.image_path(image, create=True)
+    if scratch and parent is not None:
+        raise bad_request("an incremental image (parent) is not kept in scratch")
+    path = a.image_path(image, create=True, scratch=scratch)
     if parent is not None:
         link_parent(a, path, parent)
     with a.mutex:

@@ -183,7 +183,18 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
             "cgroups": cgroups,
             "established": [str(c) for c in established.conns],
             "interfaces": found.interfaces, "routes": {str(c): i for c, i in found.routes.items()},
-            "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id}
+            "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id,
+            # A tree with a mount namespace of its own has CRIU archive its tmpfs mounts,
+            # the one holding the agent's scratch root among them.
+            "agent_mntns": all(_same_ns(p, "mnt") for p in pids)}
+
+
+def _same_ns(pid: int, kind: str) -> bool:
+    """Whether process ``pid`` is in the agent's own namespace of ``kind`` (False if gone)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino == os.stat(f"/proc/self/ns/{kind}").st_ino
+    except OSError:
+        return False
 
 
 # --- cgroups ------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import stat
 import threading
 import time
@@ -69,7 +68,7 @@ def op_remove_image(call: Call, image: str, background: bool = False) -> dict[st
     answer once it is out of the way (renamed), the files deleted afterwards."""
     a = call.agent
     path = a.image_path(image)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {"image": image, "removed": False}
     with a.mutex:
         server = a.page_servers.get(image)
@@ -77,16 +76,13 @@ def op_remove_image(call: Call, image: str, background: bool = False) -> dict[st
         raise BadImageError(f"a page server (pid {server.pid}) still writes into {image!r}",
                             hint="stop it with page_server_stop first")
     with a.busy(image, "removal"):
-        if background:
-            a.remove_later(path)
-        else:
-            shutil.rmtree(path)
+        a.remove_image_dir(path, later=background)
     return {"image": image, "removed": True, "background": background}
 
 
 @op("recv_file", payload=True)
 def op_recv_file(call: Call, image: str, filename: str,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, scratch: bool = False) -> dict[str, Any]:
     """Store the payload as file ``filename`` of image ``image`` (created if missing), after
     checking its SHA-256; it appears whole or not at all."""
     assert call.payload is not None
@@ -95,7 +91,7 @@ def op_recv_file(call: Call, image: str, filename: str,
     other = a.busy_with(image)
     if other is not None:
         raise BadImageError(f"image {image!r} is busy with a {other}")
-    path = a.image_path(image, create=True)
+    path = a.image_path(image, create=True, scratch=scratch)
     target = path / filename
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise BadImageError(f"image {image!r} already has a file {filename}",
@@ -127,7 +123,7 @@ def op_recv_file(call: Call, image: str, filename: str,
 
 @op("recv_files", payload=True)
 def op_recv_files(call: Call, image: str, files: list[dict[str, Any]],
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, scratch: bool = False) -> dict[str, Any]:
     """Store the payload, the concatenation of several files, as the files ``files`` names
     (``filename``, ``size``, ``sha256`` each, in payload order) of image ``image``: one request
     for a whole checkpoint's small files. Every file and the whole payload are checked before
@@ -151,7 +147,7 @@ def op_recv_files(call: Call, image: str, files: list[dict[str, Any]],
     other = a.busy_with(image)
     if other is not None:
         raise BadImageError(f"image {image!r} is busy with a {other}")
-    path = a.image_path(image, create=True)
+    path = a.image_path(image, create=True, scratch=scratch)
     if not overwrite:
         present = [m[0] for m in manifest if (path / m[0]).exists() or (path / m[0]).is_symlink()]
         if present:
@@ -231,7 +227,8 @@ def op_send_file(call: Call, image: str, filename: str) -> Reply:
 def op_push_images(call: Call, image: str, host: str, port: int, dest_image: str | None = None,
                    dest_name: str | None = None, overwrite: bool = False,
                    timeout: float = 600.0, files: tuple[str, ...] | None = None,
-                   prefixes: tuple[str, ...] | None = None) -> dict[str, Any]:
+                   prefixes: tuple[str, ...] | None = None,
+                   scratch: bool = False) -> dict[str, Any]:
     """Send every file of image ``image`` (or those named in ``files``, or whose names start
     with one of ``prefixes``) straight to the agent at ``host``:``port`` (into ``dest_image``,
     by default the same name), so images never detour through the caller."""
@@ -254,7 +251,8 @@ def op_push_images(call: Call, image: str, host: str, port: int, dest_image: str
         chosen = [p for p in chosen if p.name.startswith(tuple(prefixes))]
     client = AgentClient(host, port, a.key, name=dest_name, timeout=timeout)
     start = time.perf_counter()
-    sent = [f.to_dict() for f in client.upload_files(dest, chosen, overwrite=overwrite)]
+    sent = [f.to_dict() for f in client.upload_files(dest, chosen, overwrite=overwrite,
+                                                     scratch=scratch)]
     return {"image": image, "dest_image": dest, "dest": client.name, "files": sent,
             "bytes": sum(int(f["size"]) for f in sent),
             "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}

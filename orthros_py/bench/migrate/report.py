@@ -99,8 +99,10 @@ def notes_for(res: BenchResults) -> list[str]:
             "write, timeout) and non-2xx/3xx answers are client failures.")
     notes.append(f"Each run starts a fresh tree and its clients, which run {cfg.warm_s:g} s "
                  f"before and {cfg.settle_s:g} s after the migration (or CRIU alone). orthros "
-                 "migrates eagerly (no pre-copy, the same CRIU work as the baseline) with its "
-                 "default lock.")
+                 "migrates as `orthros migrate` does by default (xdp lock; no pre-copy below "
+                 "64 MiB, so the same CRIU work as the baseline; images in the agents' scratch "
+                 "roots, in memory). CRIU alone writes its images in memory too (/dev/shm), so "
+                 "that the ratio is orthros's own work, not a disk's.")
     waits = [r.pid_wait_ms for r in res.runs if r.pid_wait_ms is not None]
     if waits:
         notes.append(f"CRIU alone waited up to {max(waits):,.2f} ms for the dumped PIDs to be "
