@@ -442,13 +442,16 @@ class AgentClient:
 
     def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
                        netns: str | None = None, detach: Iterable[str] = (),
-                       tidy: bool = False) -> list[str]:
+                       tidy: bool = False, detach_after: float = 0.0) -> list[str]:
         """Unlock ``conns``; then, if nothing is locked any more on the agent's host, XDP takes
-        its programs off the interfaces in ``detach`` and (``tidy``) nftables its table."""
+        its programs off the interfaces in ``detach`` (``detach_after`` s later, in the
+        background) and (``tidy``) nftables its table."""
         args: dict[str, Any] = {"backend": backend, "conns": [str(c) for c in conns],
                                 "netns": netns, "detach": list(detach)}
         if tidy:
             args["tidy"] = True  # only then: an older agent refuses arguments it lacks
+        if detach_after:
+            args["detach_after"] = detach_after
         data = self._result("netlock_unlock", args)
         return [str(c) for c in data["unlocked"]]
 

@@ -135,7 +135,7 @@ class TreeLock:
             return
         start = time.perf_counter()
         if inbound_only:
-            self._xdp().lock_inbound(self.conns)
+            self._xdp().lock_inbound(self.conns, fresh=True)
         else:
             self._xdp().lock(self.conns)
         self.report.lock_ms = (time.perf_counter() - start) * 1000

@@ -664,14 +664,25 @@ class XdpNetLock(NetLock):
         objs.caught.delete(keys)
         return out
 
-    def lock_inbound(self, conns: Iterable[Conn]) -> list[Conn]:
+    def lock_inbound(self, conns: Iterable[Conn], *, fresh: bool = False) -> list[Conn]:
         """Lock only what arrives for ``conns`` (XDP), not what leaves. For a tree not yet
         frozen: what it still sends (answers to requests that arrived before the lock) reaches
         its peers, instead of waiting in the restored socket for a retransmission timeout of
         a second (a restored socket has no RTT estimate). Their acknowledgements are caught
-        and given back. ``lock`` later adds the other direction."""
+        and given back. ``lock`` later adds the other direction. ``fresh``: forget what an
+        earlier lock of the same 4-tuples caught and nobody took (a crash, a lab torn down):
+        the catch keeps the earliest segment, and a stale one would be kept instead of the
+        segment missing now. Not for a second host's lock of connections whose segments the
+        first caught (the lab's hosts share one kernel and map)."""
         todo = list(dict.fromkeys(conns))
         if todo:
+            if fresh:
+                objs = self._objects(create=True)
+                assert objs is not None
+                try:
+                    self._caught_of(objs, todo, take=False)
+                except OSError as err:
+                    raise bpf_error(err, "clear the caught segments") from err
             self._add(todo, inbound_only=True)
             self._held.update(todo)
         return todo
@@ -781,7 +792,17 @@ class XdpNetLock(NetLock):
         ours = [lc.conn for lc in self.locked()
                 if any(ipaddress.ip_address(ip) in net for net in nets
                        for ip in (lc.conn.local_ip, lc.conn.remote_ip))]
-        return self.unlock(ours)
+        unlocked = self.unlock(ours)
+        objs = self._objects(create=False)
+        if objs is not None:
+            # And what was caught for them and never taken (a run that died half way).
+            stale = []
+            for key in objs.caught.list_keys():
+                _, src, dst = unpack_key(key)
+                if any(ipaddress.ip_address(ip) in net for net in nets for ip in (src[0], dst[0])):
+                    stale.append(key)
+            objs.caught.delete(stale)
+        return unlocked
 
     # -- status and flush -------------------------------------------------------------------
 

@@ -44,10 +44,15 @@ def lock(host: Host, backend: str, *, conns: Iterable[str | Conn] = (),
 
 
 def unlock(host: Host, backend: str, conns: Iterable[str | Conn],
-           detach: Iterable[str], *, tidy: bool = True) -> None:
+           detach: Iterable[str], *, tidy: bool = True, detach_after: float = 0.0) -> None:
     """Lift the lock of ``conns`` on ``host`` and take the lock programs off ``detach``
-    (``tidy=False`` and no ``detach``: only the connections, the quickest; tidy up later)."""
-    host.agent.netlock_unlock(backend, conns, detach=detach, tidy=tidy)
+    (``tidy=False`` and no ``detach``: only the connections, the quickest; tidy up later;
+    ``detach_after``: that many seconds later, by the agent)."""
+    if detach_after:
+        host.agent.netlock_unlock(backend, conns, detach=detach, tidy=tidy,
+                                  detach_after=detach_after)
+    else:
+        host.agent.netlock_unlock(backend, conns, detach=detach, tidy=tidy)
 
 
 def drop_address(host: Host, ifname: str, address: ipaddress.IPv4Interface) -> None:

@@ -37,6 +37,9 @@ class PoolStats:
     errors: int = 0
     # Longest time any single request waited for its echo: the gap a client saw.
     max_gap_s: float = 0.0
+    # The connection whose reply that longest round waited for longest, and when it ended.
+    slowest_conn: int | None = None
+    slowest_at: float = 0.0
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -75,6 +78,7 @@ class ClientPool:
                     live.append((i, s, msg))
                 except OSError as err:
                     self._error(f"conn {i}: send: {err}")
+            last, longest, prev = None, -1.0, time.monotonic()
             for i, s, msg in live:
                 got = b""
                 try:
@@ -91,7 +95,14 @@ class ClientPool:
                 else:
                     self._answered[i] += 1
                 self.stats.requests += 1
-            self.stats.max_gap_s = max(self.stats.max_gap_s, time.monotonic() - start)
+                now = time.monotonic()
+                if now - prev > longest:  # the reply this round waited longest for
+                    last, longest = i, now - prev
+                prev = now
+            gap = time.monotonic() - start
+            if gap > self.stats.max_gap_s:
+                self.stats.max_gap_s = gap
+                self.stats.slowest_conn, self.stats.slowest_at = last, time.monotonic()
 
     def answered(self) -> list[int]:
         """Correct echoes so far, per connection (index as in ``socks``): a test asks that

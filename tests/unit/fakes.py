@@ -142,7 +142,7 @@ class FakeAgent:
 
     def netlock_unlock(self, backend: str, conns: Iterable[str | Conn], *,
                        netns: str | None = None, detach: Iterable[str] = (),
-                       tidy: bool = False) -> list[str]:
+                       tidy: bool = False, detach_after: float = 0.0) -> list[str]:
         self._hit("netlock_unlock", backend)
         gone = {str(c) for c in conns}
         self.locked -= gone

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import logging
 import socket
+import threading
 import time
 from types import ModuleType
 from typing import Any
 
 from orthros_py.agent.state import Agent
 from orthros_py.agent.table import Call, bad_request, feature, op
+
+log = logging.getLogger("orthros.agent")
 
 
 def _netlock(a: Agent, backend: str, netns: str | None) -> Any:
@@ -72,7 +77,8 @@ def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
         # Until here the tree ran and answered: finding its connections is not its clients' wait.
         engaged_after = time.perf_counter() - started
         if inbound_only and hasattr(lock, "lock_inbound"):
-            locked = lock.lock_inbound(wanted)
+            # A running tree's connections (pids): a first lock, which catches afresh.
+            locked = lock.lock_inbound(wanted, fresh=bool(pids))
         else:
             locked = lock.lock(wanted)
     return {"backend": backend, "locked": [str(c) for c in locked], "ifaces": names,
@@ -113,7 +119,8 @@ def op_netlock_caught(call: Call, backend: str, conns: tuple[str, ...]) -> dict[
 def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
                       netns: str | None = None, detach: tuple[str, ...] = (),
                       tidy: bool = False, give_back_pid: int | None = None,
-                      segments: tuple[str, ...] = ()) -> dict[str, Any]:
+                      segments: tuple[str, ...] = (), detach_after: float = 0.0
+                      ) -> dict[str, Any]:
     """Let connections through again (locked here or by any earlier process). With
     ``give_back_pid`` (the restored tree's, XDP only), then give that tree what the lock caught
     of them here, after ``segments`` (caught on another host, base64 IP packets): each must be
@@ -121,9 +128,14 @@ def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
     host is still locked: XDP takes its programs off the interfaces in ``detach`` (the map is
     shared by every namespace of the machine, so "of this host" means with an address of this
     namespace); with ``tidy``, nftables and iptables remove what holds their rules
-    (nftables' table)."""
+    (nftables' table). ``detach_after`` (seconds, XDP): take the programs off that much later,
+    on a thread of the agent's, and answer now: taking a program off a veth can drop a packet
+    on its way, and a just-restored socket, without an RTT estimate yet, would wait a second
+    to send it again."""
     wanted = _conns(conns)
     given = _segments(segments)
+    if not 0 <= detach_after <= 60:
+        raise bad_request("detach_after must be 0-60 s")
     if give_back_pid is not None and give_back_pid <= 0:
         raise bad_request(f"give_back_pid {give_back_pid} is not a process id")
     detached: list[str] = []
@@ -139,18 +151,38 @@ def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
         else:
             unlocked = lock.unlock(wanted)
         if hasattr(lock, "detach"):
-            if detach:
-                here = _addresses(netns)
-                busy = [lc for lc in lock.locked()
-                        if lc.conn.local_ip in here or lc.conn.remote_ip in here]
-                if not busy:
-                    done = lock.detach(list(detach), netns=netns)
-                    detached = [att.iface for att in done.detached]
+            if detach and detach_after > 0:
+                timer = threading.Timer(detach_after, _detach_if_idle,
+                                        (call.agent, lock, list(detach), netns))
+                timer.daemon = True
+                timer.start()
+            elif detach:
+                detached = _detach_if_idle(call.agent, lock, list(detach), netns, locked=True)
         elif tidy and not lock.status().conns:
             lock.flush()
             tidied = True
     return {"backend": backend, "unlocked": [str(c) for c in unlocked], "detached": detached,
             "tidied": tidied, **back}
+
+
+def _detach_if_idle(agent: Agent, lock: Any, ifaces: list[str], netns: str | None, *,
+                    locked: bool = False) -> list[str]:
+    """Take the XDP programs off ``ifaces`` unless a connection of this host is locked (the
+    map is shared by every namespace of the machine); the interfaces detached. ``locked``:
+    the caller holds the agent's netlock mutex."""
+    with contextlib.nullcontext() if locked else agent.netlock_mutex:
+        try:
+            here = _addresses(netns)
+            busy = [lc for lc in lock.locked()
+                    if lc.conn.local_ip in here or lc.conn.remote_ip in here]
+            if busy:
+                return []
+            return [att.iface for att in lock.detach(ifaces, netns=netns).detached]
+        except Exception:
+            if locked:
+                raise
+            log.exception("taking the lock programs off %s later", ", ".join(ifaces))
+            return []
 
 
 def _give_back(packets: list[bytes], conns: list[Any], pid: int) -> dict[str, Any]:

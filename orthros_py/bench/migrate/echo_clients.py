@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import socket
+import struct
 import sys
 import threading
 import time
@@ -71,8 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         # A round still waits for replies that should have come long ago: a failure.
         errors += 1
         samples.insert(0, "a round of requests was still unanswered at the end")
+    slow: dict[str, Any] = {}
+    if s.slowest_conn is not None:
+        # The connection that held the longest round up, from its own TCP_INFO: how often
+        # it retransmitted (a wait out of the client's backoff) and where it is.
+        sk = pool.socks[s.slowest_conn]
+        with contextlib.suppress(OSError):
+            raw = sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            slow = {"conn": s.slowest_conn, "port": sk.getsockname()[1],
+                    "total_retrans": struct.unpack_from("=I", raw, 100)[0],
+                    "ca_state": raw[1], "backoff": raw[4],
+                    "ended_s_before_stop": round(time.monotonic() - s.slowest_at, 3)}
     _say({"requests": s.requests, "errors": errors, "max_gap_s": s.max_gap_s,
-          "samples": samples})
+          "samples": samples, "slowest": slow})
     for sk in pool.socks:
         with contextlib.suppress(OSError):
             sk.shutdown(2)  # wakes a round blocked in recv

@@ -302,6 +302,8 @@ class RunRecord:
     client_requests: int | None = None
     client_errors: int = 0
     client_error_samples: list[str] = field(default_factory=list)
+    # The echo connection that held the longest round up (its TCP_INFO at the end).
+    slowest_client: dict[str, Any] | None = None
     wrk: dict[str, Any] | None = None
     answered_after: bool | None = None  # a fresh connection was served after it
     wall_s: float | None = None

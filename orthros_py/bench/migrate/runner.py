@@ -208,6 +208,8 @@ class EchoClients:
         s = self._said(30.0)
         read_echo(rec, requests=int(s["requests"]), errors=int(s["errors"]),
                   max_gap_s=float(s["max_gap_s"]), samples=list(s["samples"]))
+        if s.get("slowest"):
+            rec.slowest_client = dict(s["slowest"])
         self.close()
 
     def close(self) -> None:
