@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +31,9 @@ from orthros_py.net.conn import Conn
 __all__ = ["Segment", "SegmentError", "give_back", "parse_segment", "tcp_checksum"]
 
 _SYN, _RST = 0x02, 0x04
+# Segments per sending thread at least, and threads at most.
+PER_WORKER = 64
+MAX_WORKERS = 8
 
 
 class SegmentError(ValueError):
@@ -116,8 +121,6 @@ def give_back(packets: Iterable[bytes], conns: Sequence[Conn],
     """Send each packet that is a segment of one of ``conns`` (from its remote end to its local
     end) to the local end, in ``netns`` (a name or ``/proc/PID/ns/net``; None: here). Returns
     how many were sent and one reason per packet refused or failed."""
-    from orthros_py.net.addr import in_netns
-
     allowed = set(conns)
     todo: list[Segment] = []
     refused: list[str] = []
@@ -133,10 +136,36 @@ def give_back(packets: Iterable[bytes], conns: Sequence[Conn],
         todo.append(seg)
     if not todo:
         return 0, refused
-    sent = 0
+    # A segment sent to a local address is taken in by the receiving stack within the send
+    # (loopback): hundreds of them are real work, shared out over the CPUs.
+    workers = max(1, min(os.cpu_count() or 1, len(todo) // PER_WORKER, MAX_WORKERS))
+    parts = [todo[i::workers] for i in range(workers)]
+    results: list[tuple[int, list[str]]] = [(0, [])] * workers
+
+    def send(k: int) -> None:
+        results[k] = _send_all(parts[k], netns)
+
+    threads = [threading.Thread(target=send, args=(k,), name=f"give-back-{k}")
+               for k in range(1, workers)]
+    for t in threads:
+        t.start()
+    try:
+        send(0)
+    finally:
+        for t in threads:
+            t.join()
+    for _, errs in results:
+        refused += errs
+    return sum(n for n, _ in results), refused
+
+
+def _send_all(segs: Sequence[Segment], netns: str | None) -> tuple[int, list[str]]:
+    from orthros_py.net.addr import in_netns
+
+    sent, failed = 0, []
     with in_netns(netns), contextlib.ExitStack() as stack:
         socks: dict[int, socket.socket] = {}
-        for seg in todo:
+        for seg in segs:
             fam = socket.AF_INET if seg.version == 4 else socket.AF_INET6
             if fam not in socks:
                 # IPPROTO_RAW: the header is ours (IPv6 too, since Linux 4.5).
@@ -147,5 +176,5 @@ def give_back(packets: Iterable[bytes], conns: Sequence[Conn],
                 socks[fam].sendto(packet, dest)
                 sent += 1
             except OSError as err:
-                refused.append(f"{seg.conn}: {err.strerror or err}")
-    return sent, refused
+                failed.append(f"{seg.conn}: {err.strerror or err}")
+    return sent, failed
