@@ -53,6 +53,8 @@ LOCKED_CONNS = "orthros-locked-conns.json"
 DUMPED_AT = "orthros-dumped-at"
 # Added to that time: the restore's own duration until CRIU sets the clocks, and clock error.
 TS_ADVANCE_MARGIN_MS = 1000
+# How long after a restore's unlock the lock programs come off (``TreeLock.tidy_later``).
+DETACH_GRACE_S = 2.0
 
 
 def require_root(what: str) -> None:
@@ -357,7 +359,7 @@ def restore_tree(
     lock.unlock(give_back_to=int(resp.restore.pid) if give_back else None)
     unlocked_at = time.perf_counter()  # connections flow again (the detach comes after)
     elapsed = (unlocked_at - start) * 1000
-    lock.tidy()
+    lock.tidy_later(DETACH_GRACE_S)
     if opts.tcp_close and opts.network_lock is CriuNetworkLock.IPTABLES:
         from orthros_py.netlock.iptables import drop_criu_locks
 

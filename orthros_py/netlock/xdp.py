@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pyroute2 import NetlinkError
 
@@ -626,6 +626,8 @@ class XdpNetLock(NetLock):
         assert objs is not None
         items = ([conn_entries(c)[1] for c in conns] if inbound_only
                  else [e for c in conns for e in conn_entries(c)])
+        if not inbound_only:
+            self._inbound_only.difference_update(conns)  # both of their entries now
         try:
             # What an earlier lock caught is not cleared here: on one kernel (the lab's hosts)
             # the destination locks the very connections whose segments the source caught.
@@ -637,13 +639,23 @@ class XdpNetLock(NetLock):
                                    f"{objs.conns.max_entries // 2} connections)") from err
             raise bpf_error(err, f"lock {len(conns)} connections") from err
 
-    @staticmethod
-    def _delete_present(objs: _Objects, conns: Sequence[Conn]) -> None:
-        """Delete the map entries of ``conns`` that are there. A connection locked inbound
-        only has one: a batch delete stops at every missing key, which for thousands of
-        connections cost thousands of syscalls; the keys present are read in a few."""
-        wanted = {k for c in conns for k, _ in conn_entries(c)}
-        objs.conns.delete([k for k, _ in objs.conns.items() if k in wanted])
+    # Connections this process locked inbound only (``lock_inbound``), across instances: their
+    # outbound twin is not in the map.
+    _inbound_only: ClassVar[set[Conn]] = set()
+
+    @classmethod
+    def _delete_present(cls, objs: _Objects, conns: Sequence[Conn]) -> None:
+        """Delete the map entries of ``conns``. A connection locked inbound only has one, and
+        a batch delete stops at every missing key (thousands of syscalls for thousands of
+        connections): those this process locked so are deleted by their one key."""
+        known = [c for c in conns if c in cls._inbound_only]
+        other = [c for c in conns if c not in cls._inbound_only]
+        objs.conns.delete([conn_entries(c)[1][0] for c in known])
+        cls._inbound_only.difference_update(known)
+        if other:
+            # Both entries, as ``lock`` writes them: one batch (a missing twin costs a
+            # syscall more each, for inbound-only locks another process made).
+            objs.conns.delete([k for c in other for k, _ in conn_entries(c)])
 
     def _remove(self, conns: Sequence[Conn]) -> None:
         objs = self._objects(create=False)
@@ -695,6 +707,7 @@ class XdpNetLock(NetLock):
                     raise bpf_error(err, "clear the caught segments") from err
             self._add(todo, inbound_only=True)
             self._held.update(todo)
+            self._inbound_only.update(todo)
         return todo
 
     def take_caught(self, conns: Iterable[Conn]) -> dict[Conn, bytes]:
