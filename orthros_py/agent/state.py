@@ -196,6 +196,9 @@ class Agent:
         self.held: dict[int, held_trees.HeldTree] = {}
         self.netlocks: dict[str, Any] = {}  # backend -> NetLock kept (XDP: the loaded program)
         self.netlock_mutex = threading.Lock()  # serializes the netlock_* operations
+        # Counts the netlock_lock calls: a detach deferred from before one of them is void
+        # (the programs were attached again for a lock that is about to be written).
+        self.netlock_epoch = 0
         self.mutex = threading.Lock()  # guards restored, page_servers and the busy marks
         self._busy: dict[str, str] = {}  # image -> what is using it
         self._criu: dict[str, Any] | None = None

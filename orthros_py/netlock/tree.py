@@ -230,7 +230,19 @@ class TreeLock:
         second later (seen: nginx's clients waiting 3 s in 5 restores of 7)."""
         if not self.active or self._lock is None:
             return None
-        timer = threading.Timer(delay, self.tidy)
+        from orthros_py.netlock.xdp import XdpNetLock
+
+        seen = XdpNetLock.attaches
+
+        def tidy_unless_attached_since() -> None:
+            # A dump in this process attached the programs again since: they are its now (a
+            # detach between its attach and its lock would leave its connections open).
+            if XdpNetLock.attaches == seen:
+                self.tidy()
+            elif self._lock is not None:
+                self._lock.close()
+
+        timer = threading.Timer(delay, tidy_unless_attached_since)
         timer.name = "netlock-tidy"
         timer.start()
         return timer

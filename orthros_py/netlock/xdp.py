@@ -445,6 +445,7 @@ class XdpNetLock(NetLock):
 
         Idempotent. All or nothing: on failure, what this call attached is removed again.
         """
+        XdpNetLock.attaches += 1  # voids a detach deferred from before (TreeLock.tidy_later)
         ifaces = list(dict.fromkeys(ifaces))
         if not ifaces:
             return []
@@ -642,6 +643,8 @@ class XdpNetLock(NetLock):
     # Connections this process locked inbound only (``lock_inbound``), across instances: their
     # outbound twin is not in the map.
     _inbound_only: ClassVar[set[Conn]] = set()
+    # attach() calls in this process, for a deferred detach to see whether one came since.
+    attaches: ClassVar[int] = 0
 
     @classmethod
     def _delete_present(cls, objs: _Objects, conns: Sequence[Conn]) -> None:

@@ -70,6 +70,7 @@ def op_netlock_lock(call: Call, backend: str, conns: tuple[str, ...] = (),
         names += [i for i in found.interfaces if i not in names]
         netns = netns or found.netns
     with call.agent.netlock_mutex:
+        call.agent.netlock_epoch += 1
         lock = _netlock(call.agent, backend, netns)
         lock.prepare()
         if names and hasattr(lock, "attach"):
@@ -153,7 +154,8 @@ def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
         if hasattr(lock, "detach"):
             if detach and detach_after > 0:
                 timer = threading.Timer(detach_after, _detach_if_idle,
-                                        (call.agent, lock, list(detach), netns))
+                                        (call.agent, lock, list(detach), netns),
+                                        {"epoch": call.agent.netlock_epoch})
                 timer.daemon = True
                 timer.start()
             elif detach:
@@ -166,11 +168,15 @@ def op_netlock_unlock(call: Call, backend: str, conns: tuple[str, ...],
 
 
 def _detach_if_idle(agent: Agent, lock: Any, ifaces: list[str], netns: str | None, *,
-                    locked: bool = False) -> list[str]:
+                    locked: bool = False, epoch: int | None = None) -> list[str]:
     """Take the XDP programs off ``ifaces`` unless a connection of this host is locked (the
     map is shared by every namespace of the machine); the interfaces detached. ``locked``:
-    the caller holds the agent's netlock mutex."""
+    the caller holds the agent's netlock mutex. ``epoch``: a deferred detach, void if a lock
+    was asked for since (its programs may be attached before its connections are written:
+    a detach in between would leave them unlocked through a dump)."""
     with contextlib.nullcontext() if locked else agent.netlock_mutex:
+        if epoch is not None and epoch != agent.netlock_epoch:
+            return []
         try:
             here = _addresses(netns)
             busy = [lc for lc in lock.locked()
