@@ -79,6 +79,8 @@ T = TypeVar("T")
 
 STATE_FILE = "state.json"
 MARKER = ".orthros-lab"  # the lab made this directory: down may delete it whole
+# The lab agents' scratch roots (transient images in memory; see orthros agent --scratch-root).
+LAB_SCRATCH = Path("/dev/shm/orthros-lab")
 KEY_FILE = "authkey"
 ETH = "eth0"
 # The lab hosts share one cgroup filesystem: each keeps its containers' groups below its own
@@ -727,7 +729,10 @@ class Lab:
         log = home / "agent.log"
         argv = [*command, "--listen", f"{h.address}:{h.agent_port}",
                 "--key", str(self.key_file), "--images-root", str(images), "--name", h.name,
-                "--cgroup-root", cgroup_root(h.name)]
+                "--cgroup-root", cgroup_root(h.name),
+                # The lab's own, removed with it: images an agent killed by a test left there
+                # would otherwise outlive the lab (its images root holds only links to them).
+                "--scratch-root", str(LAB_SCRATCH / h.name)]
         # A daemon of the host: inside its namespaces, a child of its init.
         proc = self.spawn(h, argv, log=log, cwd="/")
         ref = ProcessRef.find(proc.machine_pid)
@@ -975,7 +980,10 @@ def _teardown(inv: Inventory | None, state_dir: Path, report: DownReport) -> Non
         except OSError as err:
             report.warnings.append(f"cannot remove namespace {n}: {err}")
 
-    # 5. The state directory, if the lab made it (its marker says so).
+    # 5. The state directory, if the lab made it (its marker says so), and the agents'
+    # scratch roots (one lab at a time on a machine).
+    if LAB_SCRATCH.is_dir() and not LAB_SCRATCH.is_symlink():
+        shutil.rmtree(LAB_SCRATCH, ignore_errors=True)
     for sdir in dict.fromkeys([state_dir, *(s.state_dir for s in settings)]):
         if (sdir / MARKER).exists():
             shutil.rmtree(sdir, ignore_errors=True)
