@@ -90,7 +90,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[[str], AgentProc]]:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [ORTHROS, "agent", "--listen", "127.0.0.1:0", "--key", str(key_file),
-                 "--images-root", str(images), "--name", name],
+                 "--images-root", str(images), "--name", name,
+                 # The test's own, not the machine's /dev/shm/orthros-images/NAME.
+                 "--scratch-root", str(tmp_path / name / "scratch")],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         started.append(proc)
