@@ -249,11 +249,11 @@ def render_status(env: Env, st: LockStatus) -> None:
         return
     if st.attachments:
         table = Table(title="attached", title_justify="left")
-        for col in ("interface", "namespace", "xdp (in)", "tc (out)"):
+        for col in ("interface", "namespace", "xdp (in)", "xdp mode", "tc (out)"):
             table.add_column(col)
         for a in st.attachments:
             table.add_row(a.iface, escape(a.netns or "host"), "yes" if a.xdp else "no",
-                          "yes" if a.tc else "no")
+                          a.mode if a.xdp else "-", "yes" if a.tc else "no")
         env.console.print(table)
     if not st.conns:
         env.console.print("no connections are locked")

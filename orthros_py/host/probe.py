@@ -10,6 +10,9 @@ Interfaces asked, and the privilege each needs to answer truthfully:
   and a write-protect userfaultfd on that page with ``PAGEMAP_SCAN`` (as for userfaultfd).
 - BPF/XDP: BCC compiles a tiny XDP program, the kernel loads it (``bpf(2)``), and netlink attaches
   it to a veth inside a throwaway network namespace: root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+  The same pass-through program then goes on each of the host's cluster interfaces (a NIC in the
+  inventory's ``[cluster] subnet``) in native mode and comes off at once, to learn whether its
+  driver runs XDP natively: root (CAP_NET_ADMIN).
 - Network namespaces: pyroute2 creates and removes one under /run/netns: root.
 - ``/proc/self/mounts`` (bpffs, cgroup v1 and v2), ``/lib/modules``, ``os.uname``: none.
 - ``iptables --version`` and ``nft --version``: none.
@@ -26,15 +29,17 @@ import contextlib
 import ctypes
 import enum
 import errno
+import ipaddress
 import os
 import platform
 import re
 import resource
 import secrets
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,8 +533,169 @@ def _attach_xdp_in_scratch_netns(prog_fd: int) -> str:
     return str(mode)
 
 
-def probe_bpf_xdp(*, quick: bool = False) -> ProbeResult:
-    """BCC compiles an XDP program, the kernel loads it, and it attaches to a scratch veth.
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+SYS_NET = Path("/sys/class/net")
+# XDP's netlink interface (linux/if_link.h), as orthros_py.netlock.xdp uses it: the layers keep
+# host from importing netlock.
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4  # only if the program attached is IFLA_XDP_EXPECTED_FD's
+# IFLA_XDP_ATTACHED's values, and the names pyroute2 decodes them to.
+_XDP_ATTACHED = {1: "native", 2: "generic", 3: "offload", 4: "multi",
+                 "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload",
+                 "xdpmulti": "multi"}
+
+
+@dataclass(frozen=True)
+class Nic:
+    """An interface of the caller's network namespace, as the native XDP probe chooses them."""
+
+    name: str
+    index: int
+    flags: int  # IFF_* of the link
+    device: bool  # /sys/class/net/NAME/device exists: a NIC with a driver, not veth or bridge
+    addresses: tuple[str, ...] = ()  # its IPv4 addresses
+
+
+def cluster_nics(nics: Iterable[Nic], subnet: ipaddress.IPv4Network) -> list[Nic]:
+    """The host's interfaces on the cluster network: up, not loopback, with a driver of their
+    own (no veth, bridge or other virtual kind), holding an IPv4 address inside ``subnet``."""
+    return [n for n in nics
+            if n.flags & IFF_UP and not n.flags & IFF_LOOPBACK and n.device
+            and any(ipaddress.ip_address(a) in subnet for a in n.addresses)]
+
+
+def cluster_subnet(inventory: Path | str | None = None
+                   ) -> tuple[ipaddress.IPv4Network | None, str]:
+    """The inventory's ``[cluster] subnet`` (the file ``orthros lab`` and ``orthros hosts`` read
+    by default), or None and why there is none."""
+    from orthros_py.inventory import load_inventory
+
+    try:
+        return load_inventory(inventory).subnet, ""
+    except OrthrosError as err:
+        return None, err.msg
+
+
+def xdp_attached_mode(value: object) -> str | None:
+    """The mode an IFLA_XDP_ATTACHED value names ("native", "generic", "offload", or "multi" for
+    programs in several modes at once); None when no program is attached."""
+    if not value:
+        return None
+    return _XDP_ATTACHED.get(value, f"unknown ({value})")
+
+
+def _set_xdp(ipr: Any, index: int, attrs: list[tuple[str, int]]) -> None:
+    ipr.link("set", index=index, xdp={"attrs": attrs})
+
+
+def _nic_driver(name: str) -> str | None:
+    link = SYS_NET / name / "device" / "driver"
+    return os.path.basename(os.path.realpath(link)) if link.exists() else None
+
+
+def _host_nics(ipr: Any) -> list[Nic]:
+    addrs: dict[int, list[str]] = {}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if ip:
+            addrs.setdefault(int(msg["index"]), []).append(str(ip))
+    nics = []
+    for link in ipr.get_links():
+        name = str(link.get_attr("IFLA_IFNAME"))
+        nics.append(Nic(name, int(link["index"]), int(link["flags"]),
+                        (SYS_NET / name / "device").exists(),
+                        tuple(addrs.get(int(link["index"]), ()))))
+    return nics
+
+
+def _native_xdp_on(ipr: Any, nic: Nic, prog_fd: int) -> dict[str, Any]:
+    """Attach ``prog_fd`` (a pass-through program) to ``nic`` in native mode, read the mode back,
+    detach at once. A program already there is left alone."""
+    from pyroute2 import NetlinkError
+
+    out: dict[str, Any] = {"driver": _nic_driver(nic.name)}
+    xdp = ipr.link("get", index=nic.index)[0].get_attr("IFLA_XDP")
+    present = xdp_attached_mode(xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else None)
+    if present:
+        # Not ours to take off (the network lock's, perhaps); its mode still tells something.
+        pid = next((xdp.get_attr(a) for a in ("IFLA_XDP_PROG_ID", "IFLA_XDP_DRV_PROG_ID",
+                                              "IFLA_XDP_SKB_PROG_ID", "IFLA_XDP_HW_PROG_ID")
+                    if xdp.get_attr(a)), "?")
+        native = present == "native" or bool(xdp.get_attr("IFLA_XDP_DRV_PROG_ID"))
+        out.update(mode="native" if native else "not probed",
+                   reason=f"XDP program {pid} is already attached ({present} mode)")
+        return out
+    try:
+        flags = XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST
+        _set_xdp(ipr, nic.index, [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", flags)])
+    except NetlinkError as err:
+        reason = str(err.args[1]) if len(err.args) > 1 and err.args[1] else os.strerror(err.code)
+        if err.code in (errno.EPERM, errno.EACCES):
+            out.update(mode="not probed", reason=reason)
+        else:
+            out.update(mode="generic only", reason=reason)
+        return out
+    try:
+        xdp = ipr.link("get", index=nic.index)[0].get_attr("IFLA_XDP")
+        got = xdp_attached_mode(xdp.get_attr("IFLA_XDP_ATTACHED") if xdp is not None else None)
+    finally:
+        # Only if it is still the probe's: whoever attached since keeps their program (EEXIST).
+        try:
+            _set_xdp(ipr, nic.index, [("IFLA_XDP_FD", -1), ("IFLA_XDP_EXPECTED_FD", prog_fd),
+                                      ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE | XDP_FLAGS_REPLACE)])
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+    if got == "native":
+        out["mode"] = "native"
+    else:
+        out.update(mode="generic only", reason=f"the kernel took it but reports {got} mode")
+    return out
+
+
+def probe_native_xdp(prog_fd: int, inventory: Path | str | None = None
+                     ) -> tuple[str, dict[str, Any], bool]:
+    """Native mode on the host's cluster interfaces: (summary, {iface: result}, whether one
+    refused it or could not be probed). Never raises: what goes wrong becomes the summary or
+    that interface's reason."""
+    from pyroute2 import IPRoute
+
+    subnet, why = cluster_subnet(inventory)
+    if subnet is None:
+        return f"no cluster subnet ({why}): native mode not probed", {}, False
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        # ext_ack: the driver's own reason for refusing native mode, not just EOPNOTSUPP.
+        with IPRoute(ext_ack=True) as ipr:
+            for nic in cluster_nics(_host_nics(ipr), subnet):
+                try:
+                    results[nic.name] = _native_xdp_on(ipr, nic, prog_fd)
+                except Exception as err:  # pyroute2 raises NetlinkError and OSError alike
+                    results[nic.name] = {"driver": _nic_driver(nic.name), "mode": "unknown",
+                                         "reason": f"probe failed: {err}"}
+    except Exception as err:  # the netlink socket itself, or listing the interfaces
+        return f"cannot list this host's interfaces ({err}): native mode not probed", {}, True
+    if not results:
+        return f"no interface in the cluster subnet {subnet}: native mode not probed", {}, False
+    parts = []
+    for name, r in results.items():
+        where = f"{name} ({r['driver'] or 'no driver'})"
+        if r["mode"] == "native":
+            parts.append(f"native XDP on {where}")
+        elif r["mode"] == "generic only":
+            parts.append(f"generic XDP only on {where}: {r['reason']}")
+        else:
+            parts.append(f"native XDP {r['mode']} on {where}: {r['reason']}")
+    # Another program in the way says nothing against the driver: no caveat for that.
+    refused = any(r["mode"] in ("generic only", "unknown") for r in results.values())
+    return "; ".join(parts), results, refused
+
+
+def probe_bpf_xdp(*, quick: bool = False, inventory: Path | str | None = None) -> ProbeResult:
+    """BCC compiles an XDP program, the kernel loads it, and it attaches to a scratch veth; then
+    native mode is tried on the host's cluster interfaces (``probe_native_xdp``).
 
     With ``quick``, only what compiling needs is looked at (BCC importable, kernel headers
     present): compiling takes seconds on a busy host.
@@ -563,6 +729,7 @@ def probe_bpf_xdp(*, quick: bool = False) -> ProbeResult:
             fn = prog.load_func(XDP_PROGRAM, bcc.BPF.XDP)
             stage = "attach"
             mode = _attach_xdp_in_scratch_netns(fn.fd)
+            native, nics, refused = probe_native_xdp(fn.fd, inventory)
     except Exception as err:  # bcc raises bare Exception, pyroute2 NetlinkError
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fix = {"compile": f"{SETUP_FIX} (kernel headers for BCC)",
@@ -575,9 +742,11 @@ def probe_bpf_xdp(*, quick: bool = False) -> ProbeResult:
     return ProbeResult(
         "bpf_xdp", title, True, False,
         f"BCC {version} compiled a test XDP program in {compiled:.1f} s; loaded and attached to "
-        f"a veth in a scratch namespace ({mode} mode), then removed",
+        f"a veth in a scratch namespace ({mode} mode), then removed; {native}",
+        # A cluster interface without native mode: the lock works there, in slower generic mode.
+        warning=refused,
         data={"bcc": version, "compiled": True, "compile_s": round(compiled, 2),
-              "total_s": round(total, 2), "mode": mode})
+              "total_s": round(total, 2), "mode": mode, "nics": nics})
 
 
 def _mounts_text() -> str:

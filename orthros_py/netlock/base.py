@@ -37,6 +37,7 @@ class Attachment:
     xdp: bool = False  # the XDP program is on the interface (incoming packets)
     tc: bool = False  # the clsact egress filter is on the interface (outgoing packets)
     clsact_created: bool = False  # orthros added the clsact qdisc, so removes it when unused
+    mode: str = "generic"  # how the XDP program is attached: "native" (driver) or "generic" (SKB)
 
     @property
     def where(self) -> str:
@@ -46,7 +47,7 @@ class Attachment:
         return {"iface": self.iface, "netns": self.netns,
                 "netns_id": list(self.netns_id) if self.netns_id else None,
                 "ifindex": self.ifindex, "xdp": self.xdp, "tc": self.tc,
-                "clsact_created": self.clsact_created}
+                "clsact_created": self.clsact_created, "mode": self.mode}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attachment:
@@ -54,7 +55,9 @@ class Attachment:
         return cls(iface=str(data["iface"]), netns=data.get("netns"),
                    netns_id=(int(nsid[0]), int(nsid[1])) if nsid else None,
                    ifindex=int(data.get("ifindex", 0)), xdp=bool(data.get("xdp")),
-                   tc=bool(data.get("tc")), clsact_created=bool(data.get("clsact_created")))
+                   tc=bool(data.get("tc")), clsact_created=bool(data.get("clsact_created")),
+                   # State files written before native mode existed: everything was generic.
+                   mode=str(data.get("mode") or "generic"))
 
 
 @dataclass(frozen=True)

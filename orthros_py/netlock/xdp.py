@@ -2,9 +2,10 @@
 
 Interfaces: the bpf(2) syscall through ``orthros_py.netlock.bpf`` (maps, pins, object info);
 BCC (``bcc.BPF``, imported lazily) only to compile and load the program
-the first time; rtnetlink through pyroute2 to attach the XDP program (generic/SKB mode, so veth
-and loopback work) and the clsact egress classifier; setns(2) to reach interfaces in other
-network namespaces. Needs root: CAP_BPF and CAP_SYS_ADMIN (load, pin, map writes),
+the first time; rtnetlink through pyroute2 to attach the XDP program (native/driver mode where
+the driver offers it, such as virtio_net; generic/SKB mode on veth and loopback, and wherever
+the driver refuses native mode) and the clsact egress classifier; setns(2) to reach interfaces
+in other network namespaces. Needs root: CAP_BPF and CAP_SYS_ADMIN (load, pin, map writes),
 CAP_NET_ADMIN (attach), CAP_SYS_ADMIN (setns, mounting bpffs if it is not mounted).
 
 Lifetime: the programs and maps are pinned under ``/sys/fs/bpf/orthros/`` and attached through
@@ -79,6 +80,24 @@ TC_INGRESS = 0xFFFFFFF2
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_HW_MODE = 1 << 3
+XDP_FLAGS_REPLACE = 1 << 4  # only if the program attached is IFLA_XDP_EXPECTED_FD's
+IFF_LOOPBACK = 0x8
+
+# XDP attach modes, as Attachment.mode and `orthros check` name them.
+NATIVE = "native"  # in the driver, before an skb exists
+GENERIC = "generic"  # in the stack (SKB mode): any interface, slower
+OFFLOAD = "offload"  # on the NIC itself; orthros never attaches so, but may find it
+MODE_FLAGS = {NATIVE: XDP_FLAGS_DRV_MODE, GENERIC: XDP_FLAGS_SKB_MODE, OFFLOAD: XDP_FLAGS_HW_MODE}
+_MODE_PROG_ATTR = {NATIVE: "IFLA_XDP_DRV_PROG_ID", GENERIC: "IFLA_XDP_SKB_PROG_ID",
+                   OFFLOAD: "IFLA_XDP_HW_PROG_ID"}
+# IFLA_XDP_ATTACHED: XDP_ATTACHED_* of linux/if_link.h, and the names pyroute2 decodes them to.
+_ATTACHED = {1: NATIVE, 2: GENERIC, 3: OFFLOAD, 4: "multi",
+             "xdp": NATIVE, "xdpgeneric": GENERIC, "xdpoffload": OFFLOAD, "xdpmulti": "multi"}
+# Link kinds that keep generic mode although they offer native: the lab's hosts sit behind veths,
+# and generic mode is what its migrations were proven with.
+GENERIC_KINDS = frozenset({"veth"})
 
 # --- map layout: mirrors struct netlock_key / netlock_val in bpf/netlock.c --------------------
 # Key: packet source address, destination address (16 bytes each, network order, IPv4 mapped
@@ -129,6 +148,65 @@ def conn_entries(conn: Conn) -> list[tuple[bytes, bytes]]:
     local, remote = _addr16(conn.local_ip, fam), _addr16(conn.remote_ip, fam)
     return [(KEY.pack(local, remote, conn.local_port, conn.remote_port, fam), _VAL_LOCAL_FIRST),
             (KEY.pack(remote, local, conn.remote_port, conn.local_port, fam), _VAL_REMOTE_FIRST)]
+
+
+# --- XDP attach modes -------------------------------------------------------------------------
+
+def xdp_attached_mode(value: object) -> str | None:
+    """The mode an IFLA_XDP_ATTACHED value names ("native", "generic", "offload", or "multi" for
+    programs in several modes at once); None when no program is attached."""
+    if not value:
+        return None
+    return _ATTACHED.get(value, f"unknown ({value})")
+
+
+def xdp_programs(xdp: Any) -> dict[str, int]:
+    """{mode: program id} of the XDP programs an interface carries, from its IFLA_XDP attribute
+    (a pyroute2 nla, or None)."""
+    if xdp is None:
+        return {}
+    mode = xdp_attached_mode(xdp.get_attr("IFLA_XDP_ATTACHED"))
+    if mode is None:
+        return {}
+    if mode in MODE_FLAGS:
+        pid = xdp.get_attr("IFLA_XDP_PROG_ID") or xdp.get_attr(_MODE_PROG_ATTR[mode])
+        return {mode: int(pid)} if pid else {}
+    # Several modes at once: only the per-mode attributes tell the programs apart.
+    return {m: int(xdp.get_attr(a)) for m, a in _MODE_PROG_ATTR.items() if xdp.get_attr(a)}
+
+
+def native_first(ifname: str, flags: int, kind: str | None) -> bool:
+    """Whether the lock tries native mode first on an interface: everywhere but on loopback (no
+    driver mode) and veth (generic mode proven in the lab)."""
+    return not (flags & IFF_LOOPBACK or ifname == "lo" or kind in GENERIC_KINDS)
+
+
+def link_native_first(link: Any) -> bool:
+    """``native_first`` for a pyroute2 link message."""
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return native_first(str(link.get_attr("IFLA_IFNAME")), int(link["flags"]), kind)
+
+
+def set_xdp(ipr: Any, index: int, prog_fd: int, flags: int) -> None:
+    """Attach (``prog_fd`` -1: detach) the XDP program of interface ``index``."""
+    ipr.link("set", index=index, xdp={"attrs": [("IFLA_XDP_FD", prog_fd),
+                                                ("IFLA_XDP_FLAGS", flags)]})
+
+
+def attach_xdp(ipr: Any, index: int, prog_fd: int, *, native: bool) -> None:
+    """Attach ``prog_fd`` to interface ``index``, which has no XDP program: in native mode first
+    when ``native``, in generic mode when not or when the driver refuses native mode."""
+    if native:
+        try:
+            set_xdp(ipr, index, prog_fd, XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
+            return
+        except NetlinkError as err:
+            # EOPNOTSUPP (no driver mode), EINVAL (MTU, buffer layout) and the like: generic
+            # mode still works. No permission is no permission in either mode.
+            if err.code in (errno.EPERM, errno.EACCES):
+                raise
+    set_xdp(ipr, index, prog_fd, XDP_FLAGS_SKB_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)
 
 
 # --- the pinned objects -----------------------------------------------------------------------
@@ -439,9 +517,14 @@ class XdpNetLock(NetLock):
 
     # -- attaching ---------------------------------------------------------------------------
 
-    def attach(self, ifaces: Sequence[str], netns: str | None = None) -> list[Attachment]:
+    def attach(self, ifaces: Sequence[str], netns: str | None = None, *,
+               native: bool | None = None) -> list[Attachment]:
         """Put the XDP program and the egress filter on each of ``ifaces`` in ``netns`` (a name
         under /run/netns or a path such as /proc/PID/ns/net; None: this process's namespace).
+
+        The XDP program goes on in native mode where the driver takes it, else in generic mode;
+        ``native`` None tries native mode on every interface but loopback and veth, True on all
+        of them, False on none. A program already there keeps its mode.
 
         Idempotent. All or nothing: on failure, what this call attached is removed again.
         """
@@ -475,7 +558,7 @@ class XdpNetLock(NetLock):
                         # that flush can act on.
                         state = [a for a in state if not self._same(a, att)]
                         self._write_state([*state, att])
-                        att = self._attach_one(ipr, att, objs)
+                        att = self._attach_one(ipr, att, objs, native=native)
                         state.append(att)
                         self._write_state(state)
                         done.append(att)
@@ -500,25 +583,32 @@ class XdpNetLock(NetLock):
             raise NetlockError(f"no interface named {', '.join(missing)} in {where}")
         return {name: int(idx[0]) for name, idx in found.items()}
 
-    def _attach_one(self, ipr: Any, att: Attachment, objs: _Objects) -> Attachment:
+    def _attach_one(self, ipr: Any, att: Attachment, objs: _Objects, *,
+                    native: bool | None = None) -> Attachment:
         """Attach both programs to one interface; on failure undo what this call did."""
         idx = att.ifindex
         try:
-            current = self._xdp_prog_id(ipr, idx)
-            if current != objs.xdp_id:
-                flags = XDP_FLAGS_SKB_MODE
-                if current:
-                    name = prog_name_by_id(current)
+            link = ipr.link("get", index=idx)[0]
+            current = xdp_programs(link.get_attr("IFLA_XDP"))
+            if objs.xdp_id not in current.values():
+                for pid in current.values():
+                    name = prog_name_by_id(pid)
                     if name != XDP_PROG:
                         raise NetlockError(
-                            f"interface {att.where} already has an XDP program (id {current}"
+                            f"interface {att.where} already has an XDP program (id {pid}"
                             f"{', ' + name if name else ''}) that is not orthros's")
-                    # An older orthros load (pins flushed and made again): replace it.
+                if current:
+                    # An older orthros load (pins flushed and made again): replace it in its
+                    # mode, at once, so that no packet passes between the two.
+                    set_xdp(ipr, idx, objs.xdp_fd, MODE_FLAGS[next(iter(current))])
                 else:
-                    flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
-                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", objs.xdp_fd),
-                                                          ("IFLA_XDP_FLAGS", flags)]})
-            att = replace(att, xdp=True)
+                    attach_xdp(ipr, idx, objs.xdp_fd,
+                               native=link_native_first(link) if native is None else native)
+            mode = self._xdp_mode(ipr, idx, objs.xdp_id)
+            if mode is None:
+                raise NetlockError(f"the kernel took the XDP program for {att.where} but does "
+                                   "not show it attached")
+            att = replace(att, xdp=True, mode=mode)
             try:
                 ipr.tc("add", "clsact", index=idx)
                 att = replace(att, clsact_created=True)
@@ -548,12 +638,14 @@ class XdpNetLock(NetLock):
             raise
 
     @staticmethod
-    def _xdp_prog_id(ipr: Any, idx: int) -> int:
-        link = ipr.link("get", index=idx)[0]
-        xdp = link.get_attr("IFLA_XDP")
-        if xdp is None:
-            return 0
-        return int(xdp.get_attr("IFLA_XDP_PROG_ID") or xdp.get_attr("IFLA_XDP_SKB_PROG_ID") or 0)
+    def _xdp_progs(ipr: Any, idx: int) -> dict[str, int]:
+        """{mode: program id} of the XDP programs on interface ``idx``."""
+        return xdp_programs(ipr.link("get", index=idx)[0].get_attr("IFLA_XDP"))
+
+    @classmethod
+    def _xdp_mode(cls, ipr: Any, idx: int, prog_id: int) -> str | None:
+        """The mode program ``prog_id`` is attached in on interface ``idx``, as the kernel says."""
+        return next((m for m, p in cls._xdp_progs(ipr, idx).items() if p == prog_id), None)
 
     @staticmethod
     def _filters(ipr: Any, idx: int, parent: int) -> list[Any]:
@@ -568,12 +660,16 @@ class XdpNetLock(NetLock):
         if not found:
             return problems  # the interface is gone, and its programs with it
         idx = int(found[0])
-        current = self._xdp_prog_id(ipr, idx)
-        if current and prog_name_by_id(current) == XDP_PROG:
-            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
-                                                      ("IFLA_XDP_FLAGS", XDP_FLAGS_SKB_MODE)]})
-        elif current:
-            problems.append(f"left XDP program {current} on {att.where}: it is not orthros's")
+        for mode, pid in self._xdp_progs(ipr, idx).items():
+            if prog_name_by_id(pid) != XDP_PROG:
+                problems.append(f"left XDP program {pid} on {att.where}: it is not orthros's")
+                continue
+            # The flag of the mode it is attached in: a detach in another mode is a no-op the
+            # kernel does not even refuse.
+            set_xdp(ipr, idx, -1, MODE_FLAGS[mode])
+            if self._xdp_mode(ipr, idx, pid) is not None:
+                problems.append(f"XDP program {pid} is still on {att.where} after detaching it "
+                                f"({mode} mode)")
         try:
             for f in self._filters(ipr, idx, TC_EGRESS):
                 if f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") == TC_FILTER_NAME:
