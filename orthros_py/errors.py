@@ -28,7 +28,7 @@ class ExitStatus(enum.IntEnum):
     CRIU_FAILED = 7  # CRIU refused a dump/restore
     NETLOCK_FAILED = 8
     TIMEOUT = 9
-    CANNOT_HONOUR = 10  # the destination cannot give the tree its cgroup limits
+    CANNOT_HONOUR = 10  # the destination cannot give the tree its cgroup limits or its PIDs
     SERVICE_LOST = 11  # a post-copy migration failed with the memory split between two hosts
     INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
@@ -212,6 +212,14 @@ class CommandError(OrthrosError):
 
 class OperationTimeout(OrthrosError):
     exit_status = ExitStatus.TIMEOUT
+
+
+class PidsInUseError(OrthrosError):
+    """The destination cannot give a tree its PIDs: live processes there hold some of those
+    (process or thread ids) that a tree of the host's own PID namespace gets back on restore.
+    Refused, as unhonourable cgroup limits are, before anything is frozen."""
+
+    exit_status = ExitStatus.CANNOT_HONOUR
 
 
 class UsageError(OrthrosError):

@@ -67,6 +67,7 @@ CONNECT_TIMEOUT = 5.0
 # Files sent in one request by upload_files, held in memory meanwhile: a checkpoint's small
 # files (its memory goes through a page server, or in files of its own).
 BUNDLE_LIMIT = 64 << 20
+PIDS_PER_REQUEST = 65536  # what an agent's pids_in_use takes at most
 
 
 def tcp_connect(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -259,6 +260,16 @@ class AgentClient:
         """The tree of ``pid`` on the agent's host: processes, TCP connections (``conns``: all
         a lock must cover; ``established``), the interfaces they use."""
         return self._result("tree", {"pid": pid})
+
+    def pids_in_use(self, pids: Iterable[int]) -> list[tuple[int, str]]:
+        """(pid, name) of those of ``pids`` that a live process or thread holds in the agent's
+        PID namespace (zombies do not count); asked in requests of at most PIDS_PER_REQUEST."""
+        wanted = sorted({int(p) for p in pids})
+        held: list[tuple[int, str]] = []
+        for i in range(0, len(wanted), PIDS_PER_REQUEST):
+            data = self._result("pids_in_use", {"pids": wanted[i:i + PIDS_PER_REQUEST]})
+            held.extend((int(pid), str(name)) for pid, name in data.get("held", []))
+        return held
 
     # -- cgroups --------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class AgentAPI(Protocol):
     def request(self, op: str, args: Mapping[str, Any] | None = None, *,
                 timeout: float | None = None) -> dict[str, Any]: ...
     def tree(self, pid: int) -> dict[str, Any]: ...
+    def pids_in_use(self, pids: Iterable[int]) -> list[tuple[int, str]]: ...
     def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]: ...
     def netlock_prepare(self, backend: str = "xdp", *, timeout: float = 120.0
                         ) -> dict[str, Any]: ...
@@ -130,15 +131,25 @@ class TreeFacts:
     in_agent_netns: bool = True
     rss: int = 0  # resident bytes of all its processes (what a dump must copy, about)
     in_agent_mntns: bool = False  # every process shares the agent's mount namespace
+    # Whether the root shares the agent's PID namespace (a restore then gives every process
+    # and thread its very id again), not the init of one of its own; None: the agent did not say.
+    in_agent_pidns: bool | None = None
+    tids: tuple[int, ...] = ()  # every process and thread id, as far as the agent said
 
     @classmethod
     def from_agent(cls, data: Mapping[str, Any]) -> TreeFacts:
-        return cls(int(data["pid"]), tuple(int(p["pid"]) for p in data["processes"]),
+        procs = data["processes"]
+        pidns = data.get("agent_pidns")
+        return cls(int(data["pid"]), tuple(int(p["pid"]) for p in procs),
                    tuple(Conn.parse(c) for c in data["conns"]),
                    tuple(str(i) for i in data.get("interfaces", [])),
                    bool(data.get("agent_netns", True)),
-                   sum(int(p.get("rss", 0)) for p in data["processes"]),
-                   bool(data.get("agent_mntns", False)))
+                   sum(int(p.get("rss", 0)) for p in procs),
+                   bool(data.get("agent_mntns", False)),
+                   None if pidns is None else bool(pidns),
+                   # An agent that lists no thread ids: at least the processes' own.
+                   tuple(dict.fromkeys(int(t) for p in procs
+                                       for t in (p.get("tids") or [p["pid"]]))))
 
 
 def shared_pid_space(a: HostFacts, b: HostFacts) -> bool | None:

@@ -4,8 +4,11 @@ hosts, through their agents: the policy behind ``orthros migrate``.
 The stages, in order (``Stage``)::
 
     PREPARE   ask both agents what they are and hold; find the tree, its connections and the
-              service address; plan (``plan``, pure); load the lock on both hosts, attach it on
-              the source; open the destination's page channel (``agent.pagechan``)
+              service address; plan (``plan``, pure); refuse a destination that cannot honour
+              the tree's cgroup limits, or cannot give it its PIDs (a tree of its host's own
+              PID namespace gets every process and thread id back); load the lock on both
+              hosts, attach it on the source; open the destination's page channel
+              (``agent.pagechan``)
     PRE-COPY  (``--precopy``; by default for a tree of ``precopy_auto_bytes`` or more where the
               source's CRIU tracks memory) rounds of CRIU pre-dumps while the tree runs, each
               sending only the pages written since the previous one (orthros's CRIU patch 0002:
@@ -95,6 +98,7 @@ from orthros_py.errors import (
     ExitStatus,
     NoSuchProcessError,
     OrthrosError,
+    PidsInUseError,
 )
 from orthros_py.net.conn import Conn
 from orthros_py.netlock.method import NetworkLock
@@ -882,6 +886,8 @@ class Migration(Policy):
         if cfg.manage_cgroups is not CgroupMode.IGNORE:
             with self.timed("cgroup check"):
                 self._check_cgroups(tree_data.get("cgroups"), src_status, dst_status)
+        with self.timed("pid check"):
+            self._check_pids(tree, shared_pid_space(facts.source, facts.dest), dst_status)
         self.note(f"{len(tree.pids)} processes, {len(tree.conns)} connections"
                   + (f", service address {self.plan.service.with_prefixlen}"
                      if self.plan.service else ""))
@@ -1029,6 +1035,34 @@ class Migration(Policy):
         self.note(f"{len(cgf.groups)} cgroups with {len(cgf.limits())} limits go to "
                   f"{dst.name}" + (f" below {dst_status.get('cgroup_root')}"
                                    if self._cgroup_roots else ""))
+
+    def _check_pids(self, tree: TreeFacts, shared: bool | None,
+                    dst_status: Mapping[str, Any]) -> None:
+        """Refuse, before anything is frozen, a destination where live processes hold PIDs the
+        restore must give the tree back: every process and thread id of a tree in its host's
+        own PID namespace (a tree that is the init of a PID namespace of its own, a container,
+        is restored into a new one and needs none). Hosts that share one PID space are not
+        asked: the tree itself holds those PIDs there, and gives them up before the restore."""
+        dst = self.dest
+        if tree.in_agent_pidns is not True or shared is not False:
+            return
+        ops = dst_status.get("ops")
+        if ops is not None and "pids_in_use" not in ops:
+            self.note(f"{dst.name}'s agent cannot say whether the tree's PIDs are free there "
+                      "(an older orthros): the restore will find out")
+            return
+        with self.on(dst):
+            held = dst.agent.pids_in_use(tree.tids or tree.pids)
+        if held:
+            pid, name = held[0]
+            more = f" (and {len(held) - 1} more)" if len(held) > 1 else ""
+            raise PidsInUseError(
+                f"{dst.name} cannot give pid {self.pid}'s tree its PIDs: pid {pid} is held "
+                f"there by {name}{more}; nothing was frozen", host=dst.name, pid=self.pid,
+                stage=str(self.stage),
+                hint="run the service in a PID namespace of its own (as containers are), or "
+                     "give each host a PID range of its own (kernel.ns_last_pid), or migrate "
+                     "where those PIDs are free")
 
     def _lock_source(self) -> None:
         assert self.plan is not None

@@ -2,7 +2,8 @@
 destination's agent SIGKILLed, the link to the destination cut, the destination's image
 directory unwritable, CRIU failing on restore. Each time the migration rolls back: the service
 keeps running on the source with its clients connected and answered, and no lock, rule,
-address or stray process is left anywhere.
+address or stray process is left anywhere. A destination where a live process holds one of
+the tree's PIDs is refused before anything is frozen.
 
 Faults are injected through the policy's observer when a stage starts (the policy is run
 in-process for that; test_migrate.py runs the real command). Security of the agents (a wrong
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import run_orthros, wait_for
 from migrate_kit import (
     SERVICE_IP,
     Service,
@@ -89,7 +90,7 @@ def fail_migration(lab: Lab, svc: Service, observer: Callable[[Event], None],
     return exc.value
 
 
-def assert_service_stayed(lab: Lab, svc: Service, pool: ClientPool, err: MigrationError) -> None:
+def assert_service_stayed(lab: Lab, svc: Service, pool: ClientPool, err: object) -> None:
     """The tree runs on alpha under its pid, holds every client's connection, and the clients
     get answers again, none of them ever wrong or reset."""
     print(f"\n{err}")
@@ -224,6 +225,82 @@ def test_a_file_changed_between_dump_and_restore_leaves_the_service_on_the_sourc
         assert not [t for t in client(lab, "alpha").status()["restored"] if t["running"]]
         assert_service_stayed(lab, svc, pool, err)
     assert_nothing_left(lab, holder="alpha", service=svc)
+
+
+# Run inside a lab host: take PID argv[1] in the host's PID namespace for a sleeper (the
+# counter set just below it, then a fork), put the counter back, print the sleeper's PID.
+HOLD_PID = r"""
+import os, sys, time
+want = int(sys.argv[1])
+last = "/proc/sys/kernel/ns_last_pid"
+with open(last) as f:
+    before = f.read().strip()
+for _ in range(100):
+    with open(last, "w") as f:
+        f.write(str(want - 1))
+    child = os.fork()
+    if child == 0:
+        if os.getpid() == want:
+            os.execvp("sleep", ["sleep", "600"])
+        os._exit(0)
+    if child == want:
+        break
+    os.waitpid(child, 0)  # another process forked in between: again
+    time.sleep(0.01)
+else:
+    sys.exit(f"pid {want} did not come")
+with open(last, "w") as f:
+    f.write(before)  # the host's own range again (the kernel skips PIDs in use)
+print(want, flush=True)
+"""
+
+
+def test_a_destination_where_a_live_process_holds_a_pid_of_the_tree_is_refused(
+        lab: Lab, tmp_path: Path) -> None:
+    """Each lab host has a PID namespace of its own, as machines do: the tree is restored
+    with every process and thread id it has on alpha. A sleeper on beta takes one of them (a
+    thread of the echo server's); ``orthros migrate`` refuses before freezing anything, with
+    exit status 10, and the service goes on on alpha untouched."""
+    with echo_with_clients(lab) as (svc, pool):
+        (root,) = [p for p in client(lab, "alpha").tree(svc.pid)["processes"]
+                   if p["pid"] == svc.pid]
+        want = max(root["tids"])  # a thread serving a client
+        assert want != svc.pid and lab.machine_pid("beta", want) is None
+        log = tmp_path / "hold.log"
+        lab.spawn("beta", [sys.executable, "-c", HOLD_PID, str(want)], log=log)
+        sleeper: list[int] = []
+
+        def holding() -> bool:
+            pid = lab.machine_pid("beta", want)
+            with contextlib.suppress(psutil.Error):
+                if pid is not None and psutil.Process(pid).name() == "sleep":
+                    sleeper[:] = [pid]
+            return bool(sleeper)
+
+        try:
+            wait_for(holding, timeout=20,
+                     what=f"a sleeper on beta to hold pid {want} ({log.read_text()!r})"
+                     if log.exists() else f"a sleeper on beta to hold pid {want}")
+            before = pool.stats.requests
+            res = run_orthros("migrate", str(svc.pid), "--from", "alpha", "--to", "beta",
+                              timeout=180)
+            assert res.returncode == 10, (res.returncode, res.stdout, res.stderr)
+            assert (f"beta cannot give pid {svc.pid}'s tree its PIDs: pid {want} is held "
+                    "there by sleep") in res.stderr, res.stderr
+            assert "nothing was frozen" in res.stderr and "PID namespace of its own" \
+                in res.stderr, res.stderr
+            # Never frozen, never locked: the clients were answered all along.
+            st = client(lab, "alpha").status()
+            assert not st["held"] and not st["images"]
+            assert svc.alive()  # running, not stopped
+            assert pool.stats.requests > before
+            assert_service_stayed(lab, svc, pool, res.stderr.strip())
+        finally:
+            for pid in sleeper:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: lab.machine_pid("beta", want) is None, what="the sleeper to go")
+        assert_nothing_left(lab, holder="alpha", service=svc)
 
 
 def test_agents_refuse_a_wrong_key_a_replay_and_garbage(lab: Lab) -> None:

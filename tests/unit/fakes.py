@@ -79,6 +79,10 @@ class FakeAgent:
         self.down = False  # unreachable: every call raises AgentUnreachable
         self.cgroup_problems: list[str] = []
         self.cgroup_root = "/"
+        self.pid_ns = 1  # the same on both: one PID space, as the lab's hosts once had
+        self.tree_pidns: bool | None = True  # the tree shares the agent's PID namespace
+        self.tree_threads = 1  # task ids of the tree's root: its pid and the ones after it
+        self.pids_held: dict[int, str] = {}  # pid -> name of what holds it here
 
     def _hit(self, method: str, *args: Any) -> None:
         self.world.log.append(f"{self.name}.{method}")
@@ -94,7 +98,7 @@ class FakeAgent:
 
     def status(self) -> dict[str, Any]:
         self._hit("status")
-        return {"criu": {"version": "4.2.1"}, "boot_id": "boot-1", "pid_ns": 1,
+        return {"criu": {"version": "4.2.1"}, "boot_id": "boot-1", "pid_ns": self.pid_ns,
                 "cgroup_root": self.cgroup_root,
                 "held": [{"pid": p} for p in self.held],
                 "restored": [{"pid": p, "image": i, "running": p in self.running}
@@ -104,11 +108,18 @@ class FakeAgent:
         self._hit("tree", pid)
         if pid not in self.running or pid in self.held:
             raise NoSuchProcessError(f"no process with pid {pid} exists", pid=pid)
-        return {"pid": pid, "processes": [{"pid": pid}],
+        return {"pid": pid,
+                "processes": [{"pid": pid, "tids": list(range(pid, pid + self.tree_threads))}],
                 "conns": [str(c) for c in self.tree_conns],
                 "established": [str(c) for c in self.tree_conns],
                 "interfaces": ["eth0"] if self.tree_conns else [], "agent_netns": True,
-                "cgroups": CGROUP_TEXT}
+                "agent_pidns": self.tree_pidns, "cgroups": CGROUP_TEXT}
+
+    def pids_in_use(self, pids: Iterable[int]) -> list[tuple[int, str]]:
+        asked = sorted(set(pids))
+        self._hit("pids_in_use", asked)
+        self.world.log.append(f"{self.name}.pids_asked={asked}")
+        return [(p, self.pids_held[p]) for p in asked if p in self.pids_held]
 
     def addr_list(self, *, netns: str | None = None) -> list[dict[str, Any]]:
         self._hit("addr_list")

@@ -57,6 +57,7 @@ from orthros_py.agent.table import OPS, dispatch
 from orthros_py.criu.request import CgroupMode, CriuNetworkLock, DumpOptions, RestoreOptions
 from orthros_py.errors import BadImageError, CriuError, NoSuchProcessError
 from orthros_py.net.conn import parse_endpoint
+from orthros_py.policies.hosts import TreeFacts
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -435,7 +436,8 @@ def test_op_table_binds_arguments_by_the_handlers_signatures() -> None:
 def test_the_table_holds_the_operations_of_a_migration() -> None:
     assert {"ping", "status", "check", "dump", "restore", "recv_file", "send_file",
             "list_images", "page_server", "page_server_stop", "kill", "netlock_lock",
-            "netlock_unlock", "addr_add", "addr_del", "garp", "push_images"} <= set(OPS)
+            "netlock_unlock", "addr_add", "addr_del", "garp", "push_images",
+            "pids_in_use"} <= set(OPS)
 
 
 def test_page_server_request() -> None:
@@ -743,3 +745,70 @@ def test_background_removal_takes_the_image_out_of_the_way_at_once(tmp_path: Pat
     a.remove_image_dir(path, later=True)
     assert not path.is_symlink() and not (scratch / "mig-2").exists()
     assert a.image_names() == []
+
+
+def _free_pid() -> int:
+    """A PID nothing holds now (the counter moves upwards: one just below a fresh child's is
+    most likely free, but any will do)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(pid_max - 1, 300, -1):
+        if not os.path.exists(f"/proc/{pid}"):
+            return pid
+    raise AssertionError("no free PID")
+
+
+def test_pids_in_use_names_live_processes_and_threads_not_zombies(running: Running) -> None:
+    c = running.client()
+    stop = threading.Event()
+    tids: list[int] = []
+    thread = threading.Thread(target=lambda: (tids.append(threading.get_native_id()),
+                                              stop.wait(30)))
+    thread.start()
+    zombie = os.fork()
+    if zombie == 0:
+        os._exit(0)
+    try:
+        wait_until = time.monotonic() + 10
+        while Path(f"/proc/{zombie}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < wait_until, "the child did not exit"
+            time.sleep(0.01)
+        while not tids:
+            time.sleep(0.01)
+        me = Path("/proc/self/status").read_text().split("\n", 1)[0].split(":", 1)[1].strip()
+        free = _free_pid()
+        held = c.pids_in_use([free, tids[0], zombie, os.getpid(), os.getpid()])
+        assert held == sorted([(os.getpid(), me),
+                               (tids[0], f"{me} (a thread of pid {os.getpid()})")])
+        assert c.pids_in_use([free, zombie]) == []
+        assert c.pids_in_use([]) == []
+    finally:
+        stop.set()
+        thread.join(10)
+        os.waitpid(zombie, 0)
+
+
+@pytest.mark.parametrize(("pids", "match"), [
+    ([0], "0 is not a PID"), ([-5], "-5 is not a PID"), ([1 << 23], "is not a PID"),
+    (["12"], r"argument pids of pids_in_use\[0\] must be int"),
+    (list(range(1, 65538)), "at most 65536 PIDs, not 65537")])
+def test_pids_in_use_refuses_what_is_no_list_of_pids(running: Running, pids: list[Any],
+                                                     match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        running.client().call("pids_in_use", {"pids": pids})
+
+
+def test_tree_reports_every_task_id_and_the_pid_namespace(running: Running) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, args=(30,))
+    thread.start()
+    try:
+        tree = running.client().tree(os.getpid())
+        tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+    finally:
+        stop.set()
+        thread.join(10)
+    (me,) = [p for p in tree["processes"] if p["pid"] == os.getpid()]
+    assert me["tids"][0] == os.getpid() and sorted(me["tids"]) == tids and len(tids) >= 2
+    assert tree["agent_pidns"] is True  # the agent's own PID namespace: restored as it is
+    facts = TreeFacts.from_agent(tree)
+    assert facts.in_agent_pidns is True and set(tids) <= set(facts.tids)

@@ -23,7 +23,7 @@ from orthros_py.agent.state import Agent
 from orthros_py.agent.table import Call
 from orthros_py.cgroup.fs import CgroupError
 from orthros_py.criu.request import CriuNetworkLock, dump_request
-from orthros_py.errors import BadImageError, CriuError, OrthrosError
+from orthros_py.errors import BadImageError, CriuError, OrthrosError, PidsInUseError
 from orthros_py.net.conn import Conn
 from orthros_py.netlock.method import NetworkLock
 from orthros_py.policies.migrate import (
@@ -510,6 +510,79 @@ def test_a_destination_that_cannot_honour_the_cgroups_is_refused_before_the_free
     assert 4242 in alpha.running and alpha.clean() and beta.clean()
 
 
+def own_pid_spaces(alpha: FakeAgent, beta: FakeAgent) -> None:
+    """Each host a PID namespace of its own, as machines (and the lab's hosts) have."""
+    alpha.pid_ns, beta.pid_ns = 11, 12
+
+
+def test_a_destination_holding_the_trees_pids_is_refused_before_the_freeze(
+        world: World) -> None:
+    alpha, beta = pair(world)
+    own_pid_spaces(alpha, beta)
+    alpha.tree_threads = 3  # 4242, and threads 4243 and 4244
+    beta.pids_held = {4243: "kworker/u2:0-flush-254:0", 4244: "sleep"}
+    with pytest.raises(PidsInUseError) as info:
+        run(world, alpha, beta)
+    err = info.value
+    assert err.msg == ("beta cannot give pid 4242's tree its PIDs: pid 4243 is held there by "
+                       "kworker/u2:0-flush-254:0 (and 1 more); nothing was frozen")
+    assert err.exit_status == 10 and err.host == "beta" and err.stage == "prepare"
+    assert err.hint is not None and "PID namespace of its own" in err.hint
+    assert "beta.pids_asked=[4242, 4243, 4244]" in world.log  # every process and thread id
+    # Asked before any lock was loaded or taken, any page server started, anything dumped.
+    assert not any(m.endswith(("netlock_prepare", "netlock_lock", "page_server", "dump"))
+                   for m in world.log), world.log
+    assert 4242 in alpha.running and not alpha.held and alpha.clean() and beta.clean()
+    assert f"{SVC}/32" in alpha.addrs and f"{SVC}/32" not in beta.addrs
+
+
+def test_a_destination_where_the_trees_pids_are_free_takes_it(world: World) -> None:
+    alpha, beta = pair(world)
+    own_pid_spaces(alpha, beta)
+    alpha.tree_threads = 2
+    beta.pids_held = {4300: "unrelated"}
+    result = run(world, alpha, beta)
+    assert result.new_pid == 4242 and 4242 in beta.running
+    log = world.log
+    assert "beta.pids_asked=[4242, 4243]" in log
+    assert log.index("beta.pids_in_use") < log.index("alpha.netlock_lock")
+    assert "pid check" in result.timings_ms
+
+
+@pytest.mark.parametrize("case", ["own pid namespace", "shared pid space", "not said"])
+def test_the_pids_are_not_asked_for_where_the_restore_needs_them_not(
+        world: World, case: str) -> None:
+    """A container (the init of a PID namespace of its own) is restored into a new one; hosts
+    of one PID space see the tree itself hold its PIDs (it is killed before the restore); an
+    older source agent does not say which PID namespace the tree is in."""
+    alpha, beta = pair(world)
+    if case != "shared pid space":
+        own_pid_spaces(alpha, beta)
+    if case == "own pid namespace":
+        alpha.tree_pidns = False
+    elif case == "not said":
+        alpha.tree_pidns = None
+    beta.pids_held = {4242: "sleep"}
+    result = run(world, alpha, beta)
+    assert result.new_pid == 4242
+    assert "beta.pids_in_use" not in world.log
+
+
+def test_an_older_destination_agent_is_not_asked_for_the_pids(world: World) -> None:
+    alpha, beta = pair(world)
+    own_pid_spaces(alpha, beta)
+    status = beta.status
+
+    def old_status() -> dict[str, Any]:
+        return {**status(), "ops": ["status", "tree", "dump", "restore"]}
+
+    beta.status = old_status  # type: ignore[method-assign]
+    events: list[Event] = []
+    result = run(world, alpha, beta, events=events)
+    assert result.new_pid == 4242 and "beta.pids_in_use" not in world.log
+    assert any("cannot say whether the tree's PIDs are free" in e.message for e in events)
+
+
 def test_cgroups_go_below_the_destinations_own_root_and_leave_the_source(
         world: World) -> None:
     alpha, beta = pair(world)
@@ -522,3 +595,13 @@ def test_cgroups_go_below_the_destinations_own_root_and_leave_the_source(
     assert log.index("beta.restore") < log.index("alpha.cgroup_release") \
         < log.index("alpha.remove_image")
     assert "cgroup check" in result.timings_ms
+
+
+def test_tree_facts_from_an_older_agent_have_the_processes_pids_and_no_pid_namespace() -> None:
+    old = {"pid": 7, "processes": [{"pid": 7, "threads": 2}, {"pid": 9}], "conns": []}
+    facts = TreeFacts.from_agent(old)
+    assert facts.tids == (7, 9) and facts.in_agent_pidns is None
+    new = {**old, "processes": [{"pid": 7, "tids": [7, 8]}, {"pid": 9, "tids": [9]}],
+           "agent_pidns": False}
+    facts = TreeFacts.from_agent(new)
+    assert facts.tids == (7, 8, 9) and facts.in_agent_pidns is False

@@ -1,7 +1,8 @@
 """The agent's operations, one module per interface; importing this package registers them all
 in ``orthros_py.agent.table.OPS``.
 
-- ``host``: ping, status, check, tree, kill, resume, cgroup_check, cgroup_release.
+- ``host``: ping, status, check, tree, pids_in_use, kill, resume, cgroup_check,
+  cgroup_release.
 - ``criu``: dump, restore, page_server, page_server_stop.
 - ``lazy``: post-copy migration (dump_lazy, lazy_listen, restore_lazy, lazy_status,
   lazy_source_status, lazy_stop) and dirty_track_close for pre-copy rounds.

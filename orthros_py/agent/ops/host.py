@@ -1,8 +1,9 @@
 """Operations on the host and on trees the agent owns: ``ping``, ``status``, ``check``, ``tree``,
-``kill``, ``resume``, ``cgroup_check``, ``cgroup_release``.
+``pids_in_use``, ``kill``, ``resume``, ``cgroup_check``, ``cgroup_release``.
 
 Interfaces and privileges: ``check`` runs ``orthros_py.host.probe`` (see there); ``tree`` reads
-/proc and sock_diag through ``orthros_py.net.conns`` and the cgroup filesystem; ``kill`` uses
+/proc and sock_diag through ``orthros_py.net.conns`` and the cgroup filesystem; ``pids_in_use``
+reads /proc/PID/status; ``kill`` uses
 kill(2), only on processes this agent restored, or left stopped after a dump (checked by pid and
 start time); ``resume`` uses ``orthros_py.agent.held`` (pidfd_getfd, TCP_REPAIR, SIGCONT) on a
 tree this agent left stopped (``leave_stopped``); the cgroup ops read and remove groups in the
@@ -29,6 +30,10 @@ from orthros_py.agent.protocol import PROTOCOL_VERSION
 from orthros_py.agent.state import log
 from orthros_py.agent.table import OPS, Call, bad_request, feature, op
 from orthros_py.errors import NoSuchProcessError
+
+# At most this many PIDs in one ``pids_in_use`` request (the client splits a larger tree).
+MAX_PIDS_ASKED = 65536
+PID_MAX_LIMIT = 1 << 22  # the kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit)
 
 SIGNALS = {"TERM": signals.SIGTERM, "KILL": signals.SIGKILL, "INT": signals.SIGINT,
            "HUP": signals.SIGHUP, "QUIT": signals.SIGQUIT, "USR1": signals.SIGUSR1,
@@ -166,7 +171,10 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc = psutil.Process(p)
             procs.append({"pid": p, "name": proc.name(), "status": proc.status(),
-                          "threads": proc.num_threads(), "rss": proc.memory_info().rss})
+                          "threads": proc.num_threads(), "rss": proc.memory_info().rss,
+                          # Every task id, the process's own among them: a restore in the
+                          # same PID namespace gives each of them back (``pids_in_use``).
+                          "tids": _tids(p)})
     found = conns_mod.discover(pids)
     established = conns_mod.discover(pids, (conns_mod.TCP_ESTABLISHED,))
     from orthros_py.cgroup.fs import CgroupError, CgroupFs
@@ -186,7 +194,56 @@ def op_tree(call: Call, pid: int) -> dict[str, Any]:
             "netns_id": list(found.netns_id), "agent_netns": _own_netns_id() == found.netns_id,
             # A tree with a mount namespace of its own has CRIU archive its tmpfs mounts,
             # the one holding the agent's scratch root among them.
-            "agent_mntns": all(_same_ns(p, "mnt") for p in pids)}
+            "agent_mntns": all(_same_ns(p, "mnt") for p in pids),
+            # A root in the agent's PID namespace is restored with the very PIDs (and TIDs) it
+            # has here; the init of a PID namespace of its own (a container) into a new one.
+            "agent_pidns": _same_ns(pid, "pid")}
+
+
+def _tids(pid: int) -> list[int]:
+    """The task ids of process ``pid`` (its own first), or just ``pid`` if it went."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit())
+    except OSError:
+        return [pid]
+    return [pid, *(t for t in tids if t != pid)]
+
+
+@op("pids_in_use")
+def op_pids_in_use(call: Call, pids: list[int]) -> dict[str, Any]:
+    """Which of ``pids`` a live process or thread holds in the agent's PID namespace: ``held``,
+    [[pid, name], ...] (a thread's name is its process's, with the process's pid). A zombie does
+    not count: its reaper frees its PID soon (a restore waits for that). Reads only."""
+    if len(pids) > MAX_PIDS_ASKED:
+        raise bad_request(f"pids_in_use takes at most {MAX_PIDS_ASKED} PIDs, not {len(pids)}")
+    bad = [p for p in pids if not 0 < p <= PID_MAX_LIMIT]
+    if bad:
+        raise bad_request(f"{bad[0]} is not a PID")
+    held: list[list[int | str]] = []
+    for pid in sorted(set(pids)):
+        task = _task_status(pid)  # /proc/PID exists for a thread's id too, hidden from listings
+        if task is None or task["State"][:1] in ("Z", "X"):
+            continue
+        name, tgid = task["Name"], int(task.get("Tgid") or pid)
+        if tgid != pid:
+            leader = _task_status(tgid)
+            name = f"{leader['Name'] if leader else name} (a thread of pid {tgid})"
+        held.append([pid, name])
+    return {"held": held}
+
+
+def _task_status(pid: int) -> dict[str, str] | None:
+    """The fields of /proc/PID/status (a process's or a thread's), or None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text(errors="replace")
+    except OSError:  # gone, or never there
+        return None
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out if "State" in out and "Name" in out else None
 
 
 def _same_ns(pid: int, kind: str) -> bool:
