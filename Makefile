@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-tests demo test test-unit lint clean
+.PHONY: setup setup-tests demo test test-unit vm vm-down lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,13 @@ test: setup-tests
 
 test-unit: setup-tests
 	$(PY) -m pytest -ra tests/unit
+
+# The cluster as Vagrant VMs on this machine (builds the box once; see README, "The cluster as VMs").
+vm: setup-tests
+	bash scripts/vm.sh up
+
+vm-down:
+	bash scripts/vm.sh down
 
 lint:
 	$(VENV)/bin/ruff check orthros_py tests scripts

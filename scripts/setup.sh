@@ -20,11 +20,16 @@ die()  { printf '\033[31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, /usr/local and /lib/modules are written)"
 
 # --tests: also what only the test suite needs (vagrant, to validate vagrant/Vagrantfile).
+# --image: set up a root filesystem that will boot another kernel (scripts/vm-box.sh runs this in
+#   a chroot): nothing is checked against, or configured for, the kernel running now; the
+#   guest's own run of this script at provisioning does that.
 WITH_TESTS=0
+IMAGE=0
 for arg in "$@"; do
   case "$arg" in
     --tests) WITH_TESTS=1 ;;
-    *) die "unknown option $arg (known: --tests)" ;;
+    --image) IMAGE=1 ;;
+    *) die "unknown option $arg (known: --tests, --image)" ;;
   esac
 done
 
@@ -63,7 +68,10 @@ fi
 # fs.pipe-max-size, 1 MiB by default: the drain then takes twice as long, all of it frozen
 # (measured with a lazy dump of 1 GiB: 130 against 65 ms). Kept across reboots in sysctl.d.
 PIPE_MAX=4194304
-if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+if [ "$IMAGE" = 1 ]; then
+  printf '# orthros: CRIU drains a frozen tree'"'"'s memory into 4 MiB pipes\nfs.pipe-max-size = %s\n' \
+    "$PIPE_MAX" > /etc/sysctl.d/60-orthros.conf
+elif [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
   printf '# orthros: CRIU drains a frozen tree'"'"'s memory into 4 MiB pipes\nfs.pipe-max-size = %s\n' \
     "$PIPE_MAX" > /etc/sysctl.d/60-orthros.conf
   sysctl -qw fs.pipe-max-size="$PIPE_MAX" || die "cannot raise fs.pipe-max-size to $PIPE_MAX"
@@ -77,7 +85,7 @@ criu_ok() {  # $1: binary. True when it is new enough and `criu check` passes on
   local bin=$1 v
   [ -x "$bin" ] || return 1
   v=$("$bin" --version 2>/dev/null | awk '/^Version:/ {print $2}')
-  [ -n "$v" ] && version_ge "$v" "$MIN_CRIU" && "$bin" check >/dev/null 2>&1
+  [ -n "$v" ] && version_ge "$v" "$MIN_CRIU" && { [ "$IMAGE" = 1 ] || "$bin" check >/dev/null 2>&1; }
 }
 
 # Fixes orthros carries for CRIU (each says why in its header); a CRIU orthros built is built
@@ -160,7 +168,10 @@ fi
 
 # --- Kernel headers for BCC -------------------------------------------------------------------
 KREL=$(uname -r)
-if [ -e "/lib/modules/$KREL/build" ]; then
+if [ "$IMAGE" = 1 ]; then
+  ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1 || die "no kernel headers under /usr/src for BCC"
+  say "image: the kernel's own headers (linux-headers-amd64) serve BCC there"
+elif [ -e "/lib/modules/$KREL/build" ]; then
   say "kernel headers found at /lib/modules/$KREL/build"
 else
   # No headers for this kernel exist in the archive. An XDP program that uses only UAPI headers

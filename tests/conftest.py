@@ -1,4 +1,5 @@
-"""Test tiers: tests/unit runs anywhere; tests/linux and tests/e2e need root, real CRIU and BPF.
+"""Test tiers: tests/unit runs anywhere; tests/linux and tests/e2e need root, real CRIU and BPF;
+tests/vm boots the Vagrant cluster (scripts/vm.sh) and runs orthros across its VMs.
 
 Fixtures here create real processes and always remove them, also when a test fails.
 """
@@ -23,7 +24,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.linux)
         if f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.e2e)
-        if (item.get_closest_marker("linux") or item.get_closest_marker("e2e")) and os.geteuid():
+        if f"{os.sep}vm{os.sep}" in path:
+            item.add_marker(pytest.mark.vm)
+        if any(item.get_closest_marker(m) for m in ("linux", "e2e", "vm")) and os.geteuid():
             item.add_marker(pytest.mark.skip(reason="needs root (real CRIU, BPF, namespaces)"))
 
 
