@@ -97,6 +97,9 @@ start_libvirt() {
     # No systemd here to socket-activate them: start the daemons directly, and remember that
     # this script did, so that `down` stops them and only them.
     say "starting virtlogd and libvirtd"
+    # libvirt turns IP forwarding on for its NAT network (Vagrant's management network) and
+    # leaves it on: `down` puts back what was here before.
+    sysctl -n net.ipv4.ip_forward >"$STATE/ip_forward-before"
     mkdir -p /run/libvirt
     pgrep -x virtlogd >/dev/null || virtlogd -d
     libvirtd -d
@@ -138,6 +141,10 @@ stop_libvirt() {
       done
     done
   done
+  if [ -f "$STATE/ip_forward-before" ]; then
+    sysctl -qw net.ipv4.ip_forward="$(cat "$STATE/ip_forward-before")"
+    rm -f "$STATE/ip_forward-before"
+  fi
   rm -f "$STATE/libvirt-started"
 }
 

@@ -70,6 +70,7 @@ from orthros_py.net.links import (
     create_netns,
     link_up,
     loopback_up,
+    no_forwarding,
     remove_netns,
 )
 from orthros_py.proc.tree import ProcessRef
@@ -771,6 +772,7 @@ def _make_host(s: LabSettings, h: LabHost) -> None:
     # The alias names the namespace at the far end: `down` finds it even without state.
     link_up(s.bridge_netns, port, master=s.bridge, alias=f"{ALIAS}{h.netns}")
     loopback_up(h.netns)
+    no_forwarding(h.netns)
     link_up(h.netns, h.ifname, address=h.interface)
 
 

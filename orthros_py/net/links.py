@@ -15,7 +15,7 @@ from pyroute2 import NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
 from orthros_py.errors import OrthrosError
-from orthros_py.net.addr import iproute, netns_exists, netns_path
+from orthros_py.net.addr import in_netns, iproute, netns_exists, netns_path
 
 
 def create_netns(name: str) -> None:
@@ -70,6 +70,20 @@ def link_up(netns: str | None, ifname: str, *,
 def loopback_up(netns: str | None) -> None:
     """``lo`` up: a fresh namespace's loopback is down, so even 127.0.0.1 fails."""
     link_up(netns, "lo")
+
+
+def no_forwarding(netns: str) -> None:
+    """Make namespace ``netns`` a host, not a router: no IPv4 or IPv6 forwarding. A new namespace
+    takes its IPv4 settings from the caller's (``net.core.devconf_inherit_init_net``), where
+    libvirt, Docker and the like turn forwarding on: a host that forwarded would pass on packets
+    for an address it no longer holds instead of dropping them, as a real host does."""
+    with in_netns(netns):
+        for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+            try:
+                with open(path, "w") as f:
+                    f.write("0")
+            except FileNotFoundError:
+                continue  # no IPv6 in this kernel
 
 
 def delete_link(netns: str | None, ifname: str) -> bool:
