@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -60,6 +61,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    """Sockets a test opens (``socks.append(s)``); all closed at the end."""
+    made: list[socket.socket] = []
+    try:
+        yield made
+    finally:
+        for s in made:
+            s.close()
 
 
 @pytest.fixture

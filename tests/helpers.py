@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shlex
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +196,65 @@ class CriuNetfilter:
             left.append(f"nft table inet {table}")
             self._run(["nft", "delete", "table", "inet", table])
         return left
+
+
+@dataclass
+class VethPair:
+    """Two scratch network namespaces joined by a veth: side "a" the client, side "b" the one
+    that carries the lock; addresses NET4.SUB.1/.2 (and NET6:SUB::1/::2 when NET6 is given)."""
+    a: str
+    b: str
+    a_if: str
+    b_if: str
+    sub: int
+    net4: str
+    net6: str | None = None
+
+    def ip(self, side: str, family: int = socket.AF_INET) -> str:
+        host = 1 if side == "a" else 2
+        if family == socket.AF_INET6:
+            assert self.net6 is not None, "this pair has no IPv6 addresses"
+            return f"{self.net6}:{self.sub}::{host}"
+        return f"{self.net4}.{self.sub}.{host}"
+
+    def path(self, side: str) -> str:
+        return f"/run/netns/{self.a if side == 'a' else self.b}"
+
+
+@contextlib.contextmanager
+def veth_pair(prefix: str, ifnames: tuple[str, str], net4: str,
+              net6: str | None = None) -> Iterator[VethPair]:
+    """A VethPair, removed at the end with whatever the XDP lock attached there."""
+    from pyroute2 import IPRoute, netns
+
+    from orthros_py.net.addr import in_netns
+    from orthros_py.netlock.xdp import XdpNetLock
+
+    tag = secrets.token_hex(3)
+    p = VethPair(f"{prefix}-{tag}-a", f"{prefix}-{tag}-b", *ifnames, int(tag[:2], 16), net4, net6)
+    netns.create(p.a)
+    try:
+        netns.create(p.b)
+        try:
+            with in_netns(p.path("a")), IPRoute() as ipr:
+                ipr.link("add", ifname=p.a_if, kind="veth",
+                         peer={"ifname": p.b_if, "net_ns_fd": p.path("b")})
+            for side, ifname in (("a", p.a_if), ("b", p.b_if)):
+                with in_netns(p.path(side)), IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname=ifname)[0]
+                    ipr.addr("add", index=idx, address=p.ip(side), prefixlen=24)
+                    if net6 is not None:
+                        # nodad: usable at once, no wait for duplicate address detection
+                        ipr.addr("add", index=idx, address=p.ip(side, socket.AF_INET6),
+                                 prefixlen=64, flags=0x02)
+                    ipr.link("set", index=idx, state="up")
+                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            yield p
+        finally:
+            # Take orthros's programs off first, so the state file keeps no dead records.
+            for side in ("a", "b"):
+                with contextlib.suppress(Exception):
+                    XdpNetLock().detach(netns=p.path(side))
+            netns.remove(p.b)
+    finally:
+        netns.remove(p.a)

@@ -14,21 +14,18 @@ look only at their own connections and namespaces, and never flush the host's lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Spawner, orthros_json, run_orthros
+from helpers import Spawner, VethPair, orthros_json, run_orthros, veth_pair
 
 from orthros_py.errors import NetlockError
 from orthros_py.net.addr import in_netns
@@ -73,65 +70,13 @@ def ours(conns: list[Any], mine: list[Conn]) -> list[Any]:
     return [c for c in conns if str(getattr(c, "conn", None) or c["conn"]) in wanted]
 
 
-@dataclass
-class Pair:
-    a: str  # netns names: the client side ...
-    b: str  # ... and the server side
-    a_if: str
-    b_if: str
-    sub: int
-
-    def ip(self, side: str, family: int) -> str:
-        host = 1 if side == "a" else 2
-        if family == socket.AF_INET6:
-            return f"fd00:213:{self.sub}::{host}"
-        return f"10.213.{self.sub}.{host}"
-
-    def path(self, side: str) -> str:
-        return f"/run/netns/{self.a if side == 'a' else self.b}"
+Pair = VethPair
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    from pyroute2 import IPRoute, netns
-
-    tag = secrets.token_hex(3)
-    p = Pair(f"otnl-{tag}-a", f"otnl-{tag}-b", "nla", "nlb", int(tag[:2], 16))
-    netns.create(p.a)
-    try:
-        netns.create(p.b)
-        try:
-            with in_netns(p.path("a")), IPRoute() as ipr:
-                ipr.link("add", ifname=p.a_if, kind="veth",
-                         peer={"ifname": p.b_if, "net_ns_fd": p.path("b")})
-            for side, ifname in (("a", p.a_if), ("b", p.b_if)):
-                with in_netns(p.path(side)), IPRoute() as ipr:
-                    idx = ipr.link_lookup(ifname=ifname)[0]
-                    ipr.addr("add", index=idx, address=p.ip(side, socket.AF_INET), prefixlen=24)
-                    # nodad: usable at once, no wait for duplicate address detection
-                    ipr.addr("add", index=idx, address=p.ip(side, socket.AF_INET6), prefixlen=64,
-                             flags=0x02)
-                    ipr.link("set", index=idx, state="up")
-                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            yield p
-        finally:
-            # Take orthros's programs off first, so the state file does not keep dead records.
-            for side in ("a", "b"):
-                with contextlib.suppress(Exception):
-                    XdpNetLock().detach(netns=p.path(side))
-            netns.remove(p.b)
-    finally:
-        netns.remove(p.a)
-
-
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    try:
-        yield made
-    finally:
-        for s in made:
-            s.close()
+def pair() -> Iterator[VethPair]:
+    with veth_pair("otnl", ("nla", "nlb"), "10.213", "fd00:213") as p:
+        yield p
 
 
 def listen(pair: Pair, family: int, socks: list[socket.socket]) -> tuple[socket.socket, int]:

@@ -15,12 +15,11 @@ import json
 import secrets
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_orthros
+from helpers import VethPair, run_orthros, veth_pair
 
 from orthros_py.host.probe import IFF_UP, _host_nics, cluster_nics, probe_native_xdp
 from orthros_py.net.addr import in_netns
@@ -61,58 +60,13 @@ def older(lock: XdpNetLock, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         xdp.unload()
 
 
-@dataclass
-class Pair:
-    a: str  # netns names: the client side ...
-    b: str  # ... and the side that carries the lock
-    a_if: str
-    b_if: str
-    sub: int
-
-    def ip(self, side: str) -> str:
-        return f"10.214.{self.sub}.{1 if side == 'a' else 2}"
-
-    def path(self, side: str) -> str:
-        return f"/run/netns/{self.a if side == 'a' else self.b}"
+Pair = VethPair
 
 
 @pytest.fixture
-def pair() -> Iterator[Pair]:
-    from pyroute2 import IPRoute, netns
-
-    tag = secrets.token_hex(3)
-    p = Pair(f"otxn-{tag}-a", f"otxn-{tag}-b", "xna", "xnb", int(tag[:2], 16))
-    netns.create(p.a)
-    try:
-        netns.create(p.b)
-        try:
-            with in_netns(p.path("a")), IPRoute() as ipr:
-                ipr.link("add", ifname=p.a_if, kind="veth",
-                         peer={"ifname": p.b_if, "net_ns_fd": p.path("b")})
-            for side, ifname in (("a", p.a_if), ("b", p.b_if)):
-                with in_netns(p.path(side)), IPRoute() as ipr:
-                    idx = ipr.link_lookup(ifname=ifname)[0]
-                    ipr.addr("add", index=idx, address=p.ip(side), prefixlen=24)
-                    ipr.link("set", index=idx, state="up")
-            yield p
-        finally:
-            # Take orthros's programs off first, so the state file keeps no dead records.
-            for side in ("a", "b"):
-                with contextlib.suppress(Exception):
-                    XdpNetLock().detach(netns=p.path(side))
-            netns.remove(p.b)
-    finally:
-        netns.remove(p.a)
-
-
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    try:
-        yield made
-    finally:
-        for s in made:
-            s.close()
+def pair() -> Iterator[VethPair]:
+    with veth_pair("otxn", ("xna", "xnb"), "10.214") as p:
+        yield p
 
 
 def kernel_xdp(pair: Pair, side: str, ifname: str) -> tuple[str | None, int, int]:
